@@ -1,0 +1,22 @@
+"""Readers and writers; geometry lives in :mod:`napari_medseg.io.geometry`.
+
+``read_image(path)`` opens any supported file or folder and returns a list of
+:class:`~napari_medseg.io.record.ImageRecord` (a DICOM folder may hold several series).
+``write_image(path, record)`` writes a record with its geometry, atomically.
+"""
+
+from __future__ import annotations
+
+from .errors import ImageReadError, ImageWriteError, MedsegError
+from .readers import SUPPORTED_EXTENSIONS, read_image, write_image
+from .record import ImageRecord
+
+__all__ = [
+    "SUPPORTED_EXTENSIONS",
+    "ImageReadError",
+    "ImageRecord",
+    "ImageWriteError",
+    "MedsegError",
+    "read_image",
+    "write_image",
+]

@@ -1,0 +1,146 @@
+"""One entry point to read any supported image, and one to write a record."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ImageReadError, ImageWriteError
+from .record import ImageRecord
+from .volume import ITK_EXT, NIFTI_EXT, WRITE_EXT, read_itk, read_nifti, split_ext, write_volume
+
+RASTER_EXT = (".png", ".jpg", ".jpeg", ".bmp")
+TIFF_EXT = (".tif", ".tiff", ".ome.tif", ".ome.tiff", ".svs", ".ndpi", ".scn", ".btf")
+DICOM_EXT = (".dcm", ".dicom", ".ima")
+SUPPORTED_EXTENSIONS = NIFTI_EXT + ITK_EXT + RASTER_EXT + TIFF_EXT + DICOM_EXT
+
+
+def read_image(path: str | os.PathLike) -> list[ImageRecord]:
+    """Read an image file, a DICOM file or a DICOM series folder.
+
+    Parameters
+    ----------
+    path : path-like
+        NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd), DICOM (a file or a
+        folder of one or more series), PNG/JPEG/TIFF 2D images, pyramidal TIFF/OME-TIFF/SVS.
+
+    Returns
+    -------
+    list of ImageRecord
+        One record per image (several for a folder with several DICOM series).
+
+    Raises
+    ------
+    ImageReadError
+        With one sentence saying what is wrong.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ImageReadError(f"{p} does not exist.")
+    if p.is_dir():
+        from .dicom import read_dicom
+
+        return read_dicom(p)
+    if not os.access(p, os.R_OK):
+        raise ImageReadError(f"{p.name} cannot be read: permission denied.")
+    _, ext = split_ext(p)
+    if ext in NIFTI_EXT:
+        return [read_nifti(p)]
+    if ext in ITK_EXT:
+        return [read_itk(p)]
+    if ext in TIFF_EXT:
+        from .raster import is_slide, read_raster, read_slide
+
+        return [read_slide(p) if is_slide(p) else read_raster(p)]
+    if ext in RASTER_EXT:
+        from .raster import read_raster
+
+        return [read_raster(p)]
+    from .dicom import is_dicom_path, read_dicom
+
+    if ext in DICOM_EXT or is_dicom_path(p):
+        return read_dicom(p)
+    raise ImageReadError(
+        f"{p.name}: unsupported file type {ext or '(no extension)'}; napari-medseg reads "
+        "NIfTI, NRRD, MetaImage, DICOM, PNG/JPEG/TIFF and pyramidal TIFF/SVS."
+    )
+
+
+def write_image(
+    path: str | os.PathLike,
+    record: ImageRecord,
+    *,
+    is_label: bool | None = None,
+    overwrite: bool = True,
+) -> Path:
+    """Write a record with its geometry, atomically.
+
+    Volumes go to ``.nii.gz``, ``.nii``, ``.nrrd`` or ``.mha``; 2D ``pixel``-space images also
+    to ``.png`` or ``.tif``.
+
+    Parameters
+    ----------
+    path : path-like
+    record : ImageRecord
+        Data in file axis order with its affine.
+    is_label : bool, optional
+        Defaults to ``record.modality == "label"``.
+    overwrite : bool
+        When False an existing file is an error.
+    """
+    path = Path(path)
+    is_label = record.modality == "label" if is_label is None else is_label
+    _, ext = split_ext(path)
+    if record.space == "pixel":
+        if ext in (".png", ".tif", ".tiff"):
+            return _write_raster(path, record, is_label, overwrite)
+        if ext in WRITE_EXT:
+            # a 2D image as a one-slice volume in pixel units (1 pixel = 1 mm)
+            arr = np.asarray(record.data)
+            aff = np.eye(4)
+            aff[:2, :2] = record.affine[:2, :2]
+            aff[:2, 3] = record.affine[:2, 2]
+            vol = arr[:, :, None] if not record.rgb else arr[:, :, None, :]
+            return write_volume(path, vol, aff, is_label=is_label, source={}, overwrite=overwrite)
+        raise ImageWriteError(f"cannot write a 2D image to {path.name}: use .png, .tif or .nii.gz.")
+    return write_volume(
+        path,
+        np.asarray(record.data),
+        record.affine,
+        is_label=is_label,
+        source=record.metadata,
+        overwrite=overwrite,
+    )
+
+
+def _write_raster(path: Path, record: ImageRecord, is_label: bool, overwrite: bool) -> Path:
+    import tifffile
+
+    from .volume import atomic_target, label_dtype
+
+    if path.exists() and not overwrite:
+        raise ImageWriteError(f"{path} exists; pass --overwrite to replace it.")
+    arr = np.asarray(record.data)
+    if is_label:
+        arr = arr.astype(label_dtype(arr), copy=False)
+    tmp = atomic_target(path)
+    try:
+        if path.suffix.lower() == ".png":
+            from skimage.io import imsave
+
+            if arr.dtype not in (np.uint8, np.uint16):
+                raise ImageWriteError(
+                    f"PNG holds 8- or 16-bit images; save {path.name} as .tif instead."
+                )
+            imsave(str(tmp), arr, check_contrast=False)
+        else:
+            tifffile.imwrite(str(tmp), arr, photometric="rgb" if record.rgb else "minisblack")
+        os.replace(tmp, path)
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, ImageWriteError):
+            raise
+        raise ImageWriteError(f"could not write {path.name}: {e}.") from e
+    return path

@@ -1,0 +1,143 @@
+"""Build networks from a model card and move weights in and out of model folders.
+
+Only classes from :mod:`monai.networks.nets` (and this module's own) can be named in a card's
+``architecture``: a card is data and never executes code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .card import ModelCard, sha256_file
+
+
+class ModelLoadError(ValueError):
+    """A model folder, weights file or bundle could not be loaded (message is for people)."""
+
+
+def build_network(card: ModelCard) -> Any:
+    """Instantiate the network a card describes (random weights).
+
+    Parameters
+    ----------
+    card : ModelCard
+        ``card.architecture = {"name": <class in monai.networks.nets>, "kwargs": {...}}``.
+
+    Returns
+    -------
+    torch.nn.Module
+    """
+    import monai.networks.nets as nets
+
+    arch = card.architecture or {}
+    name = arch.get("name")
+    if not name or not hasattr(nets, name):
+        raise ModelLoadError(
+            f"model {card.name!r}: unknown architecture {name!r}; use a class from "
+            "monai.networks.nets (e.g. UNet, BasicUNet, DynUNet, SegResNet)"
+        )
+    cls = getattr(nets, name)
+    try:
+        return cls(**dict(arch.get("kwargs", {})))
+    except TypeError as e:
+        raise ModelLoadError(f"model {card.name!r}: architecture arguments do not fit: {e}") from e
+
+
+def save_weights(network: Any, path: str | Path) -> str:
+    """Save a state dict as safetensors (atomically); return its sha256."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
+    save_file(state, str(tmp))
+    tmp.replace(path)
+    return sha256_file(path)
+
+
+def load_state_dict(path: str | Path) -> dict:
+    """Read weights without unpickling objects: safetensors, or a ``.pt`` with weights_only."""
+    import torch
+
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"weights file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure here means a corrupt or foreign file
+        raise ModelLoadError(
+            f"weights file {path.name} is corrupt or not a weights file ({e})"
+        ) from e
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ModelLoadError(f"weights file {path.name} does not hold a state dict")
+    return state
+
+
+@dataclass
+class LoadedModel:
+    """A ready-to-run model: its card, the network in eval mode, and where it came from.
+
+    ``network`` maps a float tensor ``(B, in_channels, *patch)`` to logits
+    ``(B, out_channels, *patch)``; patch axes follow the card's ``orientation`` (3D) or are
+    ``(row, col)`` (2D).
+    """
+
+    card: ModelCard
+    network: Any
+    source: str = ""
+    kind: str = "folder"  # "folder", "torchscript" or "bundle"
+    weights_sha256: str | None = None
+
+
+def save_model(folder: str | Path, card: ModelCard, network: Any) -> Path:
+    """Write a model folder: weights (safetensors) then ``model.json`` with their sha256."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    card.weights = card.weights or "weights.safetensors"
+    card.sha256 = save_weights(network, folder / card.weights)
+    card.save(folder)
+    return folder
+
+
+def load_model_folder(folder: str | Path, device: str = "cpu", verify: bool = True) -> LoadedModel:
+    """Load a model folder written by :func:`save_model` (or by hand, same layout).
+
+    Raises
+    ------
+    ModelLoadError
+        Missing card or weights, sha256 mismatch, weights that do not fit the architecture.
+    """
+    folder = Path(folder)
+    if not (folder / "model.json").exists():
+        raise ModelLoadError(f"{folder} is not a model folder: model.json is missing")
+    try:
+        card = ModelCard.load(folder)
+    except (ValueError, TypeError) as e:
+        raise ModelLoadError(f"{folder}/model.json is not a valid model card: {e}") from e
+    wpath = folder / card.weights
+    if not wpath.exists():
+        raise ModelLoadError(f"model {card.name!r} has no weights: {wpath.name} is missing")
+    digest = sha256_file(wpath)
+    if verify and card.sha256 and digest != card.sha256:
+        raise ModelLoadError(
+            f"weights of model {card.name!r} do not match the sha256 in its card "
+            "(the file was changed or is damaged)"
+        )
+    net = build_network(card)
+    state = load_state_dict(wpath)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        raise ModelLoadError(
+            f"weights of model {card.name!r} do not fit its architecture: {str(e)[:200]}"
+        ) from e
+    net.eval().to(device)
+    return LoadedModel(card=card, network=net, source=str(folder), weights_sha256=digest)

@@ -66,7 +66,341 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_EXTRA_COMMANDS: list = []
+def _add_common(p: argparse.ArgumentParser, device: bool = True) -> None:
+    if device:
+        p.add_argument(
+            "--device",
+            default="auto",
+            choices=["auto", "cpu", "cuda", "mps"],
+            help="compute device",
+        )
+    p.add_argument("--quiet", action="store_true", help="no progress bar or warnings")
+
+
+def _register_models(sub: Any) -> None:
+    p = sub.add_parser("models", help="list built-in and installed models with their cards")
+    p.add_argument("--json", action="store_true", help="print the cards as a JSON list")
+    p.set_defaults(func=_models)
+
+
+def _models(args: argparse.Namespace) -> int:
+    from .models.registry import list_models
+
+    cards = list_models()
+    if args.json:
+        print(json.dumps(cards, indent=2, default=str))
+        return 0
+    if not cards:
+        print("no models installed")
+        return 0
+    for c in cards:
+        classes = ", ".join(x["name"] for x in c.get("classes", [])[1:])
+        dice = (c.get("metrics") or {}).get("val_dice_mean")
+        score = f"  held-out Dice {dice:.3f}" if isinstance(dice, float) else ""
+        where = "built-in" if c.get("builtin") else c.get("source", "")
+        print(
+            f"{c['name']:<22} {c.get('task', '?'):<13} {c.get('dims')}D "
+            f"{c.get('modality', '?'):<11} [{classes}]{score}  ({where})"
+        )
+    return 0
+
+
+def _register_segment(sub: Any) -> None:
+    p = sub.add_parser(
+        "segment",
+        help="segment an image (or a folder of images) with a model",
+        description="Write OUT on IMAGE's own voxel grid and geometry (same shape and affine), "
+        "and OUT's provenance as JSON beside it (OUT stem + .provenance.json). IMAGE may be a "
+        "folder of images: OUT is then a folder and each output is named <image>_seg.nii.gz.",
+    )
+    p.add_argument("image", help="image file, DICOM folder, or folder of images (batch)")
+    p.add_argument(
+        "-m",
+        "--model",
+        required=True,
+        help="model name, model folder, TorchScript file or MONAI bundle folder",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="output labels file (.nii.gz, .nrrd, .mha; .png/.tif for 2D) or folder in batch mode",
+    )
+    p.add_argument(
+        "--overlap",
+        type=float,
+        default=None,
+        help="sliding-window overlap 0..0.9 (default: the model card's)",
+    )
+    p.add_argument("--batch-size", type=int, default=4, help="windows per batch")
+    p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
+    p.add_argument(
+        "--probabilities",
+        metavar="FILE",
+        help="also write class probabilities (float32, one volume per class, 4D NIfTI)",
+    )
+    p.add_argument(
+        "--trust-bundle",
+        action="store_true",
+        help="allow a MONAI bundle's config to run its Python expressions",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    _add_common(p)
+    p.set_defaults(func=_segment)
+
+
+def _output_path(path: Path, overwrite: bool) -> Path:
+    from .io.errors import ImageWriteError
+
+    if path.exists() and not overwrite:
+        raise ImageWriteError(f"{path} exists; pass --overwrite to replace it.")
+    return path
+
+
+def _segment(args: argparse.Namespace) -> int:
+    from .core.progress import TextProgress, run_sync
+    from .core.segmentation import segment
+    from .io import read_image, write_image
+    from .io.readers import SUPPORTED_EXTENSIONS
+    from .io.record import ImageRecord
+    from .io.volume import split_ext
+    from .models.registry import load_model
+
+    src = _path(args.image)
+    out = _path(args.output)
+    batch = src.is_dir() and any(
+        split_ext(f)[1] in SUPPORTED_EXTENSIONS and split_ext(f)[1] not in (".dcm", ".ima")
+        for f in src.iterdir()
+    )
+    if batch:
+        out.mkdir(parents=True, exist_ok=True)
+        inputs = sorted(
+            f for f in src.iterdir() if f.is_file() and split_ext(f)[1] in SUPPORTED_EXTENSIONS
+        )
+        jobs = [(f, out / f"{split_ext(f)[0]}_seg.nii.gz") for f in inputs]
+    else:
+        jobs = [(src, out)]
+    for _, dest in jobs:
+        _output_path(dest, args.overwrite)
+    from .core.engine import resolve_device
+
+    device = str(resolve_device(args.device))
+    model = load_model(args.model, device=device, trust_bundle=args.trust_bundle)
+    for image_path, dest in jobs:
+        records = read_image(image_path)
+        record = records[0]
+        if len(records) > 1 and not args.quiet:
+            print(
+                f"napari-medseg: {image_path} holds {len(records)} series; segmenting the first "
+                f"({record.name})",
+                file=sys.stderr,
+            )
+        bar = TextProgress(quiet=args.quiet)
+        result = run_sync(
+            segment(
+                record,
+                model,
+                device=args.device,
+                overlap=args.overlap,
+                batch_size=args.batch_size,
+                tta=args.tta,
+                return_probabilities=bool(args.probabilities),
+            ),
+            bar,
+        )
+        labels = ImageRecord(
+            data=result.labels,
+            affine=record.affine,
+            space=record.space,
+            modality="label",
+            name=f"{record.name}_seg",
+            metadata=record.metadata,
+        )
+        written = write_image(dest, labels, is_label=True, overwrite=True)
+        prov = dict(result.provenance)
+        prov.update(
+            input=str(image_path), input_sha256=_sha256_input(image_path), output=str(written)
+        )
+        if args.probabilities:
+            import numpy as np
+
+            prob_rec = ImageRecord(
+                data=np.moveaxis(result.probabilities, 0, -1),
+                affine=record.affine,
+                space=record.space,
+                modality="probability",
+                metadata=record.metadata,
+            )
+            prov["probabilities"] = str(
+                write_image(_path(args.probabilities), prob_rec, is_label=False, overwrite=True)
+            )
+        prov_path = _provenance_path(written)
+        _write_json_atomic(prov_path, prov)
+        if not args.quiet:
+            counts = _class_counts(result)
+            print(f"wrote {written} ({counts}) and {prov_path.name}", file=sys.stderr)
+    return 0
+
+
+def _class_counts(result: Any) -> str:
+    import numpy as np
+
+    counts = np.bincount(np.asarray(result.labels).ravel())
+    parts = [f"{result.class_names.get(i, i)}={int(n)}" for i, n in enumerate(counts) if i and n]
+    return ", ".join(parts) + " voxels" if parts else "no foreground found"
+
+
+def _provenance_path(out: Path) -> Path:
+    from .io.volume import split_ext
+
+    stem, _ = split_ext(out)
+    return out.with_name(f"{stem}.provenance.json")
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def _sha256_input(path: Path) -> str | None:
+    from .models.card import sha256_file
+
+    if path.is_file():
+        return sha256_file(path)
+    return None
+
+
+def _register_train(sub: Any) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a segmentation model from an nnU-Net-style dataset",
+        description="DATASET holds imagesTr/CASE_0000.ext and labelsTr/CASE.ext (nnU-Net v2 "
+        "layout; .nii.gz/.nrrd/.mha volumes or .png/.tif 2D images) and optionally dataset.json. "
+        "The model self-configures from the dataset (spacing, patch size, normalisation), trains "
+        "with Dice+CE until the time budget, keeps the best held-out Dice, and writes a model "
+        "folder with its card.",
+    )
+    p.add_argument("dataset", help="dataset folder")
+    p.add_argument("-o", "--output", required=True, help="model folder to write")
+    p.add_argument(
+        "--dims",
+        type=int,
+        choices=[2, 3],
+        default=None,
+        help="2D or 3D network (default: from the images)",
+    )
+    p.add_argument("--init", help="model (name or folder) to fine-tune from")
+    p.add_argument("--time-budget", type=float, default=600.0, help="seconds (default 600)")
+    p.add_argument("--max-epochs", type=int, default=None)
+    p.add_argument("--width", type=int, default=16, help="channels of the first U-Net level")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
+    _add_common(p)
+    p.set_defaults(func=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .core.progress import TextProgress, run_sync
+    from .io.errors import MedsegError
+    from .training.train import train
+
+    out = _path(args.output)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise MedsegError(f"{out} exists and is not empty; pass --overwrite to replace it.")
+    init = args.init
+    if init and not _path(init).exists():
+        from .models.registry import resolve_model
+
+        init = str(resolve_model(init))
+    bar = TextProgress(quiet=args.quiet)
+    result = run_sync(
+        train(
+            _path(args.dataset),
+            out,
+            dims=args.dims,
+            init=init,
+            time_budget=args.time_budget,
+            max_epochs=args.max_epochs,
+            device=args.device,
+            seed=args.seed,
+            width=args.width,
+        ),
+        bar,
+    )
+    if not args.quiet:
+        print(
+            f"wrote model {result.out_dir} (best held-out Dice {result.best_val_dice:.3f})",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _register_view(sub: Any) -> None:
+    p = sub.add_parser("view", help="open napari with the plugin's Segment dock and images")
+    p.add_argument("images", nargs="*", help="images to open (default: the sample CT)")
+    p.add_argument(
+        "--sample",
+        default=None,
+        choices=["ct", "mri", "pathology", "nuclei"],
+        help="open a sample image",
+    )
+    p.add_argument("--screenshot", metavar="PNG", help="save a screenshot of the window and quit")
+    p.set_defaults(func=_view)
+
+
+def _view(args: argparse.Namespace) -> int:
+    from .widgets.launch import launch
+
+    return launch(args.images, sample=args.sample, screenshot=args.screenshot)
+
+
+def _register_demo(sub: Any) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="headless demo: segment the sample images with the built-in "
+        "models and write masks with provenance",
+    )
+    p.add_argument("-o", "--output", default="medseg_demo", help="output folder")
+    _add_common(p)
+    p.set_defaults(func=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .io.napari_io import sample_path
+
+    out = _path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [
+        ("ct_abdomen_spleen.nii.gz", "ct_spleen_3d", "ct_spleen_seg.nii.gz"),
+        ("mr_cervical_spine_t2.nii.gz", "mr_spinalcord_3d", "mr_spinalcord_seg.nii.gz"),
+        ("fluo_nuclei.tif", "fluo_nuclei_2d", "fluo_nuclei_seg.tif"),
+    ]
+    for sample, model, name in jobs:
+        argv = [
+            "segment",
+            str(sample_path(sample)),
+            "-m",
+            model,
+            "-o",
+            str(out / name),
+            "--overwrite",
+            "--device",
+            args.device,
+        ] + (["--quiet"] if args.quiet else [])
+        ns = build_parser().parse_args(argv)
+        ns.func(ns)
+        print(f"{model}: {out / name}")
+    return 0
+
+
+_EXTRA_COMMANDS: list = [
+    _register_models,
+    _register_segment,
+    _register_train,
+    _register_view,
+    _register_demo,
+]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

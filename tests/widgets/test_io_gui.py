@@ -105,3 +105,32 @@ def test_bad_file_is_an_error_and_viewer_keeps_working(make_napari_viewer, tmp_p
         viewer.open(str(bad), plugin="napari-medseg")
     layers = viewer.open_sample("napari-medseg", "ct")
     assert len(viewer.layers) == 1 and layers[0].data.shape == (26, 166, 164)
+
+
+def test_open_dicom_folder_as_hu_volume(make_napari_viewer):
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(str(data_path("ct/totalseg_small/dicom")), plugin="napari-medseg")
+    assert layer.data.shape == (20, 512, 512)  # axial slices on the slider
+    assert layer.metadata["medseg"]["modality"] == "CT"
+    assert layer.data.min() == -1024
+    seg = nib.load(str(data_path("ct/totalseg_small/seg_dicom.nii.gz")))
+    # the segmentation made on this series covers the same world box
+    corners = [np.array(c) for c in ([0, 0, 0], [s - 1 for s in seg.shape])]
+    ras = [(seg.affine @ np.r_[c, 1.0])[:3][::-1] for c in corners]
+    for w in ras:
+        idx = np.asarray(layer.world_to_data(w))
+        assert np.all(idx > -0.5) and np.all(idx < np.array(layer.data.shape) - 0.5)
+
+
+def test_open_pyramidal_slide_lazily(make_napari_viewer, tmp_path):
+    from skimage.io import imread
+
+    from napari_medseg.io.raster import make_pyramidal_tiff
+
+    tile = imread(str(data_path("pathology/he_tile_tcia.jpg")))
+    path = make_pyramidal_tiff(tmp_path / "slide.tif", tile, (6000, 5000), tile=256)
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(str(path), plugin="napari-medseg")
+    assert layer.multiscale and layer.rgb
+    assert layer.data[0].shape[:2] == (6000, 5000)
+    assert type(layer.data[0]).__module__.startswith("dask")

@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..io.errors import MedsegError
 from .card import ModelCard, sha256_file
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(MedsegError, ValueError):
     """A model folder, weights file or bundle could not be loaded (message is for people)."""
 
 

@@ -1,0 +1,314 @@
+"""The "Segment" dock widget: pick an image and a model, press Run, get a Labels layer.
+
+The widget is thin (DESIGN.md rule 3): it reads its inputs, runs
+:func:`napari_medseg.core.segmentation.segment` in a napari worker (progress bar, Cancel via
+``worker.quit()``, which stops the generator between two batches) and turns the result into a
+Labels layer ``<image>_seg`` on the image's geometry. Running again updates that layer.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FloatSpinBox,
+    Label,
+    ProgressBar,
+    PushButton,
+)
+
+from ..core.progress import Progress
+from ._layers import is_volume_layer, labels_layer_data, record_from_layer, use_radiological_view
+
+if TYPE_CHECKING:
+    import napari
+
+LOAD_MODEL = "Load model..."
+
+
+def _segment_job(record: Any, model_ref: str, options: dict, trust: bool) -> Any:
+    """Worker generator: load the model, then segment, yielding :class:`Progress`."""
+    from ..core.segmentation import segment
+    from ..models.registry import load_model
+
+    yield Progress(0, 0, f"loading model {model_ref}")
+    model = load_model(model_ref, device="cpu", trust_bundle=trust)
+    result = yield from segment(record, model, **options)
+    return result
+
+
+class SegmentWidget(Container):
+    """Dock widget: image layer, model, device, overlap, TTA, probabilities, Run / Cancel."""
+
+    def __init__(self, viewer: napari.viewer.Viewer) -> None:
+        super().__init__(labels=True)
+        self._viewer = viewer
+        self._worker: Any = None
+        self._extra_models: dict[str, str] = {}
+        self._t0 = 0.0
+        self.image = ComboBox(label="Image", choices=self._image_choices, nullable=True)
+        self.model = ComboBox(label="Model", choices=self._model_choices)
+        self.load_button = PushButton(text=LOAD_MODEL)
+        self.device = ComboBox(label="Device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
+        self.overlap = FloatSpinBox(label="Overlap", value=0.5, min=0.0, max=0.9, step=0.05)
+        self.tta = CheckBox(text="Flip test-time augmentation", value=False)
+        self.probabilities = CheckBox(text="Also show probabilities", value=False)
+        self.run_button = PushButton(text="Run")
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.progress = ProgressBar(label="Progress", min=0, max=100, value=0)
+        self.status = Label(label="", value="Choose an image and a model, then press Run.")
+        self.model_info = Label(label="", value="")
+        self.extend(
+            [
+                self.image,
+                self.model,
+                self.load_button,
+                self.model_info,
+                self.device,
+                self.overlap,
+                self.tta,
+                self.probabilities,
+                self.run_button,
+                self.cancel_button,
+                self.progress,
+                self.status,
+            ]
+        )
+        self.run_button.changed.connect(self._on_run)
+        self.cancel_button.changed.connect(self._on_cancel)
+        self.load_button.changed.connect(self._on_load_model)
+        self.model.changed.connect(self._show_model_info)
+        viewer.layers.events.inserted.connect(self._on_layers_changed)
+        viewer.layers.events.removed.connect(self._on_layers_changed)
+        self._on_layers_changed()
+        self._show_model_info()
+
+    # ------------------------------------------------------------------ choices
+
+    def _image_choices(self, _w: Any = None) -> list:
+        from napari.layers import Image
+
+        return [lyr for lyr in self._viewer.layers if isinstance(lyr, Image)]
+
+    def _model_choices(self, _w: Any = None) -> list[tuple[str, str]]:
+        from ..models.registry import list_models
+
+        choices: list[tuple[str, str]] = []
+        for card in list_models():
+            choices.append(
+                (f"{card['name']} ({card.get('modality', '?')}, {card.get('dims')}D)", card["name"])
+            )
+        for label, path in self._extra_models.items():
+            choices.append((label, path))
+        return choices
+
+    def _on_layers_changed(self, event: Any = None) -> None:
+        self.image.reset_choices()
+        choices = self._image_choices()
+        if self.image.value is None and choices:
+            active = self._viewer.layers.selection.active
+            self.image.value = active if active in choices else choices[-1]
+        if event is not None and getattr(event, "type", "") == "inserted":
+            layer = event.value
+            if (
+                is_volume_layer(layer)
+                and sum(is_volume_layer(lyr) for lyr in self._viewer.layers) == 1
+            ):
+                use_radiological_view(self._viewer)
+            if self.image.value is None and layer in self._image_choices():
+                self.image.value = layer
+
+    def _show_model_info(self, _v: Any = None) -> None:
+        ref = self.model.value
+        if not ref:
+            self.model_info.value = "No model installed: use Load model..."
+            return
+        from ..models.registry import list_models
+
+        for card in list_models():
+            if card["name"] == ref:
+                classes = ", ".join(c["name"] for c in card.get("classes", [])[1:])
+                dice = (card.get("metrics") or {}).get("val_dice_mean")
+                score = f"; held-out Dice {dice:.2f}" if isinstance(dice, float) else ""
+                self.model_info.value = (
+                    f"{card.get('modality')} {card.get('dims')}D: {classes}{score}"
+                )
+                return
+        self.model_info.value = ref
+
+    def _on_load_model(self, _v: Any = None) -> None:
+        from qtpy.QtWidgets import QFileDialog
+
+        path = QFileDialog.getExistingDirectory(
+            self.native, "Choose a model folder or MONAI bundle folder"
+        )
+        if path:
+            self.add_model_path(path)
+
+    def add_model_path(self, path: str) -> None:
+        """Offer a model folder, TorchScript file or MONAI bundle from disk in the model list."""
+        from pathlib import Path
+
+        label = f"{Path(path).name} (from disk)"
+        self._extra_models[label] = str(path)
+        self.model.reset_choices()
+        self.model.value = str(path)
+
+    # ------------------------------------------------------------------ run
+
+    def _options(self) -> dict:
+        return {
+            "device": self.device.value,
+            "overlap": float(self.overlap.value),
+            "tta": bool(self.tta.value),
+            "return_probabilities": bool(self.probabilities.value),
+        }
+
+    def _on_run(self, _v: Any = None, trust: bool = False) -> None:
+        from napari.qt.threading import create_worker
+        from napari.utils.notifications import show_error
+
+        layer = self.image.value
+        if layer is None:
+            show_error("Choose an image layer to segment.")
+            return
+        if not self.model.value:
+            show_error("Choose a model, or load one from disk with Load model...")
+            return
+        try:
+            record = record_from_layer(layer)
+        except Exception as e:  # noqa: BLE001 - shown to the user as one sentence
+            show_error(str(e))
+            return
+        self._t0 = time.perf_counter()
+        worker = create_worker(
+            _segment_job,
+            record,
+            self.model.value,
+            self._options(),
+            trust,
+            _start_thread=False,
+            _ignore_errors=True,  # shown to the user by _on_error, not re-raised
+        )
+        worker.yielded.connect(self._on_progress)
+        worker.returned.connect(lambda result: self._on_result(layer, record, result))
+        worker.errored.connect(lambda err: self._on_error(err))
+        worker.finished.connect(self._on_finished)
+        self._worker = worker
+        self.run_button.enabled = False
+        self.cancel_button.enabled = True
+        self.progress.value = 0
+        self.status.value = "starting..."
+        worker.start()
+
+    def _on_progress(self, p: Progress) -> None:
+        if p.total:
+            self.progress.max = p.total
+            self.progress.value = min(p.done, p.total)
+        self.status.value = p.message
+
+    def _on_cancel(self, _v: Any = None) -> None:
+        if self._worker is not None:
+            self._worker.quit()
+            self.status.value = "cancelling..."
+
+    def _on_finished(self) -> None:
+        if self._worker is not None and getattr(self._worker, "abort_requested", False):
+            self.status.value = "Cancelled; nothing was changed."
+            self.progress.value = 0
+        self._worker = None
+        self.run_button.enabled = True
+        self.cancel_button.enabled = False
+
+    def _on_error(self, err: Exception) -> None:
+        from napari.utils.notifications import show_error
+
+        if type(err).__name__ == "BundleTrustError" and self._ask_trust(str(err)):
+            self._worker = None
+            self._on_run(trust=True)
+            return
+        self.status.value = f"Failed: {err}"
+        show_error(str(err))
+
+    def _ask_trust(self, message: str) -> bool:
+        from qtpy.QtWidgets import QMessageBox
+
+        answer = QMessageBox.question(
+            self.native,
+            "Trust this MONAI bundle?",
+            f"{message}\n\nRunning it executes Python code from the bundle. "
+            "Trust it only if you trust where it came from.",
+        )
+        return answer == QMessageBox.StandardButton.Yes
+
+    def _on_result(self, source_layer: Any, record: Any, result: Any) -> None:
+        name = f"{source_layer.name}_seg"
+        meta = {"provenance": result.provenance, "class_names": result.class_names}
+        data, kwargs = labels_layer_data(source_layer, result.labels, record, name, meta)
+        self._show_labels(name, data, kwargs, result)
+        if result.probabilities is not None:
+            self._show_probabilities(source_layer, record, result)
+        secs = time.perf_counter() - self._t0
+        counts = np.bincount(np.asarray(result.labels).ravel(), minlength=len(result.class_names))
+        found = [
+            f"{result.class_names.get(i, i)}: {int(n)}"
+            for i, n in enumerate(counts)
+            if i and n and i in result.class_names
+        ]
+        self.progress.value = self.progress.max
+        self.status.value = f"Done in {secs:.1f} s. " + (
+            "Voxels: " + ", ".join(found) if found else "Nothing found."
+        )
+
+    def _show_labels(self, name: str, data: Any, kwargs: dict, result: Any) -> None:
+        from napari.layers import Labels
+        from napari.utils.colormaps import DirectLabelColormap
+
+        colors: dict[Any, Any] = {0: "transparent", None: "transparent"}
+        colors.update({int(k): v for k, v in result.class_colors.items() if int(k) != 0})
+        cmap = DirectLabelColormap(color_dict=colors)
+        ids = sorted(result.class_names)
+        features = {"index": ids, "class": [result.class_names[i] for i in ids]}
+        if name in self._viewer.layers and isinstance(self._viewer.layers[name], Labels):
+            layer = self._viewer.layers[name]
+            layer.data = data
+            layer.affine = kwargs["affine"]
+            layer.metadata = kwargs["metadata"]
+            layer.colormap = cmap
+            layer.features = features
+        else:
+            layer = self._viewer.add_labels(
+                data,
+                name=name,
+                affine=kwargs["affine"],
+                metadata=kwargs["metadata"],
+                colormap=cmap,
+                features=features,
+                opacity=0.5,
+            )
+        self._viewer.layers.selection.active = layer
+
+    def _show_probabilities(self, source_layer: Any, record: Any, result: Any) -> None:
+        from ..io.geometry import record_to_layer_data
+        from ..io.record import ImageRecord
+
+        probs = np.asarray(result.probabilities)[1:]  # foreground classes
+        prob_rec = ImageRecord(
+            data=np.moveaxis(probs, 0, -1),
+            affine=record.affine,
+            space=record.space,
+            modality="probability",
+            name=f"{source_layer.name}_prob",
+            metadata=record.metadata,
+        )
+        data, kwargs, _ = record_to_layer_data(prob_rec, "image")
+        name = kwargs["name"]
+        kwargs.update(colormap="magma", blending="additive", contrast_limits=(0.0, 1.0))
+        if name in self._viewer.layers:
+            self._viewer.layers.remove(name)
+        self._viewer.add_image(data, **kwargs)

@@ -1,0 +1,105 @@
+"""The Segment dock in a real viewer: choose the layer, press Run, get a mask on the scan."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from napari_medseg.models.card import ModelCard
+from napari_medseg.models.networks import build_network, save_model
+
+pytestmark = pytest.mark.gui
+
+
+def _tiny_ct_model(folder, patch=(32, 32, 8), spacing=(1.6, 1.6, 5.0)):
+    import torch
+
+    torch.manual_seed(0)
+    card = ModelCard(
+        name="tiny_ct",
+        dims=3,
+        modality="CT",
+        classes=[{"id": 0, "name": "background"}, {"id": 1, "name": "organ", "color": "#ff0000"}],
+        spacing=list(spacing) if spacing else None,
+        patch_size=list(patch),
+        normalization={"scheme": "ct", "window": [-160, 240]},
+        architecture={
+            "name": "UNet",
+            "kwargs": {
+                "spatial_dims": 3,
+                "in_channels": 1,
+                "out_channels": 2,
+                "channels": [4, 8],
+                "strides": [2 if min(patch) >= 4 else 1],
+                "num_res_units": 0,
+            },
+        },
+    )
+    save_model(folder, card, build_network(card))
+    return folder
+
+
+def _widget(viewer):
+    from napari_medseg.widgets.segment import SegmentWidget
+
+    widget = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Segment")
+    return widget
+
+
+def test_run_makes_labels_on_the_scan_geometry(make_napari_viewer, qtbot, tmp_path):
+    viewer = make_napari_viewer()
+    (image,) = viewer.open_sample("napari-medseg", "ct")
+    widget = _widget(viewer)
+    widget.add_model_path(str(_tiny_ct_model(tmp_path / "tiny_ct")))
+    assert widget.image.value is image
+    widget.run_button.native.click()  # as a user pressing Run
+    assert widget.cancel_button.enabled
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    labels = viewer.layers["CT abdomen_seg"]
+    assert type(labels).__name__ == "Labels"
+    assert labels.data.shape == image.data.shape
+    np.testing.assert_allclose(labels.affine.affine_matrix, image.affine.affine_matrix)
+    prov = labels.metadata["medseg"]["provenance"]
+    assert prov["model"]["name"] == "tiny_ct" and len(prov["model"]["weights_sha256"]) == 64
+    assert widget.status.value.startswith("Done")
+    # running again updates the same layer instead of adding another
+    widget.run_button.native.click()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    assert [lyr.name for lyr in viewer.layers].count("CT abdomen_seg") == 1
+    assert len(viewer.layers) == 2
+
+
+def test_cancel_stops_within_a_second_and_changes_nothing(make_napari_viewer, qtbot, tmp_path):
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-medseg", "ct")
+    widget = _widget(viewer)
+    # tiny patch + high overlap: hundreds of thousands of windows, a long run on a CPU
+    widget.add_model_path(str(_tiny_ct_model(tmp_path / "slow", (8, 8, 2), None)))
+    widget.overlap.value = 0.75
+    seen = []
+    widget.run_button.native.click()
+    widget._worker.yielded.connect(lambda p: seen.append(p))
+    qtbot.waitUntil(lambda: any(p.total and p.done >= 1 for p in seen), timeout=60_000)
+    t0 = time.perf_counter()
+    widget.cancel_button.native.click()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=5_000)
+    assert time.perf_counter() - t0 < 1.0
+    assert seen[-1].done < seen[-1].total  # it really stopped early
+    assert "CT abdomen_seg" not in viewer.layers
+    assert "Cancelled" in widget.status.value
+    assert widget.run_button.enabled
+
+
+def test_model_that_does_not_fit_says_so(make_napari_viewer, qtbot, tmp_path):
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-medseg", "pathology")  # 2D RGB into a 3D CT model
+    widget = _widget(viewer)
+    widget.add_model_path(str(_tiny_ct_model(tmp_path / "tiny_ct")))
+    widget.run_button.native.click()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=30_000)
+    assert widget.status.value.startswith("Failed")
+    assert "3D" in widget.status.value or "2D" in widget.status.value
+    assert len(viewer.layers) == 1

@@ -255,14 +255,15 @@ class SegmentWidget(Container):
             self._show_probabilities(source_layer, record, result)
         secs = time.perf_counter() - self._t0
         counts = np.bincount(np.asarray(result.labels).ravel(), minlength=len(result.class_names))
-        found = [
-            f"{result.class_names.get(i, i)}: {int(n)}"
-            for i, n in enumerate(counts)
-            if i and n and i in result.class_names
-        ]
+        voxel = float(np.prod(record.spacing)) if record.space == "RAS" else None
+        found = []
+        for i, n in enumerate(counts):
+            if i and n and i in result.class_names:
+                size = f"{n * voxel / 1000:.1f} mL" if voxel else f"{int(n)} px"
+                found.append(f"{result.class_names[i]} {size}")
         self.progress.value = self.progress.max
         self.status.value = f"Done in {secs:.1f} s. " + (
-            "Voxels: " + ", ".join(found) if found else "Nothing found."
+            ", ".join(found) if found else "Nothing found."
         )
 
     def _show_labels(self, name: str, data: Any, kwargs: dict, result: Any) -> None:

@@ -6,19 +6,19 @@ import os
 import warnings
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-nib = pytest.importorskip("nibabel")
-
-from napari_medseg.core.progress import run_sync  # noqa: E402
-from napari_medseg.core.segmentation import SegmentationResult, segment  # noqa: E402
-from napari_medseg.io.errors import MedsegError  # noqa: E402
-from napari_medseg.io.record import ImageRecord  # noqa: E402
-from napari_medseg.models.card import ModelCard, sha256_file  # noqa: E402
-from napari_medseg.models.networks import LoadedModel, build_network, save_model  # noqa: E402
-from napari_medseg.models.registry import load_model  # noqa: E402
+from napari_medseg.core.progress import run_sync
+from napari_medseg.core.segmentation import SegmentationResult, segment
+from napari_medseg.io.errors import MedsegError
+from napari_medseg.io.record import ImageRecord
+from napari_medseg.models.card import ModelCard, sha256_file
+from napari_medseg.models.networks import LoadedModel, build_network, save_model
+from napari_medseg.models.registry import load_model
+from tests.helpers import tiny_unet_card
 
 DATA = Path(
     os.environ.get("MEDSEG_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data")
@@ -38,30 +38,7 @@ def _crop(rel: str, sl: tuple[slice, ...], modality: str = "CT") -> ImageRecord:
 
 
 def _tiny_card(**kw) -> ModelCard:
-    base = dict(
-        name="tiny_ct",
-        dims=3,
-        modality="CT",
-        in_channels=1,
-        classes=CLASSES,
-        spacing=[1.6, 1.6, 5.0],
-        orientation="RAS",
-        patch_size=[16, 16, 8],
-        normalization={"scheme": "ct", "window": [-160, 240]},
-        architecture={
-            "name": "UNet",
-            "kwargs": {
-                "spatial_dims": 3,
-                "in_channels": 1,
-                "out_channels": 2,
-                "channels": [4, 8],
-                "strides": [2],
-                "num_res_units": 0,
-            },
-        },
-    )
-    base.update(kw)
-    return ModelCard(**base)
+    return tiny_unet_card(**{"classes": CLASSES, **kw})
 
 
 @pytest.fixture(scope="module")

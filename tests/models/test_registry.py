@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-
-from napari_medseg.models import registry  # noqa: E402
-from napari_medseg.models.card import ModelCard  # noqa: E402
-from napari_medseg.models.networks import ModelLoadError, build_network, save_model  # noqa: E402
+from napari_medseg.models import registry
+from napari_medseg.models.card import ModelCard
+from napari_medseg.models.networks import ModelLoadError, build_network, save_model
+from tests.helpers import tiny_unet_card
 
 DATA = Path(
     os.environ.get("MEDSEG_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data")
@@ -21,23 +21,7 @@ DATA = Path(
 
 
 def _card(name="tiny") -> ModelCard:
-    return ModelCard(
-        name=name,
-        dims=3,
-        classes=[{"id": 0, "name": "background"}, {"id": 1, "name": "organ"}],
-        patch_size=[16, 16, 16],
-        architecture={
-            "name": "UNet",
-            "kwargs": {
-                "spatial_dims": 3,
-                "in_channels": 1,
-                "out_channels": 2,
-                "channels": [4, 8],
-                "strides": [2],
-                "num_res_units": 0,
-            },
-        },
-    )
+    return tiny_unet_card(name, patch=(16, 16, 16), spacing=None, modality="CT")
 
 
 @pytest.fixture

@@ -7,38 +7,13 @@ import time
 import numpy as np
 import pytest
 
-from napari_medseg.models.card import ModelCard
-from napari_medseg.models.networks import build_network, save_model
+from tests.helpers import save_tiny_model
 
 pytestmark = pytest.mark.gui
 
 
 def _tiny_ct_model(folder, patch=(32, 32, 8), spacing=(1.6, 1.6, 5.0)):
-    import torch
-
-    torch.manual_seed(0)
-    card = ModelCard(
-        name="tiny_ct",
-        dims=3,
-        modality="CT",
-        classes=[{"id": 0, "name": "background"}, {"id": 1, "name": "organ", "color": "#ff0000"}],
-        spacing=list(spacing) if spacing else None,
-        patch_size=list(patch),
-        normalization={"scheme": "ct", "window": [-160, 240]},
-        architecture={
-            "name": "UNet",
-            "kwargs": {
-                "spatial_dims": 3,
-                "in_channels": 1,
-                "out_channels": 2,
-                "channels": [4, 8],
-                "strides": [2 if min(patch) >= 4 else 1],
-                "num_res_units": 0,
-            },
-        },
-    )
-    save_model(folder, card, build_network(card))
-    return folder
+    return save_tiny_model(folder, patch=patch, spacing=spacing)
 
 
 def _widget(viewer):

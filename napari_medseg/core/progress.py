@@ -83,6 +83,10 @@ class TextProgress:
     def __call__(self, p: Progress) -> None:
         if self.quiet:
             return
+        tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        if not tty:
+            self._line(p)
+            return
         now = time.monotonic()
         final = p.total and p.done >= p.total
         if now - self._last < self.min_interval and not final and p.message == self._last_msg:
@@ -99,7 +103,20 @@ class TextProgress:
             self.stream.write("\n")
         self.stream.flush()
 
+    def _line(self, p: Progress) -> None:
+        """Logs and pipes: one line per phase, and at most one per 10% within a phase."""
+        phase = "".join(c for c in p.message if not c.isdigit())[:40]
+        pct = int(10 * p.done / p.total) if p.total else -1
+        if phase == self._last_msg and pct == getattr(self, "_last_pct", None):
+            return
+        if phase == self._last_msg and time.monotonic() - self._last < 5 and pct < 10:
+            return
+        self._last, self._last_msg, self._last_pct = time.monotonic(), phase, pct
+        prefix = f"[{100 * p.done / p.total:5.1f}%] " if p.total else ""
+        self.stream.write(f"{prefix}{p.message}\n")
+        self.stream.flush()
+
     def close(self) -> None:
-        if not self.quiet:
+        if not self.quiet and getattr(self.stream, "isatty", lambda: False)():
             self.stream.write("\n")
             self.stream.flush()

@@ -394,12 +394,15 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+from ._cli_register import register as _register_register  # noqa: E402
+
 _EXTRA_COMMANDS: list = [
     _register_models,
     _register_segment,
     _register_train,
     _register_view,
     _register_demo,
+    _register_register,
 ]
 
 

@@ -394,6 +394,7 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+from ._cli_denoise import register as _register_denoise  # noqa: E402
 from ._cli_register import register as _register_register  # noqa: E402
 
 _EXTRA_COMMANDS: list = [
@@ -403,6 +404,7 @@ _EXTRA_COMMANDS: list = [
     _register_view,
     _register_demo,
     _register_register,
+    _register_denoise,
 ]
 
 

@@ -21,7 +21,7 @@ def test_help_lists_only_commands_that_exist():
         [sys.executable, "-m", "napari_medseg.cli", "--help"], capture_output=True, text=True
     )
     assert out.returncode == 0
-    for cmd in ("info", "models", "segment", "train", "view", "demo", "register"):
+    for cmd in ("info", "models", "segment", "train", "view", "demo", "register", "denoise"):
         assert cmd in out.stdout
     for later in ("detect",):  # not built yet, so not offered
         assert later not in out.stdout

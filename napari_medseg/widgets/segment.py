@@ -100,6 +100,8 @@ class SegmentWidget(Container):
 
         choices: list[tuple[str, str]] = []
         for card in list_models():
+            if card.get("task", "segmentation") != "segmentation":
+                continue
             choices.append(
                 (f"{card['name']} ({card.get('modality', '?')}, {card.get('dims')}D)", card["name"])
             )

@@ -127,3 +127,55 @@ def test_corrupt_weights_and_wrong_sha(tmp_path, ct_crop, capsys):
     (model / "model.json").write_text(json.dumps(card))
     assert main(["segment", str(ct_crop), "-m", str(model), "-o", str(tmp_path / "o.nii.gz")]) == 1
     assert "corrupt" in capsys.readouterr().err
+
+
+def _nuclei_dataset(root):
+    import tifffile
+
+    img = tifffile.imread(data_path("microscopy/dsb2018_nuclei/image.tif"))
+    mask = tifffile.imread(data_path("microscopy/dsb2018_nuclei/mask.tif"))
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    for n, (r, c) in enumerate([(0, 0), (0, 64), (64, 0), (64, 64)]):
+        tifffile.imwrite(root / "imagesTr" / f"tile{n}_0000.tif", img[r : r + 64, c : c + 64])
+        lab = (mask[r : r + 64, c : c + 64] > 0).astype(np.uint8)
+        tifffile.imwrite(root / "labelsTr" / f"tile{n}.tif", lab)
+    (root / "dataset.json").write_text(
+        json.dumps({"labels": {"background": 0, "nucleus": 1}, "channel_names": {"0": "fluo"}})
+    )
+    return root
+
+
+def test_train_then_segment_and_fine_tune(tmp_path):
+    ds = _nuclei_dataset(tmp_path / "Dataset009_Tiles")
+    model = tmp_path / "model"
+    argv = ["train", str(ds), "-o", str(model), "--time-budget", "4", "--width", "4", "--quiet"]
+    assert main(argv) == 0
+    card = json.loads((model / "model.json").read_text())
+    assert card["dims"] == 2 and card["classes"][1]["name"] == "nucleus"
+    assert 0.0 <= card["metrics"]["val_dice_mean"] <= 1.0
+    assert main(argv) == 1  # the model folder exists: never overwritten silently
+    out = tmp_path / "seg.tif"
+    img = data_path("microscopy/dsb2018_nuclei/image.tif")
+    assert main(["segment", str(img), "-m", str(model), "-o", str(out), "--quiet"]) == 0
+    import tifffile
+
+    assert tifffile.imread(out).shape == (512, 512)
+    tuned = tmp_path / "tuned"
+    assert (
+        main(
+            [
+                "train",
+                str(ds),
+                "-o",
+                str(tuned),
+                "--init",
+                str(model),
+                "--time-budget",
+                "3",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert json.loads((tuned / "model.json").read_text())["parent"]

@@ -6,6 +6,7 @@ Only classes from :mod:`monai.networks.nets` (and this module's own) can be name
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,7 @@ def save_weights(network: Any, path: str | Path) -> str:
     tmp = path.with_name(path.name + ".tmp")
     state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
     save_file(state, str(tmp))
+    os.chmod(tmp, 0o644)  # readable like any other file the user saves
     tmp.replace(path)
     return sha256_file(path)
 

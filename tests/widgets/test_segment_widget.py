@@ -40,11 +40,15 @@ def test_run_makes_labels_on_the_scan_geometry(make_napari_viewer, qtbot, tmp_pa
     prov = labels.metadata["medseg"]["provenance"]
     assert prov["model"]["name"] == "tiny_ct" and len(prov["model"]["weights_sha256"]) == 64
     assert widget.status.value.startswith("Done")
-    # running again updates the same layer instead of adding another
+    # running again updates the same layer instead of adding another; probabilities on request
+    widget.probabilities.value = True
     widget.run_button.native.click()
     qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
     assert [lyr.name for lyr in viewer.layers].count("CT abdomen_seg") == 1
-    assert len(viewer.layers) == 2
+    prob = viewer.layers["CT abdomen_prob"]
+    assert prob.data.shape == (1, *image.data.shape)  # one foreground class
+    assert 0.0 <= float(prob.data.min()) and float(prob.data.max()) <= 1.0
+    assert len(viewer.layers) == 3
 
 
 def test_cancel_stops_within_a_second_and_changes_nothing(make_napari_viewer, qtbot, tmp_path):

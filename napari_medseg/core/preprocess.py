@@ -203,11 +203,36 @@ def slice_axis_of(record: ImageRecord) -> int:
     return int(np.nonzero(np.isclose(sp, best, rtol=1e-3))[0][-1])
 
 
-def _nearest_index(n_out: int, n_in: int) -> np.ndarray:
-    """Source index of each target voxel for nearest resampling (same field of view)."""
-    j = np.arange(n_out, dtype=np.float64)
-    idx = np.floor((j + 0.5) * (n_in / n_out)).astype(np.int64)
-    return np.clip(idx, 0, n_in - 1)
+def _positions(n_out: int, step: float) -> np.ndarray:
+    """Positions (in input index units) of ``n_out`` output voxels ``step`` input voxels apart.
+
+    The model grid follows MONAI's ``Spacing`` convention: the first voxel centres coincide and
+    the spacing is exactly the requested one, so a MONAI bundle sees the same grid here as in
+    MONAI's own pipeline.
+    """
+    return np.arange(n_out, dtype=np.float64) * float(step)
+
+
+def _resample_axis(x: Any, axis: int, pos: np.ndarray, mode: str) -> Any:
+    """Resample a tensor along one axis at float positions (linear or nearest), clamped."""
+    import torch
+
+    n = x.shape[axis]
+    dev = x.device
+    if mode == "nearest":
+        idx = torch.from_numpy(np.clip(np.rint(pos), 0, n - 1).astype(np.int64)).to(dev)
+        return x.index_select(axis, idx)
+    p = np.clip(pos, 0, n - 1)
+    i0 = np.minimum(np.floor(p).astype(np.int64), max(n - 2, 0))
+    w = p - i0
+    if n == 1:
+        return x.index_select(axis, torch.zeros(len(pos), dtype=torch.int64, device=dev))
+    shape = [1] * x.ndim
+    shape[axis] = len(pos)
+    wt = torch.from_numpy(w.astype(np.float32)).to(dev).reshape(shape)
+    a = x.index_select(axis, torch.from_numpy(i0).to(dev))
+    b = x.index_select(axis, torch.from_numpy(i0 + 1).to(dev))
+    return a.lerp_(b, wt) if a.dtype == wt.dtype else a + (b - a) * wt
 
 
 @dataclass
@@ -229,7 +254,10 @@ class GridMap:
     model_shape : tuple of int
         Spatial shape on the model grid.
     model_spacing : tuple of float
-        Effective voxel size on the model grid (mm, or pixels/um for 2D images).
+        Voxel size on the model grid (mm, or pixels/um for 2D images): the card's spacing.
+    step : tuple of float
+        Model voxel ``j`` lies at oriented source index ``j * step`` (MONAI ``Spacing``
+        convention: first voxel centres aligned, exact target spacing).
     model_affine : numpy.ndarray
         Model-grid voxel indices to world (for checks and debugging).
     slice_axis : int or None
@@ -248,14 +276,15 @@ class GridMap:
     model_shape: tuple[int, ...]
     model_spacing: tuple[float, ...]
     model_affine: np.ndarray
+    step: tuple[float, ...] = ()
     slice_axis: int | None = None
     device: str = "cpu"
     info: dict = field(default_factory=dict)
 
     @property
     def resampled(self) -> bool:
-        """True when the model grid differs from the reoriented source grid in size."""
-        return tuple(self.model_shape) != tuple(self.oriented_shape)
+        """True when the model grid differs from the reoriented source grid."""
+        return bool(self.step) and not np.allclose(self.step, 1.0, rtol=0, atol=1e-9)
 
     @property
     def reoriented(self) -> bool:
@@ -289,16 +318,23 @@ class GridMap:
             x = np.flip(x, [a + 1 for a in self.flip_axes])
         return x
 
-    def resample(self, x: torch.Tensor, size: tuple[int, ...], mode: str = "linear") -> Any:
-        """Resample a channel-first float tensor ``(C, *spatial)`` to ``size`` (same FOV)."""
-        import torch.nn.functional as F
+    def resample(self, x: torch.Tensor, to_model: bool, mode: str = "linear") -> Any:
+        """Resample a channel-first tensor ``(C, *spatial)`` between the two grids.
 
-        if tuple(x.shape[1:]) == tuple(size):
+        ``to_model=True``: oriented source grid -> model grid; ``False``: model grid ->
+        oriented source grid. Separable (tri)linear or nearest interpolation at the exact
+        positions of the other grid's voxel centres (edges clamped), on the tensor's device.
+        """
+        if not self.resampled:
             return x
-        nd = len(size)
-        m = {"linear": "trilinear" if nd == 3 else "bilinear", "nearest": "nearest-exact"}[mode]
-        kw = {} if mode == "nearest" else {"align_corners": False}
-        return F.interpolate(x[None].float(), size=tuple(size), mode=m, **kw)[0]
+        size = self.model_shape if to_model else self.oriented_shape
+        out = x if mode == "nearest" else x.float()
+        for ax, (n_out, st) in enumerate(zip(size, self.step)):
+            if abs(st - 1.0) < 1e-9 and out.shape[ax + 1] == n_out:
+                continue
+            pos = _positions(n_out, st if to_model else 1.0 / st)
+            out = _resample_axis(out, ax + 1, pos, mode)
+        return out
 
     # -- public inverse maps
 
@@ -317,8 +353,9 @@ class GridMap:
         if self.resampled:
             # one axis at a time (last first): several times faster than np.ix_ on big maps
             for ax in reversed(range(lab.ndim)):
-                if self.oriented_shape[ax] != self.model_shape[ax]:
-                    lab = lab.take(_nearest_index(self.oriented_shape[ax], lab.shape[ax]), ax)
+                pos = _positions(self.oriented_shape[ax], 1.0 / self.step[ax])
+                idx = np.clip(np.rint(pos), 0, lab.shape[ax] - 1).astype(np.int64)
+                lab = lab.take(idx, ax)
         out = self._inverse_orient(lab[None])[0]
         return np.ascontiguousarray(out)
 
@@ -330,7 +367,7 @@ class GridMap:
         import torch
 
         p = torch.as_tensor(probs)
-        p = self.resample(p.to(self.device).float(), self.oriented_shape, "linear")
+        p = self.resample(p.to(self.device).float(), False, "linear")
         out = self._inverse_orient(p)
         return np.ascontiguousarray(out.detach().cpu().numpy(), dtype=np.float32)
 
@@ -351,13 +388,13 @@ class GridMap:
             return self.labels_to_source(lab.cpu().numpy().astype(dtype, copy=False))
         if p.shape[0] == 2:
             # interpolation is linear: p1 > p0 after resampling <=> (p1 - p0) > 0 after it
-            d = self.resample((p[1:2] - p[0:1]).to(self.device).float(), self.oriented_shape)[0]
+            d = self.resample((p[1:2] - p[0:1]).to(self.device).float(), False)[0]
             arg = (d > 0).cpu().numpy().astype(dtype)
         else:
             best = None
             arg_t = None
             for k in range(p.shape[0]):
-                pk = self.resample(p[k : k + 1].to(self.device).float(), self.oriented_shape)[0]
+                pk = self.resample(p[k : k + 1].to(self.device).float(), False)[0]
                 if best is None:
                     best = pk
                     arg_t = torch.zeros(pk.shape, dtype=torch.int32, device=pk.device)
@@ -373,7 +410,7 @@ class GridMap:
     def image_to_model(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the forward map to a channel-first float tensor on the source grid."""
         x = self._forward_orient(x)
-        return self.resample(x, self.model_shape, "linear")
+        return self.resample(x, True, "linear")
 
 
 def _channels_first(record: ImageRecord) -> np.ndarray:
@@ -464,17 +501,21 @@ def to_model_grid(
         elif record.space == "RAS" and nsp == 2:
             target = sp[:2]
     if target is not None:
-        model_shape = tuple(
-            max(1, round(n * s / t)) for n, s, t in zip(oriented_shape, oriented_spacing, target)
+        # MONAI Spacing: the first voxel centres coincide, spacing is exactly the target
+        step = tuple(float(t) / float(sp_) for t, sp_ in zip(target, oriented_spacing))
+        # spacings equal up to rounding (e.g. a card spacing printed with 4 decimals): keep the
+        # source grid, exactly, rather than interpolate by a hundredth of a voxel
+        step = tuple(
+            1.0 if abs(st - 1.0) * max(n - 1, 1) < 0.01 else st
+            for st, n in zip(step, oriented_shape)
         )
+        model_shape = tuple(max(1, round((n - 1) / st + 1)) for n, st in zip(oriented_shape, step))
     else:
+        step = tuple(1.0 for _ in oriented_shape)
         model_shape = oriented_shape
-    scale = np.asarray(oriented_shape, float) / np.asarray(model_shape, float)
-    model_spacing = tuple(float(v) for v in oriented_spacing * scale)
-    # voxel j on the model grid sits at source index (j + 0.5) * scale - 0.5
+    model_spacing = tuple(float(v) * st for v, st in zip(oriented_spacing, step))
     s_mat = np.eye(nsp + 1)
-    s_mat[:nsp, :nsp] = np.diag(scale)
-    s_mat[:nsp, nsp] = 0.5 * scale - 0.5
+    s_mat[:nsp, :nsp] = np.diag(step)
     model_affine = oriented_affine @ s_mat
 
     dev = torch.device(device) if not isinstance(device, torch.device) else device
@@ -487,6 +528,7 @@ def to_model_grid(
         model_shape=model_shape,
         model_spacing=model_spacing,
         model_affine=model_affine,
+        step=step,
         slice_axis=slice_axis,
         device=str(dev),
         info={"nonfinite_replaced": n_bad},

@@ -108,9 +108,7 @@ def test_no_resampling_is_exact(img_rel, lab_rel, codes, spacing):
     src = _model_to_source_index(grid, j)
     np.testing.assert_allclose(src, np.round(src), atol=1e-4)
     si = np.round(src).astype(int)
-    np.testing.assert_array_equal(
-        model[0].numpy()[tuple(j.T)], lab[tuple(si.T)].astype(np.float32)
-    )
+    np.testing.assert_array_equal(model[0].numpy()[tuple(j.T)], lab[tuple(si.T)].astype(np.float32))
 
 
 @needs_data
@@ -138,7 +136,9 @@ def test_2d_model_on_volume_runs_along_slice_axis():
     card = _card([1.6, 1.6], dims=2, patch_size=[64, 64])
     model, grid = to_model_grid(rec, card)
     assert grid.slice_axis == 2
-    assert tuple(model.shape) == (1, 81, 82, 26)
+    # MONAI Spacing's grid: round((n - 1) * spacing / target + 1) voxels, slice axis untouched
+    assert tuple(model.shape) == (1, 82, 83, 26)
+    np.testing.assert_allclose(grid.model_spacing[:2], [1.6, 1.6])
     back = grid.labels_to_source(np.zeros(grid.model_shape, np.uint8))
     assert back.shape == rec.spatial_shape
     # PSR cord: 1 mm iso, ties -> the last file axis
@@ -207,5 +207,5 @@ def test_to_model_grid_awkward_size_and_nan():
         model, grid = to_model_grid(rec, _card([1.0, 1.0, 1.0]))
     assert grid.info["nonfinite_replaced"] == 1
     assert torch.isfinite(model).all()
-    assert grid.model_shape == (23, 31, 88)  # round(33*.7), round(34*.9), round(35*2.5)
+    assert grid.model_shape == (23, 31, 86)  # round((n - 1) * s / t + 1), MONAI Spacing
     assert grid.labels_to_source(np.zeros(grid.model_shape, np.uint8)).shape == (33, 34, 35)

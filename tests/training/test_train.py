@@ -151,13 +151,14 @@ def test_resampling_keeps_world_geometry(ct_dataset):
     card = plan(ds, width=4)
     card.spacing = [1.6, 1.6, 5.0]
     im, lb, aff = case_to_model_grid(ds.cases[0], card)
-    assert im.shape == (1, 20, 20, 12) and lb.shape == (20, 20, 12)
-    assert np.allclose(np.sqrt((aff[:3, :3] ** 2).sum(0)), [1.59, 1.63, 5.0], atol=0.01)
-    # the field of view (outer voxel edges) is unchanged
     src = ds.cases[0].affine
-    edge_src = src[:3, :3] @ (np.array(CT_SHAPE) - 0.5) + src[:3, 3]
-    edge_new = aff[:3, :3] @ (np.array(lb.shape) - 0.5) + aff[:3, 3]
-    assert np.allclose(edge_src, edge_new, atol=1e-3)
+    sp = np.sqrt((src[:3, :3] ** 2).sum(0))
+    # MONAI Spacing's grid: exact target spacing, round((n - 1) * s / t + 1) voxels
+    expect = tuple(round((n - 1) * a / b + 1) for n, a, b in zip(CT_SHAPE, sp, card.spacing))
+    assert im.shape == (1, *expect) and lb.shape == expect
+    assert np.allclose(np.sqrt((aff[:3, :3] ** 2).sum(0)), [1.6, 1.6, 5.0], atol=1e-6)
+    # the first voxel centre stays where it was
+    assert np.allclose(aff[:3, 3], src[:3, 3], atol=1e-4)
     # spleen volume in mm^3 is kept within a few percent by one-hot linear resampling
     v_src = ds.cases[0].label.sum() * np.prod(ds.cases[0].spacing)
     v_new = lb.sum() * np.prod(np.sqrt((aff[:3, :3] ** 2).sum(0)))

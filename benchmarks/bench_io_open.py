@@ -62,8 +62,16 @@ def main() -> int:
     for label, ours, ref in [
         ("DICOM series 20x512x512", lambda: read_image(dicom), lambda: plain_pydicom(dicom)),
         ("NIfTI 160x192x224 float64", lambda: read_image(nifti), lambda: plain_nibabel(nifti)),
-        ("DICOM -> napari layer tuple", lambda: read_layers(str(dicom)), lambda: plain_pydicom(dicom)),
-        ("NIfTI -> napari layer tuple", lambda: read_layers(str(nifti)), lambda: plain_nibabel(nifti)),
+        (
+            "DICOM -> napari layer tuple",
+            lambda: read_layers(str(dicom)),
+            lambda: plain_pydicom(dicom),
+        ),
+        (
+            "NIfTI -> napari layer tuple",
+            lambda: read_layers(str(nifti)),
+            lambda: plain_nibabel(nifti),
+        ),
     ]:
         t_ours, t_ref = _median_time(ours), _median_time(ref)
         rows.append((label, t_ours, t_ref, t_ours / t_ref))

@@ -395,6 +395,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 from ._cli_denoise import register as _register_denoise  # noqa: E402
+from ._cli_detect import register as _register_detect  # noqa: E402
 from ._cli_register import register as _register_register  # noqa: E402
 
 _EXTRA_COMMANDS: list = [
@@ -405,6 +406,7 @@ _EXTRA_COMMANDS: list = [
     _register_demo,
     _register_register,
     _register_denoise,
+    _register_detect,
 ]
 
 

@@ -73,8 +73,11 @@ SUPPORTED = [n for n in ALL if n in EXPECTED and EXPECTED[n][0] == SEG and EXPEC
 UNSUPPORTED_SEG = [n for n in ALL if n in EXPECTED and EXPECTED[n][0] == SEG and EXPECTED[n][3]]
 OTHER = [n for n in ALL if n in EXPECTED and EXPECTED[n][0] != SEG]
 # ~30 s (SwinUNETR, 62 M parameters) and ~5 s (DynUNet 31 M, UNet 38 M) on 2 CPU cores
-HEAVY = {"swin_unetr_btcv_segmentation", "pediatric_abdominal_ct_segmentation",
-         "prostate_mri_anatomy"}
+HEAVY = {
+    "swin_unetr_btcv_segmentation",
+    "pediatric_abdominal_ct_segmentation",
+    "prostate_mri_anatomy",
+}
 
 
 def _copy(name: str, tmp_path: Path) -> Path:
@@ -90,8 +93,12 @@ def _copy(name: str, tmp_path: Path) -> Path:
         node_a[:, 0] = 1  # the full-resolution path only: valid and small
         arch_a = np.zeros((12, 10))
         arch_a[:, 0] = 1
-        code = {"node_a": node_a, "arch_code_a": arch_a, "arch_code_a_max": arch_a.copy(),
-                "arch_code_c": np.zeros((12, 10), dtype=np.int64)}
+        code = {
+            "node_a": node_a,
+            "arch_code_a": arch_a,
+            "arch_code_a_max": arch_a.copy(),
+            "arch_code_c": np.zeros((12, 10), dtype=np.int64),
+        }
         torch.save(code, dst / "models" / "search_code_18590.pt")
     return dst
 
@@ -181,7 +188,8 @@ def test_spleen_card_matches_config(tmp_path: Path) -> None:
     assert card.patch_size == [96, 96, 96] and card.overlap == 0.5
     assert card.dims == 3 and card.in_channels == 1 and card.modality == "CT"
     assert card.classes == [
-        {"id": 0, "name": "background"}, {"id": 1, "name": "spleen", "color": PALETTE[1]}
+        {"id": 0, "name": "background"},
+        {"id": 1, "name": "spleen", "color": PALETTE[1]},
     ]
     assert card.postprocessing == {"activation": "softmax", "argmax": True}
     assert card.extra["bundle_transforms_ignored"] == []
@@ -195,8 +203,11 @@ def test_spleen_card_matches_config(tmp_path: Path) -> None:
 
 def test_card_translates_other_transforms() -> None:
     brats = load_bundle(BUNDLES / "brats_mri_segmentation", weights="random").card
-    assert brats.normalization == {"scheme": "zscore", "foreground_only": True,
-                                   "channel_wise": True}
+    assert brats.normalization == {
+        "scheme": "zscore",
+        "foreground_only": True,
+        "channel_wise": True,
+    }
     assert brats.patch_size == [240, 240, 160] and brats.in_channels == 4
     assert brats.postprocessing == {"activation": "sigmoid", "threshold": 0.5}
     assert brats.classes[0] == {"id": 0, "name": "Tumor core", "color": PALETTE[-1]}
@@ -319,8 +330,11 @@ def test_torchscript_needs_no_trust(tmp_path: Path) -> None:
     assert lm.card.extra["bundle_weights_format"] == "torchscript"
     assert lm.card.weights == "models/model.ts" and lm.card.sha256 == lm.weights_sha256
     assert lm.card.out_channels == 133 and lm.card.classes[1]["name"] == "3rd-Ventricle"
-    assert lm.card.normalization == {"scheme": "zscore", "foreground_only": True,
-                                     "channel_wise": True}
+    assert lm.card.normalization == {
+        "scheme": "zscore",
+        "foreground_only": True,
+        "channel_wise": True,
+    }
     with torch.no_grad():
         y = lm.network(torch.rand(1, 1, 9, 10, 11))
     assert tuple(y.shape) == (1, lm.card.out_channels, 9, 10, 11)

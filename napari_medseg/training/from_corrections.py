@@ -1,0 +1,145 @@
+"""Fine-tune the current model on the cases a clinician corrected (a progress generator).
+
+:func:`finetune_from_corrections` exports the corrected cases of a worklist
+(:class:`napari_medseg.core.worklist.Worklist`) as an nnU-Net dataset, fine-tunes the model with
+:func:`napari_medseg.training.train.train` (``init=`` the current model, so the architecture,
+spacing, normalisation and classes are kept) and writes a *new* model folder, by default in the
+user models directory next to the earlier versions (which stay, so the user can switch back in the
+Segment dock). The new card records its parent (``name@version``), the cases used and the scores.
+
+With three or more corrected cases whole cases are held out for validation, and both the parent
+model and the fine-tuned one are run on them with the full inference pipeline
+(:func:`napari_medseg.core.segmentation.segment`): Dice on the source grid, before and after, in
+``card.metrics["before_after"]``. With fewer cases :func:`train` holds out a block of slices of
+every case and only its validation Dice is reported.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..core.progress import Progress
+from .train import TrainResult
+
+__all__ = ["finetune_from_corrections"]
+
+
+def _dice(pred: np.ndarray, truth: np.ndarray, classes: Iterable[int]) -> dict[str, float]:
+    out = {}
+    for c in classes:
+        a, b = pred == c, truth == c
+        s = int(a.sum() + b.sum())
+        out[str(c)] = float(2 * (a & b).sum() / s) if s else 1.0
+    return out
+
+
+def finetune_from_corrections(
+    worklist: Any,
+    init: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    time_budget: float | None = 600.0,
+    statuses: Iterable[str] = ("corrected", "approved"),
+    device: str = "auto",
+    evaluate: bool = True,
+    **train_kwargs: Any,
+) -> Generator[Progress, None, TrainResult]:
+    """Fine-tune ``init`` on a worklist's corrected cases; yields progress, returns the result.
+
+    Parameters
+    ----------
+    worklist : Worklist or path-like
+        The project folder (its newest corrected version of each case is the label).
+    init : str or path-like
+        The model to start from: a registry name or a model folder.
+    out_dir : path-like, optional
+        New model folder (default: ``<user models dir>/<name>-ft<timestamp>``).
+    time_budget : float or None
+        Seconds of training (see :func:`napari_medseg.training.train.train`).
+    statuses : iterable of str
+        Which cases count as corrected.
+    device : str
+    evaluate : bool
+        Run the before/after comparison on held-out cases (three or more cases).
+    **train_kwargs
+        Passed on to :func:`~napari_medseg.training.train.train` (``max_epochs``, ``seed``,
+        ``batch_size``, ``patch_size``, ...).
+    """
+    from ..core.worklist import Worklist
+    from ..models.card import ModelCard
+    from ..models.registry import resolve_model, user_models_dir
+    from .train import train
+
+    wl = worklist if isinstance(worklist, Worklist) else Worklist(worklist)
+    init_path = resolve_model(init)
+    if not (init_path / "model.json").is_file():
+        from ..io.errors import MedsegError
+
+        raise MedsegError(
+            f"{init_path.name} cannot be fine-tuned here: only model folders (model.json + "
+            "weights) can; MONAI bundles and TorchScript files cannot."
+        )
+    parent = ModelCard.load(init_path)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path(out_dir) if out_dir is not None else user_models_dir(create=True) / (
+        f"{parent.name}-ft{stamp}"
+    )
+    yield Progress(0, 0, "collecting the corrected cases")
+    ds_dir = wl.folder / "training" / f"dataset-{stamp}"
+    wl.export_dataset(ds_dir, statuses, class_names=parent.class_names)
+    cases = [c.name for c in wl.cases() if c.status in set(statuses) and c.corrected]
+    result = yield from train(
+        ds_dir, out, init=init_path, time_budget=time_budget, device=device, name=out.name,
+        **train_kwargs,
+    )
+    card = result.card
+    card.training["corrections"] = {
+        "worklist": str(wl.folder.resolve()),
+        "cases": cases,
+        "labels": {c.name: c.corrected[-1].name for c in wl.cases() if c.name in cases},
+        "parent_folder": str(init_path),
+    }
+    val_cases = list(card.training.get("val_cases") or [])
+    if evaluate and val_cases and len(cases) >= 3:
+        card.metrics["before_after"] = yield from _before_after(
+            wl, val_cases, init_path, out, device
+        )
+    card.save(out)
+    return result
+
+
+def _before_after(
+    wl: Any, val_cases: list[str], parent_path: Path, new_path: Path, device: str
+) -> Generator[Progress, None, dict]:
+    """Dice of the parent and the fine-tuned model on held-out corrected cases (source grid)."""
+    from ..core.segmentation import segment
+    from ..io import read_image
+    from ..models.registry import load_model
+
+    dev = "cpu" if device == "auto" else device
+    models = {
+        "before": load_model(parent_path, device=dev),
+        "after": load_model(new_path, device=dev),
+    }
+    classes = [c for c in models["before"].card.class_names if c != 0]
+    per_case: dict[str, dict] = {}
+    for i, name in enumerate(val_cases):
+        case = wl.case(name)
+        (img,) = read_image(case.image)
+        (lab,) = read_image(case.corrected[-1])
+        truth = np.asarray(lab.data)
+        per_case[name] = {}
+        for which, model in models.items():
+            yield Progress(i, len(val_cases), f"scoring {which} fine-tuning on {name}")
+            res = yield from segment(img, model, device=dev)
+            per_case[name][which] = _dice(np.asarray(res.labels), truth, classes)
+    mean = {
+        which: float(np.mean([v for d in per_case.values() for v in d[which].values()]))
+        for which in ("before", "after")
+    }
+    return {"cases": per_case, "mean_dice": mean, "computed_on": "source grid, held-out cases"}

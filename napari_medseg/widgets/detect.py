@@ -1,0 +1,439 @@
+"""The "Detect" dock widget: image + model -> editable Points (centres) and Shapes (boxes).
+
+Thin (DESIGN.md rule 3): :func:`napari_medseg.core.detection.detect` (or the classical
+baseline) runs in a napari worker; its full table is kept, and the score threshold, minimum
+size and NMS IoU only re-filter that table (:func:`~napari_medseg.core.detection.
+filter_detections`), so moving the slider updates the layers live without running the model.
+
+Layers: ``<image>_detections`` (Points at object centres, ``features`` = id, class, score,
+area/volume, coloured by score, size ~ object diameter) and, for 2D images, ``<image>_boxes``
+(Shapes, rectangles). Both carry the image's transform, so they overlay the scan. Changing a
+filter rebuilds them from the model output (hand edits are lost then: filter first, edit
+after). ``Export...`` saves what the Points layer shows now, edits included (deleted, added and
+moved points), as CSV or QuPath GeoJSON.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from magicgui.widgets import (
+    ComboBox,
+    Container,
+    FloatSlider,
+    FloatSpinBox,
+    Label,
+    ProgressBar,
+    PushButton,
+)
+
+from ..core.progress import Progress
+from ._layers import record_from_layer
+
+if TYPE_CHECKING:
+    import napari
+    import pandas as pd
+
+CLASSICAL = "classical"
+
+
+def _detect_job(record: Any, model_ref: str, device: str) -> Any:
+    """Worker generator: load the model, then detect, yielding :class:`Progress`."""
+    from ..core.detection import detect, detect_classical
+
+    if model_ref == CLASSICAL:
+        return (yield from detect_classical(record))
+    from ..models.registry import load_model
+
+    yield Progress(0, 0, f"loading model {model_ref}")
+    model = load_model(model_ref, device="cpu")
+    return (yield from detect(record, model, device=device))
+
+
+class DetectWidget(Container):
+    """Dock widget: image, model, score threshold (live), min size, NMS IoU, Run / Cancel."""
+
+    def __init__(self, viewer: napari.viewer.Viewer) -> None:
+        super().__init__(labels=True)
+        self._viewer = viewer
+        self._worker: Any = None
+        self._t0 = 0.0
+        self._result: Any = None
+        self._record: Any = None
+        self._layer_kw: dict = {}
+        self._source_name = ""
+        self.n_refreshes = 0  # how many times the layers were rebuilt from the table
+        self.image = ComboBox(label="Image", choices=self._image_choices, nullable=True)
+        self.model = ComboBox(label="Model", choices=self._model_choices)
+        self.device = ComboBox(label="Device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
+        self.threshold = FloatSlider(
+            label="Score threshold", value=0.5, min=0.0, max=1.0, step=0.01
+        )
+        self.min_size = FloatSpinBox(
+            label="Min size (px / mm^3)", value=0.0, min=0.0, max=1e9, step=5.0
+        )
+        self.nms_iou = FloatSpinBox(label="NMS IoU", value=0.5, min=0.0, max=1.0, step=0.05)
+        self.run_button = PushButton(text="Run")
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.progress = ProgressBar(label="Progress", min=0, max=100, value=0)
+        self.status = Label(label="", value="Choose an image and a model, then press Run.")
+        self.counts = Label(label="Counts", value="")
+        self.export_button = PushButton(text="Export...", enabled=False)
+        self.extend(
+            [
+                self.image,
+                self.model,
+                self.device,
+                self.threshold,
+                self.min_size,
+                self.nms_iou,
+                self.run_button,
+                self.cancel_button,
+                self.progress,
+                self.status,
+                self.counts,
+                self.export_button,
+            ]
+        )
+        self.run_button.changed.connect(self._on_run)
+        self.cancel_button.changed.connect(self._on_cancel)
+        self.export_button.changed.connect(self._on_export)
+        for w in (self.threshold, self.min_size, self.nms_iou):
+            w.changed.connect(self._refresh)
+        self.image.changed.connect(lambda _v=None: self.model.reset_choices())
+        viewer.layers.events.inserted.connect(self._on_layers_changed)
+        viewer.layers.events.removed.connect(self._on_layers_changed)
+        self._on_layers_changed()
+
+    # ------------------------------------------------------------------ choices
+
+    def _image_choices(self, _w: Any = None) -> list:
+        from napari.layers import Image
+
+        return [lyr for lyr in self._viewer.layers if isinstance(lyr, Image)]
+
+    def _image_dims(self) -> int | None:
+        layer = self.image.value if hasattr(self, "image") else None
+        if layer is None:
+            return None
+        meta = (layer.metadata or {}).get("medseg") or {}
+        if meta.get("space") == "RAS":
+            return 3
+        return layer.ndim - (1 if getattr(layer, "rgb", False) else 0)
+
+    def _model_choices(self, _w: Any = None) -> list[tuple[str, str]]:
+        from ..models.registry import list_models
+
+        dims = self._image_dims()
+        choices: list[tuple[str, str]] = []
+        for card in list_models():
+            if card.get("task", "segmentation") != "segmentation":
+                continue
+            d = card.get("dims")
+            if dims is not None and not (d == dims or (d == 2 and dims == 3)):
+                continue
+            choices.append(
+                (f"{card['name']} + watershed ({card.get('modality', '?')}, {d}D)", card["name"])
+            )
+        choices.append(("classical (Otsu + watershed, no network)", CLASSICAL))
+        return choices
+
+    def _on_layers_changed(self, _event: Any = None) -> None:
+        self.image.reset_choices()
+        choices = self._image_choices()
+        if self.image.value is None and choices:
+            active = self._viewer.layers.selection.active
+            self.image.value = active if active in choices else choices[-1]
+        self.model.reset_choices()
+
+    # ------------------------------------------------------------------ run
+
+    def _on_run(self, _v: Any = None) -> None:
+        from napari.qt.threading import create_worker
+        from napari.utils.notifications import show_error
+
+        layer = self.image.value
+        if layer is None:
+            show_error("Choose an image layer to detect objects in.")
+            return
+        if not self.model.value:
+            show_error("Choose a model.")
+            return
+        try:
+            record = record_from_layer(layer)
+        except Exception as e:  # noqa: BLE001 - shown to the user as one sentence
+            show_error(str(e))
+            return
+        self._t0 = time.perf_counter()
+        worker = create_worker(
+            _detect_job,
+            record,
+            self.model.value,
+            self.device.value,
+            _start_thread=False,
+            _ignore_errors=True,
+        )
+        worker.yielded.connect(self._on_progress)
+        worker.returned.connect(lambda result: self._on_result(layer, record, result))
+        worker.errored.connect(self._on_error)
+        worker.finished.connect(self._on_finished)
+        self._worker = worker
+        self.run_button.enabled = False
+        self.cancel_button.enabled = True
+        self.progress.value = 0
+        self.status.value = "starting..."
+        worker.start()
+
+    def _on_progress(self, p: Progress) -> None:
+        if p.total:
+            self.progress.max = p.total
+            self.progress.value = min(p.done, p.total)
+        self.status.value = p.message
+
+    def _on_cancel(self, _v: Any = None) -> None:
+        if self._worker is not None:
+            self._worker.quit()
+            self.status.value = "cancelling..."
+
+    def _on_finished(self) -> None:
+        if self._worker is not None and getattr(self._worker, "abort_requested", False):
+            self.status.value = "Cancelled; nothing was changed."
+            self.progress.value = 0
+        self._worker = None
+        self.run_button.enabled = True
+        self.cancel_button.enabled = False
+
+    def _on_error(self, err: Exception) -> None:
+        from napari.utils.notifications import show_error
+
+        self.status.value = f"Failed: {err}"
+        show_error(str(err))
+
+    def _on_result(self, source_layer: Any, record: Any, result: Any) -> None:
+        from ..io.geometry import record_to_layer_data
+        from ..io.record import ImageRecord
+
+        # the image's layer transform and axis permutation, without touching its voxels
+        ghost = ImageRecord(
+            data=np.broadcast_to(np.zeros(1, np.uint8), record.spatial_shape),
+            affine=record.affine,
+            space=record.space,
+            name=source_layer.name,
+            metadata=record.metadata,
+        )
+        _, kw, _ = record_to_layer_data(ghost, "labels")
+        self._layer_kw = kw
+        self._record = record
+        self._result = result
+        self._source_name = source_layer.name
+        self.export_button.enabled = True
+        secs = time.perf_counter() - self._t0
+        self.progress.value = self.progress.max
+        self._refresh()
+        self.status.value = f"Done in {secs:.1f} s: {len(result.table)} objects before filtering."
+
+    # ------------------------------------------------------------------ live filtering
+
+    def shown_table(self) -> pd.DataFrame | None:
+        """The model's table filtered by the current threshold, minimum size and NMS IoU."""
+        if self._result is None:
+            return None
+        return self._result.filtered(
+            score_threshold=float(self.threshold.value),
+            min_size=float(self.min_size.value),
+            nms_iou=float(self.nms_iou.value),
+        )
+
+    def _perm(self) -> list[int]:
+        nd = self._result.ndim
+        perm = list(self._layer_kw["metadata"]["medseg"]["layer_axes"])
+        return [p for p in perm if p < nd]
+
+    def _refresh(self, _v: Any = None) -> None:
+        """Rebuild the Points/Shapes layers from the kept table (no model run)."""
+        if self._result is None:
+            return
+        from ..core.detection import axis_names
+
+        table = self.shown_table()
+        nd = self._result.ndim
+        names = axis_names(nd)
+        perm = self._perm()
+        centres = table[names].to_numpy(float).reshape(-1, nd)[:, perm]
+        size_col = "area" if nd == 2 else "volume_mm3"
+        features = table[["id", "class", "score", size_col]].copy()
+        diam = np.sqrt(table[size_col].to_numpy(float) * 4 / np.pi) if nd == 2 else None
+        if diam is None:
+            extent = table[[f"{a}_max" for a in names]].to_numpy(float) - table[
+                [f"{a}_min" for a in names]
+            ].to_numpy(float)
+            diam = extent.reshape(-1, nd).max(axis=1) if len(table) else np.zeros(0)
+        self._show_points(centres, features, np.clip(diam, 3, None))
+        if nd == 2:
+            self._show_boxes(table, perm)
+        self.n_refreshes += 1
+        counts = table["class"].value_counts()
+        self.counts.value = ", ".join(f"{c}: {n}" for c, n in counts.items()) or "none"
+
+    def _show_points(self, centres: np.ndarray, features: Any, sizes: np.ndarray) -> None:
+        name = f"{self._source_name}_detections"
+        kw = {"affine": self._layer_kw["affine"], "metadata": self._layer_kw["metadata"]}
+        layers = self._viewer.layers
+        if name in layers and type(layers[name]).__name__ == "Points":
+            layer = layers[name]
+            layer.data = centres
+            layer.features = features
+            layer.size = sizes if len(sizes) else 10
+            layer.affine = kw["affine"]
+        else:
+            layer = self._viewer.add_points(
+                centres,
+                name=name,
+                features=features,
+                size=sizes if len(sizes) else 10,
+                face_color="score",
+                face_colormap="viridis",
+                border_color="white",
+                border_width=0.05,
+                opacity=0.8,
+                **kw,
+            )
+        if not getattr(layer, "_medseg_hooked", False):
+            layer.events.data.connect(lambda ev, lyr=layer: self._on_points_edited(lyr, ev))
+            layer._medseg_hooked = True
+        layer.face_color_mode = "colormap"
+        layer.face_color = "score"
+        layer.face_contrast_limits = (0.0, 1.0)
+        layer.feature_defaults = {
+            "id": 0,
+            "class": str(features["class"].iloc[0]) if len(features) else "object",
+            "score": 1.0,
+            features.columns[-1]: np.nan,
+        }
+        layer.refresh()
+
+    @staticmethod
+    def _on_points_edited(layer: Any, event: Any) -> None:
+        """A point added by hand is a new object: id 0, score 1 (napari copies the selected)."""
+        if str(getattr(event, "action", "")).lower().endswith("added"):
+            idx = list(getattr(event, "data_indices", ()) or ())
+            feats = layer.features
+            if idx and "id" in feats.columns:
+                idx = [i if i >= 0 else len(feats) + i for i in idx]
+                feats.loc[idx, "id"] = 0
+                feats.loc[idx, "score"] = 1.0
+                feats.loc[idx, feats.columns[-1]] = np.nan
+                layer.refresh_colors()
+
+    def _show_boxes(self, table: Any, perm: list[int]) -> None:
+        name = f"{self._source_name}_boxes"
+        y0 = table["y_min"].to_numpy(float) - 0.5
+        x0 = table["x_min"].to_numpy(float) - 0.5
+        y1 = table["y_max"].to_numpy(float) - 0.5
+        x1 = table["x_max"].to_numpy(float) - 0.5
+        rects = [
+            np.array([[a, b], [a, d], [c, d], [c, b]])[:, perm]
+            for a, b, c, d in zip(y0, x0, y1, x1)
+        ]
+        feats = table[["id", "class", "score"]].copy()
+        layers = self._viewer.layers
+        if name in layers:
+            layers.remove(name)
+        kw = {"affine": self._layer_kw["affine"], "metadata": self._layer_kw["metadata"]}
+        if rects:
+            self._viewer.add_shapes(
+                rects,
+                shape_type="rectangle",
+                name=name,
+                features=feats,
+                edge_color="score",
+                edge_colormap="viridis",
+                face_color="transparent",
+                edge_width=1,
+                **kw,
+            )
+        else:
+            self._viewer.add_shapes(name=name, ndim=2, **kw)
+
+    # ------------------------------------------------------------------ export
+
+    def edited_table(self) -> pd.DataFrame:
+        """The table of what the Points layer shows now (after the user's edits).
+
+        Deleted points are gone; added points get ``id`` 0, score 1 and the default class;
+        moved points keep their id, score and class with the new centre (world coordinates
+        recomputed from the image's affine; their box shrinks to the centre voxel).
+        """
+        import pandas as pd
+
+        from ..core.detection import axis_names, world_names
+
+        layer = self._viewer.layers[f"{self._source_name}_detections"]
+        nd = self._result.ndim
+        names = axis_names(nd)
+        inv = np.argsort(self._perm())
+        centres = np.asarray(layer.data, dtype=float).reshape(-1, nd)[:, inv]
+        feats = layer.features.reset_index(drop=True)
+        full = self._result.table.set_index("id")
+        rows = []
+        seen: set[int] = set()
+        aff = np.asarray(self._result.affine, dtype=float)
+        for i in range(len(centres)):
+            f = feats.iloc[i]
+            oid = int(f["id"]) if f["id"] == f["id"] else 0
+            oid = 0 if oid in seen else oid  # a copy of an object is a new object
+            seen.add(oid)
+            c = centres[i]
+            if oid in full.index and np.allclose(
+                full.loc[oid, names].to_numpy(float), c, atol=1e-3
+            ):
+                rows.append(full.loc[oid].to_dict() | {"id": oid})
+                continue
+            w = aff[:nd, :nd] @ c + aff[:nd, nd]
+            row: dict[str, Any] = {"id": oid, "class": str(f["class"]), "score": float(f["score"])}
+            row.update(dict(zip(names, c)))
+            wn = world_names(nd)
+            row.update(dict(zip(wn, w)) if nd == 3 else {"world_y": w[0], "world_x": w[1]})
+            for a, v in zip(names, c):
+                row[f"{a}_min"], row[f"{a}_max"] = round(float(v)), round(float(v)) + 1
+            size_col = "area" if nd == 2 else "volume_mm3"
+            row[size_col] = float(f[size_col]) if size_col in f else np.nan
+            rows.append(row)
+        return pd.DataFrame(rows, columns=list(self._result.table.columns))
+
+    def export(self, path: str) -> Any:
+        """Write :meth:`edited_table` to ``path`` (.csv or .geojson), replacing it."""
+        from ..io.detections import write_detections
+
+        res = self._result
+        return write_detections(
+            path,
+            self.edited_table(),
+            instances=res.instances,
+            affine=res.affine if res.space == "pixel" else None,
+            class_colors=res.class_colors,
+            overwrite=True,
+        )
+
+    def _on_export(self, _v: Any = None) -> None:
+        from napari.utils.notifications import show_error, show_info
+        from qtpy.QtWidgets import QFileDialog
+
+        if self._result is None:
+            return
+        path, _ = QFileDialog.getSaveFileName(
+            self.native,
+            "Export detections",
+            f"{self._source_name}_detections.csv",
+            "CSV (*.csv);;QuPath GeoJSON (*.geojson)",
+        )
+        if not path:
+            return
+        try:
+            out = self.export(path)
+        except Exception as e:  # noqa: BLE001 - one sentence for the user
+            show_error(str(e))
+            return
+        show_info(f"Saved {out}")

@@ -31,6 +31,15 @@ if TYPE_CHECKING:
 LOAD_MODEL = "Load model..."
 
 
+def _warm_up() -> None:
+    """Import torch and MONAI's networks (seconds of work holding the GIL) in the background
+    as soon as the dock opens, so that pressing Run later does not stall the viewer."""
+    import monai.networks.nets  # noqa: F401
+    import torch  # noqa: F401
+
+    from ..core import segmentation  # noqa: F401
+
+
 def _segment_job(record: Any, model_ref: str, options: dict, trust: bool) -> Any:
     """Worker generator: load the model, then segment, yielding :class:`Progress`."""
     from ..core.segmentation import segment
@@ -87,6 +96,15 @@ class SegmentWidget(Container):
         viewer.layers.events.removed.connect(self._on_layers_changed)
         self._on_layers_changed()
         self._show_model_info()
+        self._warmup = self._start_warm_up()
+
+    def _start_warm_up(self) -> Any:
+        from napari.qt.threading import create_worker
+
+        worker = create_worker(_warm_up, _start_thread=False, _ignore_errors=True)
+        worker.finished.connect(lambda: setattr(self, "_warmup", None))
+        worker.start()
+        return worker
 
     # ------------------------------------------------------------------ choices
 

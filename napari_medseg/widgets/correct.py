@@ -418,8 +418,9 @@ class CorrectWidget(Container):
         return n
 
     def keep_largest(self, _v: Any = None) -> int:
-        return self._run_tool("Keep largest component",
-                              lambda a, c, lyr: C.keep_largest_component(a, c))
+        return self._run_tool(
+            "Keep largest component", lambda a, c, lyr: C.keep_largest_component(a, c)
+        )
 
     def remove_islands(self, _v: Any = None) -> int:
         return self._run_tool(
@@ -535,8 +536,15 @@ class CorrectWidget(Container):
         return self._run_tool(
             "Refine from clicks",
             lambda a, c, lyr: refine_with_clicks(
-                img, a, c, coords[signs == "positive"], coords[signs == "negative"],
-                layer_spacing(lyr), mode=mode, axis=self._slice_axis(lyr), window=window,
+                img,
+                a,
+                c,
+                coords[signs == "positive"],
+                coords[signs == "negative"],
+                layer_spacing(lyr),
+                mode=mode,
+                axis=self._slice_axis(lyr),
+                window=window,
             ),
         )
 
@@ -594,9 +602,11 @@ class CorrectWidget(Container):
             return None
         layer, _ = target
         st = self._layer_state(layer)
-        folder = Path(str(self.save_dir.value or "")) if str(self.save_dir.value or "") not in (
-            "", "."
-        ) else self._default_dir(layer)
+        folder = (
+            Path(str(self.save_dir.value or ""))
+            if str(self.save_dir.value or "") not in ("", ".")
+            else self._default_dir(layer)
+        )
         try:
             rec = self._labels_record(layer)
             pred = st["prediction"]
@@ -701,7 +711,6 @@ class CorrectWidget(Container):
         )
         return answer == QMessageBox.StandardButton.Yes
 
-
     # ------------------------------------------------------------------ worklist
 
     def _on_project(self, _v: Any = None) -> None:
@@ -732,7 +741,9 @@ class CorrectWidget(Container):
             return
         rows = [[c.name, c.status, len(c.corrected)] for c in self._worklist.cases()]
         self.cases_table.value = {
-            "data": rows, "index": list(range(len(rows))), "columns": CASE_COLUMNS
+            "data": rows,
+            "index": list(range(len(rows))),
+            "columns": CASE_COLUMNS,
         }
 
     def _active_case(self, layer: Any) -> str | None:
@@ -826,7 +837,6 @@ class CorrectWidget(Container):
         self._worklist.set_status(name, "approved")
         self._show_cases()
         self.status.value = f"Case {name} approved."
-
 
     # ------------------------------------------------------------------ fine-tuning
 

@@ -32,6 +32,7 @@ from qtpy.QtWidgets import QSizePolicy, QWidget
 from ..core.denoising import DEFAULT_TIME_BUDGET, METHODS, N2V_METHODS
 from ..core.progress import Progress
 from ._layers import record_from_layer
+from ._task import WorkerControls
 
 if TYPE_CHECKING:
     import napari
@@ -120,7 +121,7 @@ def _frame_count(record: Any) -> int:
     return int(np.prod(extra)) if extra else 1
 
 
-class DenoiseWidget(Container):
+class DenoiseWidget(WorkerControls, Container):
     """Dock widget: image, method, training budget, Run / Cancel, loss plot, before/after."""
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
@@ -237,7 +238,6 @@ class DenoiseWidget(Container):
         return opts
 
     def _on_run(self, _v: Any = None) -> None:
-        from napari.qt.threading import create_worker
         from napari.utils.notifications import show_error
 
         layer = self.image.value
@@ -261,50 +261,16 @@ class DenoiseWidget(Container):
             return
         self._t0 = time.perf_counter()
         self.loss_plot.clear()
-        worker = create_worker(
+        self.start_worker(
             _denoise_job,
             record,
             self._options(record),
-            _start_thread=False,
-            _ignore_errors=True,  # shown to the user by _on_error, not re-raised
+            on_result=lambda result: self._on_result(layer, record, result),
         )
-        worker.yielded.connect(self._on_progress)
-        worker.returned.connect(lambda result: self._on_result(layer, record, result))
-        worker.errored.connect(self._on_error)
-        worker.finished.connect(self._on_finished)
-        self._worker = worker
-        self.run_button.enabled = False
-        self.cancel_button.enabled = True
-        self.progress.value = 0
-        self.status.value = "starting..."
-        worker.start()
 
-    def _on_progress(self, p: Progress) -> None:
-        if p.total:
-            self.progress.max = p.total
-            self.progress.value = min(p.done, p.total)
+    def _show_info(self, p: Progress) -> None:
         if "loss" in p.info:
             self.loss_plot.add(float(p.info["loss"]))
-        self.status.value = p.message
-
-    def _on_cancel(self, _v: Any = None) -> None:
-        if self._worker is not None:
-            self._worker.quit()
-            self.status.value = "cancelling..."
-
-    def _on_finished(self) -> None:
-        if self._worker is not None and getattr(self._worker, "abort_requested", False):
-            self.status.value = "Cancelled; nothing was changed."
-            self.progress.value = 0
-        self._worker = None
-        self.run_button.enabled = True
-        self.cancel_button.enabled = False
-
-    def _on_error(self, err: Exception) -> None:
-        from napari.utils.notifications import show_error
-
-        self.status.value = f"Failed: {err}"
-        show_error(str(err))
 
     def _on_result(self, source_layer: Any, record: Any, result: Any) -> None:
         from ..io.geometry import META_KEY, record_to_layer_data

@@ -31,6 +31,7 @@ from magicgui.widgets import (
 
 from ..core.progress import Progress
 from ._layers import record_from_layer
+from ._task import WorkerControls
 
 if TYPE_CHECKING:
     import napari
@@ -52,7 +53,7 @@ def _detect_job(record: Any, model_ref: str, device: str) -> Any:
     return (yield from detect(record, model, device=device))
 
 
-class DetectWidget(Container):
+class DetectWidget(WorkerControls, Container):
     """Dock widget: image, model, score threshold (live), min size, NMS IoU, Run / Cancel."""
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
@@ -151,7 +152,6 @@ class DetectWidget(Container):
     # ------------------------------------------------------------------ run
 
     def _on_run(self, _v: Any = None) -> None:
-        from napari.qt.threading import create_worker
         from napari.utils.notifications import show_error
 
         layer = self.image.value
@@ -167,49 +167,13 @@ class DetectWidget(Container):
             show_error(str(e))
             return
         self._t0 = time.perf_counter()
-        worker = create_worker(
+        self.start_worker(
             _detect_job,
             record,
             self.model.value,
             self.device.value,
-            _start_thread=False,
-            _ignore_errors=True,
+            on_result=lambda result: self._on_result(layer, record, result),
         )
-        worker.yielded.connect(self._on_progress)
-        worker.returned.connect(lambda result: self._on_result(layer, record, result))
-        worker.errored.connect(self._on_error)
-        worker.finished.connect(self._on_finished)
-        self._worker = worker
-        self.run_button.enabled = False
-        self.cancel_button.enabled = True
-        self.progress.value = 0
-        self.status.value = "starting..."
-        worker.start()
-
-    def _on_progress(self, p: Progress) -> None:
-        if p.total:
-            self.progress.max = p.total
-            self.progress.value = min(p.done, p.total)
-        self.status.value = p.message
-
-    def _on_cancel(self, _v: Any = None) -> None:
-        if self._worker is not None:
-            self._worker.quit()
-            self.status.value = "cancelling..."
-
-    def _on_finished(self) -> None:
-        if self._worker is not None and getattr(self._worker, "abort_requested", False):
-            self.status.value = "Cancelled; nothing was changed."
-            self.progress.value = 0
-        self._worker = None
-        self.run_button.enabled = True
-        self.cancel_button.enabled = False
-
-    def _on_error(self, err: Exception) -> None:
-        from napari.utils.notifications import show_error
-
-        self.status.value = f"Failed: {err}"
-        show_error(str(err))
 
     def _on_result(self, source_layer: Any, record: Any, result: Any) -> None:
         from ..io.geometry import record_to_layer_data

@@ -35,6 +35,7 @@ from magicgui.widgets import (
 
 from ..core.progress import Progress
 from ._layers import labels_layer_data, record_from_layer
+from ._task import WorkerControls
 
 if TYPE_CHECKING:
     import napari
@@ -58,7 +59,7 @@ def _world_order(ndim: int) -> slice:
     return slice(None, None, -1) if ndim == 3 else slice(None)
 
 
-class RegisterWidget(Container):
+class RegisterWidget(WorkerControls, Container):
     """Dock widget: fixed, moving, optional moving labels and points, mode, similarity,
     regularisation, iterations, Run / Cancel, progress with the loss, quality views."""
 
@@ -187,7 +188,6 @@ class RegisterWidget(Container):
         return world[:, -n:][:, _world_order(n)]
 
     def _on_run(self, _v: Any = None) -> None:
-        from napari.qt.threading import create_worker
         from napari.utils.notifications import show_error
 
         fixed_layer, moving_layer = self.fixed.value, self.moving.value
@@ -207,56 +207,20 @@ class RegisterWidget(Container):
             show_error(str(e))
             return
         self._t0 = time.perf_counter()
-        worker = create_worker(
+        self.loss.value = ""
+        self.start_worker(
             _register_job,
             fixed,
             moving,
             self._options(),
             labels,
             points,
-            _start_thread=False,
-            _ignore_errors=True,  # shown to the user by _on_error, not re-raised
+            on_result=lambda result: self._on_result(fixed_layer, moving_layer, fixed, result),
         )
-        worker.yielded.connect(self._on_progress)
-        worker.returned.connect(
-            lambda result: self._on_result(fixed_layer, moving_layer, fixed, result)
-        )
-        worker.errored.connect(self._on_error)
-        worker.finished.connect(self._on_finished)
-        self._worker = worker
-        self.run_button.enabled = False
-        self.cancel_button.enabled = True
-        self.progress.value = 0
-        self.loss.value = ""
-        self.status.value = "starting..."
-        worker.start()
 
-    def _on_progress(self, p: Progress) -> None:
-        if p.total:
-            self.progress.max = p.total
-            self.progress.value = min(p.done, p.total)
+    def _show_info(self, p: Progress) -> None:
         if "loss" in p.info:
             self.loss.value = f"{p.info['loss']:.4f} ({p.info.get('stage', '')})"
-        self.status.value = p.message
-
-    def _on_cancel(self, _v: Any = None) -> None:
-        if self._worker is not None:
-            self._worker.quit()
-            self.status.value = "cancelling..."
-
-    def _on_finished(self) -> None:
-        if self._worker is not None and getattr(self._worker, "abort_requested", False):
-            self.status.value = "Cancelled; nothing was changed."
-            self.progress.value = 0
-        self._worker = None
-        self.run_button.enabled = True
-        self.cancel_button.enabled = False
-
-    def _on_error(self, err: Exception) -> None:
-        from napari.utils.notifications import show_error
-
-        self.status.value = f"Failed: {err}"
-        show_error(str(err))
 
     # ------------------------------------------------------------------ results
 

@@ -24,6 +24,7 @@ from magicgui.widgets import (
 
 from ..core.progress import Progress
 from ._layers import is_volume_layer, labels_layer_data, record_from_layer, use_radiological_view
+from ._task import WorkerControls
 
 if TYPE_CHECKING:
     import napari
@@ -51,7 +52,7 @@ def _segment_job(record: Any, model_ref: str, options: dict, trust: bool) -> Any
     return result
 
 
-class SegmentWidget(Container):
+class SegmentWidget(WorkerControls, Container):
     """Dock widget: image layer, model, device, overlap, TTA, probabilities, Run / Cancel."""
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
@@ -190,7 +191,6 @@ class SegmentWidget(Container):
         }
 
     def _on_run(self, _v: Any = None, trust: bool = False) -> None:
-        from napari.qt.threading import create_worker
         from napari.utils.notifications import show_error
 
         layer = self.image.value
@@ -206,54 +206,21 @@ class SegmentWidget(Container):
             show_error(str(e))
             return
         self._t0 = time.perf_counter()
-        worker = create_worker(
+        self.start_worker(
             _segment_job,
             record,
             self.model.value,
             self._options(),
             trust,
-            _start_thread=False,
-            _ignore_errors=True,  # shown to the user by _on_error, not re-raised
+            on_result=lambda result: self._on_result(layer, record, result),
         )
-        worker.yielded.connect(self._on_progress)
-        worker.returned.connect(lambda result: self._on_result(layer, record, result))
-        worker.errored.connect(lambda err: self._on_error(err))
-        worker.finished.connect(self._on_finished)
-        self._worker = worker
-        self.run_button.enabled = False
-        self.cancel_button.enabled = True
-        self.progress.value = 0
-        self.status.value = "starting..."
-        worker.start()
-
-    def _on_progress(self, p: Progress) -> None:
-        if p.total:
-            self.progress.max = p.total
-            self.progress.value = min(p.done, p.total)
-        self.status.value = p.message
-
-    def _on_cancel(self, _v: Any = None) -> None:
-        if self._worker is not None:
-            self._worker.quit()
-            self.status.value = "cancelling..."
-
-    def _on_finished(self) -> None:
-        if self._worker is not None and getattr(self._worker, "abort_requested", False):
-            self.status.value = "Cancelled; nothing was changed."
-            self.progress.value = 0
-        self._worker = None
-        self.run_button.enabled = True
-        self.cancel_button.enabled = False
 
     def _on_error(self, err: Exception) -> None:
-        from napari.utils.notifications import show_error
-
         if type(err).__name__ == "BundleTrustError" and self._ask_trust(str(err)):
-            self._worker = None
+            self._worker = None  # the refused run is over; its late "finished" is ignored
             self._on_run(trust=True)
             return
-        self.status.value = f"Failed: {err}"
-        show_error(str(err))
+        super()._on_error(err)
 
     def _ask_trust(self, message: str) -> bool:
         from qtpy.QtWidgets import QMessageBox

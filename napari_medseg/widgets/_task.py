@@ -1,0 +1,74 @@
+"""Run / Cancel / progress plumbing shared by the task docks (Segment, Detect, Register, Denoise).
+
+A dock mixes in :class:`WorkerControls`, owns widgets named ``run_button``, ``cancel_button``,
+``progress`` and ``status``, and calls :meth:`start_worker` with a compute generator (DESIGN.md
+rule 2). The generator runs in a napari thread worker: each :class:`Progress` it yields moves
+the bar, Cancel (``worker.quit()``) stops it between two yields, and errors end in one sentence
+in the dock and a napari notification, never a traceback or a frozen viewer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ..core.progress import Progress
+
+
+class WorkerControls:
+    """Mixin for docks that run one compute generator at a time."""
+
+    _worker: Any = None
+
+    def start_worker(self, job: Callable[..., Any], *args: Any, on_result: Callable) -> Any:
+        """Run ``job(*args)`` (a progress generator) in a worker; ``on_result`` gets its result."""
+        from napari.qt.threading import create_worker
+
+        worker = create_worker(
+            job,
+            *args,
+            _start_thread=False,
+            _ignore_errors=True,  # shown to the user by _on_error, not re-raised
+        )
+        worker.yielded.connect(self._on_progress)
+        worker.returned.connect(on_result)
+        worker.errored.connect(self._on_error)
+        worker.finished.connect(lambda: self._on_finished(worker))
+        self._worker = worker
+        self.run_button.enabled = False
+        self.cancel_button.enabled = True
+        self.progress.value = 0
+        self.status.value = "starting..."
+        worker.start()
+        return worker
+
+    def _on_progress(self, p: Progress) -> None:
+        if p.total:
+            self.progress.max = p.total
+            self.progress.value = min(p.done, p.total)
+        self._show_info(p)
+        self.status.value = p.message
+
+    def _show_info(self, p: Progress) -> None:
+        """Docks with live figures (loss, ...) override this."""
+
+    def _on_cancel(self, _v: Any = None) -> None:
+        if self._worker is not None:
+            self._worker.quit()
+            self.status.value = "cancelling..."
+
+    def _on_finished(self, worker: Any = None) -> None:
+        if worker is not None and worker is not self._worker:
+            return  # a superseded run (e.g. restarted after trusting a bundle)
+        if self._worker is not None and getattr(self._worker, "abort_requested", False):
+            self.status.value = "Cancelled; nothing was changed."
+            self.progress.value = 0
+        self._worker = None
+        self.run_button.enabled = True
+        self.cancel_button.enabled = False
+
+    def _on_error(self, err: Exception) -> None:
+        from napari.utils.notifications import show_error
+
+        self.status.value = f"Failed: {err}"
+        show_error(str(err))

@@ -187,3 +187,17 @@ def test_train_then_segment_and_fine_tune(tmp_path):
         == 0
     )
     assert json.loads((tuned / "model.json").read_text())["parent"]
+
+
+def test_bundle_needs_trust_bundle_flag(ct_crop, tmp_path, capsys):
+    from tests.widgets.test_segment_bundle_trust import _tiny_untrusted_bundle
+
+    bundle = _tiny_untrusted_bundle(tmp_path)
+    out = tmp_path / "b.nii.gz"
+    assert main(["segment", str(ct_crop), "-m", str(bundle), "-o", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "--trust-bundle" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+    argv = ["segment", str(ct_crop), "-m", str(bundle), "-o", str(out), "--trust-bundle"]
+    assert main([*argv, "--quiet"]) == 0
+    assert nib.load(str(out)).shape == nib.load(str(ct_crop)).shape

@@ -75,6 +75,55 @@ class SegmentationResult:
     probabilities: np.ndarray | None = None
 
 
+def available_memory() -> int | None:
+    """Bytes of memory available to this process (None when it cannot be told)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # noqa: BLE001 - psutil missing or unsupported platform
+        pass
+    try:
+        import os
+
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def estimate_memory(record: ImageRecord, model: LoadedModel, probabilities: bool = False) -> int:
+    """Rough peak bytes of :func:`segment` on the CPU.
+
+    float32 input on the source grid and on the model grid, the accumulated class
+    probabilities and the blending weights on the model grid, and the labels (and, if asked,
+    the probabilities) on the source grid.
+    """
+    card = model.card
+    n_src = float(np.prod(record.spatial_shape))
+    channels = max(1, int(np.prod(record.shape[record.spatial_ndim :])))
+    n_model = n_src
+    if card.spacing is not None and record.space == "RAS" and card.dims == 3:
+        src_vox = float(np.prod(record.spacing))
+        n_model = n_src * src_vox / float(np.prod(card.spacing[:3]))
+    K = card.out_channels
+    total = 4 * (channels * n_src + channels * n_model + (K + 1) * n_model) + 2 * n_src
+    if probabilities:
+        total += 4 * K * n_src
+    return int(total)
+
+
+def check_memory(record: ImageRecord, model: LoadedModel, probabilities: bool = False) -> None:
+    """Say so, in one sentence, before starting work that cannot fit in memory."""
+    need = estimate_memory(record, model, probabilities)
+    have = available_memory()
+    if have is not None and need > have:
+        raise MedsegError(
+            f"segmenting {record.name!r} (shape {record.shape}) with {model.card.name!r} needs "
+            f"about {need / 2**30:.1f} GB of memory but {have / 2**30:.1f} GB is free; crop the "
+            "image to the region of interest, or use a model with a coarser spacing"
+        )
+
+
 def check_inputs(record: ImageRecord, model: LoadedModel) -> None:
     """Raise :class:`MedsegError` (one sentence) when the image cannot go into the model."""
     card = model.card
@@ -190,6 +239,7 @@ def segment(
     overlap = float(card.overlap if overlap is None else overlap)
     K = card.out_channels
 
+    check_memory(record, model, return_probabilities)
     yield Progress(0, 0, "preparing the image for the model")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -248,3 +248,18 @@ def test_2d_model_on_real_2d_images():
     res = run_sync(segment(rec, LoadedModel(card=card, network=_Threshold2D()), device="cpu"))
     assert res.labels.shape == (45, 70)
     np.testing.assert_array_equal(res.labels.astype(bool), rgb[..., 0] / 255.0 > 0.5)
+
+
+def test_too_large_for_memory_is_one_sentence(tiny_model, monkeypatch):
+    from napari_medseg.core import segmentation as seg_mod
+
+    rec = ImageRecord(data=np.zeros((64, 64, 32), np.int16), affine=np.eye(4), modality="CT")
+    need = seg_mod.estimate_memory(rec, tiny_model)
+    assert need > 64 * 64 * 32 * 4  # at least the float32 input
+    monkeypatch.setattr(seg_mod, "available_memory", lambda: need // 2)
+    gen = segment(rec, tiny_model, device="cpu")
+    with pytest.raises(MedsegError, match=r"needs about .* GB of memory"):
+        next(gen)
+    monkeypatch.setattr(seg_mod, "available_memory", lambda: need * 4)
+    result = run_sync(segment(rec, tiny_model, device="cpu"))
+    assert result.labels.shape == rec.spatial_shape

@@ -431,6 +431,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("napari-medseg: cancelled", file=sys.stderr)
             return 130
+        except MemoryError:
+            print(
+                "napari-medseg: error: out of memory; crop the image or use a coarser model",
+                file=sys.stderr,
+            )
+            return 1
         except (OSError, ValueError, RuntimeError) as e:
             print(f"napari-medseg: error: {type(e).__name__}: {e}", file=sys.stderr)
             return 1

@@ -238,6 +238,13 @@ def segment(
     notes: list[str] = []
     overlap = float(card.overlap if overlap is None else overlap)
     K = card.out_channels
+    card_pp = dict(card.postprocessing or {})
+    # output keys (from MONAI bundles): how channels become labels, not clean-up steps
+    activation = str(card_pp.pop("activation", "softmax"))
+    card_pp.pop("argmax", None)
+    threshold = float(card_pp.pop("threshold", 0.5))
+    if activation not in ("softmax", "sigmoid"):
+        raise MedsegError(f"model {card.name!r} asks for an unknown activation {activation!r}")
 
     check_memory(record, model, return_probabilities)
     yield Progress(0, 0, "preparing the image for the model")
@@ -288,7 +295,7 @@ def segment(
         device=dev,
         amp=amp,
         tta_flips=tta,
-        activation="softmax",
+        activation=activation,
     )
     try:
         while True:
@@ -323,7 +330,23 @@ def segment(
     if method not in ("linear", "nearest"):
         raise MedsegError(f"label_resampling must be auto, linear or nearest, not {method!r}")
     grid.device = str(final_dev)
-    if grid.resampled and method == "linear":
+    class_names, class_colors = card.class_names, card.class_colors
+    if activation == "sigmoid":
+        # independent (possibly nested) channels: channel k -> label k + 1 where its
+        # probability passes the threshold; larger regions are painted first so nested
+        # structures (e.g. tumour core inside whole tumour) stay visible
+        ldt = pp.label_dtype(K + 1)
+        masks = [grid.probs_to_source(probs[k : k + 1])[0] > threshold for k in range(K)]
+        labels = np.zeros(record.spatial_shape, dtype=ldt)
+        for k in sorted(range(K), key=lambda k: -int(masks[k].sum())):
+            labels[masks[k]] = k + 1
+        del masks
+        names = [c["name"] for c in card.classes]
+        colors = [class_colors[int(c["id"])] for c in card.classes]
+        class_names = {0: "background", **{k + 1: names[k] for k in range(K)}}
+        class_colors = {0: "#000000", **{k + 1: colors[k] for k in range(K)}}
+        method = "linear, per channel (sigmoid)"
+    elif grid.resampled and method == "linear":
         labels = grid.argmax_to_source(probs, dtype=ldt)
     else:
         labels = grid.labels_to_source(pp.argmax(probs).astype(ldt, copy=False))
@@ -331,11 +354,11 @@ def segment(
     del probs
 
     ids = [int(c["id"]) for c in card.classes]
-    if ids != list(range(K)):  # channel k is class classes[k]["id"]
+    if activation == "softmax" and ids != list(range(K)):  # channel k is class classes[k]["id"]
         lut = np.asarray(ids, dtype=ldt)
         labels = lut[labels]
 
-    pp_cfg = card.postprocessing if postprocessing is None else postprocessing
+    pp_cfg = card_pp if postprocessing is None else postprocessing
     if pp_cfg:
         yield Progress(total - 1, total, "cleaning up the label map")
         labels = pp.apply_postprocessing(labels, pp_cfg, spacing=record.spacing)
@@ -359,7 +382,8 @@ def segment(
             "batch_size": batch_size,
             "tta": bool(tta),
             "roi_size": roi,
-            "blend": "gaussian, softmax probabilities",
+            "blend": f"gaussian, {activation} probabilities",
+            "threshold": threshold if activation == "sigmoid" else None,
             "amp": str(ac).replace("torch.", "") if ac is not None else "none",
             "postprocessing": pp_cfg or {},
             "label_resampling": method if grid.resampled else "none (exact)",
@@ -389,8 +413,8 @@ def segment(
     return SegmentationResult(
         labels=labels,
         affine=np.asarray(record.affine),
-        class_names=card.class_names,
-        class_colors=card.class_colors,
+        class_names=class_names,
+        class_colors=class_colors,
         provenance=provenance,
         probabilities=probabilities,
     )

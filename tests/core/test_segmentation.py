@@ -263,3 +263,35 @@ def test_too_large_for_memory_is_one_sentence(tiny_model, monkeypatch):
     monkeypatch.setattr(seg_mod, "available_memory", lambda: need * 4)
     result = run_sync(segment(rec, tiny_model, device="cpu"))
     assert result.labels.shape == rec.spatial_shape
+
+
+class _NestedSigmoidNet(torch.nn.Module):
+    """Two nested 'sigmoid' channels from HU: soft tissue (> -100 HU) and dense (> 100 HU)."""
+
+    def forward(self, x):  # x is the CT window scaled to [0, 1] over [-160, 240] HU
+        hu = x * 400.0 - 160.0
+        return torch.cat([(hu + 100.0) / 5.0, (hu - 100.0) / 5.0], dim=1)
+
+
+def test_sigmoid_channels_become_nested_labels():
+    img = nib.load(str(DATA / "ct/spleen/image.nii.gz")) if DATA.exists() else None
+    if img is None:
+        pytest.skip("real data not found")
+    arr = np.asarray(img.dataobj, dtype=np.float32)[30:90, 40:100, 5:15]
+    rec = ImageRecord(data=arr, affine=img.affine, modality="CT")
+    card = tiny_unet_card(
+        "nested",
+        spacing=None,
+        classes=[{"id": 0, "name": "body"}, {"id": 1, "name": "dense"}],
+        postprocessing={"activation": "sigmoid", "threshold": 0.5},
+    )
+    model = LoadedModel(card=card, network=_NestedSigmoidNet())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the bundle output keys are not "unknown steps"
+        res = run_sync(segment(rec, model, device="cpu"))
+    body = np.clip(arr, -160, 240) > -100
+    assert 0 < body.mean() < 1
+    dense = np.clip(arr, -160, 240) > 100
+    assert res.class_names == {0: "background", 1: "body", 2: "dense"}
+    np.testing.assert_array_equal(res.labels == 2, dense)  # the smaller region painted last
+    np.testing.assert_array_equal(res.labels == 1, body & ~dense)

@@ -73,7 +73,7 @@ def main() -> int:
         return gaps, time.perf_counter() - t0, (t_result or time.perf_counter())
 
     t_dock = time.perf_counter()
-    while widget._warmup is not None:  # torch/MONAI import in the background after docking
+    while widget.warming_up():  # torch/MONAI import in the background after docking
         QApplication.processEvents()
         time.sleep(0.005)
     timer.stop()

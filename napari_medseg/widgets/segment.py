@@ -100,12 +100,16 @@ class SegmentWidget(WorkerControls, Container):
         self._warmup = self._start_warm_up()
 
     def _start_warm_up(self) -> Any:
-        from napari.qt.threading import create_worker
+        # a plain daemon thread, not a Qt worker: no Qt object to outlive if napari closes
+        import threading
 
-        worker = create_worker(_warm_up, _start_thread=False, _ignore_errors=True)
-        worker.finished.connect(lambda: setattr(self, "_warmup", None))
-        worker.start()
-        return worker
+        thread = threading.Thread(target=_warm_up, name="medseg-warm-up", daemon=True)
+        thread.start()
+        return thread
+
+    def warming_up(self) -> bool:
+        """True while torch/MONAI are still being imported in the background."""
+        return self._warmup is not None and self._warmup.is_alive()
 
     # ------------------------------------------------------------------ choices
 

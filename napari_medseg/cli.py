@@ -146,6 +146,9 @@ def _register_segment(sub: Any) -> None:
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     _add_common(p)
+    from ._cli_slide import add_options as _add_slide_options
+
+    _add_slide_options(p)
     p.set_defaults(func=_segment)
 
 
@@ -168,6 +171,10 @@ def _segment(args: argparse.Namespace) -> int:
 
     src = _path(args.image)
     out = _path(args.output)
+    from ._cli_slide import is_slide_job, run_segment_slide
+
+    if is_slide_job(src, out):
+        return run_segment_slide(args)
     batch = src.is_dir() and any(
         split_ext(f)[1] in SUPPORTED_EXTENSIONS and split_ext(f)[1] not in (".dcm", ".ima")
         for f in src.iterdir()
@@ -422,6 +429,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet = getattr(args, "quiet", False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore" if quiet else "default")
+        for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+            warnings.simplefilter("ignore", category)  # library housekeeping, not for users
         warnings.showwarning = _show_warning
         try:
             return int(args.func(args) or 0)

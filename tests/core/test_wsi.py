@@ -16,7 +16,7 @@ from napari_medseg.core.wsi import (
 from napari_medseg.io.errors import MedsegError
 from napari_medseg.io.raster import make_pyramidal_tiff, read_slide
 from napari_medseg.io.record import ImageRecord
-from tests.slide_helpers import make_slide, save_rgb_model
+from tests.slide_helpers import he_tile_with_glass, make_slide, save_rgb_model
 
 
 @pytest.fixture(scope="module")
@@ -89,15 +89,25 @@ def test_tiles_are_seam_free_against_one_whole_image_pass(tmp_path, model):
 
     path = make_slide(tmp_path / "small.tif", (700, 900))
     rec = read_slide(path)
-    run_sync(segment_slide(rec, model, tmp_path / "o.zarr", device="cpu", tile=256, margin=32,
-                           tissue_only=False))  # fmt: skip
+    run_sync(
+        segment_slide(
+            rec, model, tmp_path / "o.zarr", device="cpu", tile=256, margin=32, tissue_only=False
+        )
+    )
     l0 = open_result(tmp_path / "o.zarr")[0].compute()
     img = np.asarray(rec.data.compute())
     whole = _predict_batch(model.network, [img], model.card, "cpu", None)[0]
     b = 32
     np.testing.assert_array_equal(l0[b:-b, b:-b], whole[b:-b, b:-b])
-    mem = ImageRecord(data=img, affine=np.eye(3), space="pixel", modality="pathology",
-                      name="small", rgb=True, metadata={})  # fmt: skip
+    mem = ImageRecord(
+        data=img,
+        affine=np.eye(3),
+        space="pixel",
+        modality="pathology",
+        name="small",
+        rgb=True,
+        metadata={},
+    )
     ref = run_sync(segment(mem, model, device="cpu")).labels
     assert (ref == l0).mean() > 0.99
 
@@ -106,7 +116,7 @@ def test_region_and_cancel_leave_a_readable_partial_result(slide, model, tmp_pat
     rec = read_slide(slide)
     out = tmp_path / "view.zarr"
     res = run_sync(segment_slide(rec, model, out, device="cpu", region=(0, 0, 600, 600)))
-    assert res.tiles_total == 4  # tiles (0,0) (0,512) (512,0) (512,512)
+    assert res.tiles_total == 2  # (0,0) and (512,0); columns 512-1023 are glass
     l0 = open_result(out)[0]
     assert l0[1024:, :].max().compute() == 0
     # cancel after the first batch: the zarr stays readable and says it is incomplete
@@ -127,8 +137,9 @@ def test_region_and_cancel_leave_a_readable_partial_result(slide, model, tmp_pat
 
 
 def test_no_tissue_and_corrupt_tile(tmp_path, model):
-    blank = make_pyramidal_tiff(tmp_path / "blank.tif", np.full((64, 64, 3), 250, np.uint8),
-                                (1200, 1300), tile=256)  # fmt: skip
+    blank = make_pyramidal_tiff(
+        tmp_path / "blank.tif", np.full((64, 64, 3), 250, np.uint8), (1200, 1300), tile=256
+    )
     with pytest.raises(MedsegError, match="no tissue"):
         run_sync(segment_slide(read_slide(blank), model, tmp_path / "b.zarr", device="cpu"))
     # corrupt one JPEG tile of level 0: it is read as zeros, labelled 0 and listed as skipped
@@ -143,8 +154,38 @@ def test_no_tissue_and_corrupt_tile(tmp_path, model):
         f.write(b"\x00" * (n - 4))
     rec = read_slide(path)
     with pytest.warns(RuntimeWarning, match="decode"):
-        res = run_sync(segment_slide(rec, model, tmp_path / "bad.zarr", device="cpu", tile=256,
-                                     tissue_only=False))  # fmt: skip
+        res = run_sync(
+            segment_slide(
+                rec, model, tmp_path / "bad.zarr", device="cpu", tile=256, tissue_only=False
+            )
+        )
     assert (0, 0, 256, 256) in [tuple(s) for s in res.skipped]
     l0 = open_result(tmp_path / "bad.zarr")[0].compute()
     assert not l0[:256, :256].any() and l0[256:, 256:].any()
+
+
+def test_tissue_mask_keeps_small_fragments_on_a_low_level():
+    """At a 32x downsample a 300x500-pixel piece of tissue is only ~9x15 mask pixels; it must
+    not be removed as a speck (it was, when the speck size scaled with the level only)."""
+    import dask.array as da
+
+    he = he_tile_with_glass()
+    low = np.full((1250, 1250, 3), 255, np.uint8)
+    piece = he[:288:32, :480:32]  # the real H&E tile at 1/32: 9 x 15 pixels
+    for y in range(0, 1250 - 10, 19):
+        for x in range(0, 1250 - 16, 37):
+            low[y : y + piece.shape[0], x : x + piece.shape[1]] = piece
+    level0 = da.zeros((40000, 40000, 3), dtype=np.uint8, chunks=(4096, 4096, 3))
+    rec = ImageRecord(
+        data=level0,
+        affine=np.eye(3),
+        space="pixel",
+        modality="pathology",
+        name="big",
+        rgb=True,
+        multiscale=[level0, da.from_array(low)],
+        metadata={},
+    )
+    mask, down = tissue_mask(rec)
+    assert down == 32.0
+    assert mask.mean() > 0.1

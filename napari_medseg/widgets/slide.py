@@ -1,0 +1,238 @@
+"""The "Whole slide" dock widget: run a 2D model over a slide, tile by tile, into OME-Zarr.
+
+Thin (DESIGN.md rule 3): it reads the slide layer's file path and the chosen model, runs
+:func:`napari_medseg.core.wsi.segment_slide` in a napari worker (progress, ``Cancel`` =
+``worker.quit()`` between two batches) and shows the result as a lazy multiscale Labels layer
+read from the Zarr (:func:`napari_medseg.core.wsi.open_result`), refreshed while tiles arrive.
+Results are saved beside the slide: ``<slide>_<model>_view.zarr`` ("Run on current view") and
+``<slide>_<model>_seg.zarr`` ("Run on whole slide"); a new run of the same kind replaces them.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from magicgui.widgets import ComboBox, Container, Label, ProgressBar, PushButton, SpinBox
+
+from ..core.progress import Progress
+
+if TYPE_CHECKING:
+    import napari
+
+
+def _slide_job(path: str, model_ref: str, out: str, options: dict) -> Any:
+    """Worker generator: open slide and model, then :func:`segment_slide`."""
+    from ..core.wsi import segment_slide
+    from ..io.raster import read_slide
+    from ..models.registry import load_model
+
+    yield Progress(0, 0, f"loading model {model_ref}")
+    model = load_model(model_ref, device="cpu")
+    record = read_slide(path)
+    yield Progress(0, 0, "finding tissue")
+    result = yield from segment_slide(record, model, out, overwrite=True, **options)
+    return result
+
+
+def slide_path_of(layer: Any) -> str | None:
+    """The file a slide layer was opened from (napari-medseg metadata or napari's source)."""
+    meta = (getattr(layer, "metadata", None) or {}).get("medseg") or {}
+    path = meta.get("path") or getattr(getattr(layer, "source", None), "path", None)
+    return str(path) if path else None
+
+
+class SlideWidget(Container):
+    """Dock widget: slide layer, model, tile size, Run on current view / whole slide, Cancel."""
+
+    def __init__(self, viewer: napari.viewer.Viewer) -> None:
+        super().__init__(labels=True)
+        self._viewer = viewer
+        self._worker: Any = None
+        self._extra_models: dict[str, str] = {}
+        self._labels: Any = None
+        self._last_refresh = 0.0
+        self._t0 = 0.0
+        self.image = ComboBox(label="Slide", choices=self._image_choices, nullable=True)
+        self.model = ComboBox(label="Model", choices=self._model_choices)
+        self.device = ComboBox(label="Device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
+        self.tile = SpinBox(label="Tile (px)", value=512, min=64, max=4096, step=64)
+        self.view_button = PushButton(text="Run on current view")
+        self.run_button = PushButton(text="Run on whole slide")
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.progress = ProgressBar(label="Progress", min=0, max=100, value=0)
+        self.status = Label(label="", value="Open a slide, choose a 2D model, then run.")
+        self.extend(
+            [
+                self.image,
+                self.model,
+                self.device,
+                self.tile,
+                self.view_button,
+                self.run_button,
+                self.cancel_button,
+                self.progress,
+                self.status,
+            ]
+        )
+        self.view_button.changed.connect(lambda _v=None: self._start(view=True))
+        self.run_button.changed.connect(lambda _v=None: self._start(view=False))
+        self.cancel_button.changed.connect(self._on_cancel)
+        viewer.layers.events.inserted.connect(self._refresh_choices)
+        viewer.layers.events.removed.connect(self._refresh_choices)
+        self._refresh_choices()
+
+    # ------------------------------------------------------------------ choices
+
+    def _image_choices(self, _w: Any = None) -> list:
+        from napari.layers import Image
+
+        return [ly for ly in self._viewer.layers if isinstance(ly, Image) and slide_path_of(ly)]
+
+    def _model_choices(self, _w: Any = None) -> list[tuple[str, str]]:
+        from ..models.registry import list_models
+
+        out = [
+            (f"{c['name']} ({c.get('modality', '?')})", c["name"])
+            for c in list_models()
+            if c.get("task", "segmentation") == "segmentation" and c.get("dims") == 2
+        ]
+        return out + list(self._extra_models.items())
+
+    def _refresh_choices(self, _e: Any = None) -> None:
+        self.image.reset_choices()
+        if self.image.value is None and self.image.choices:
+            self.image.value = self.image.choices[-1]
+
+    def add_model_path(self, path: str) -> None:
+        """Offer a model folder from disk and select it."""
+        self._extra_models[f"{Path(path).name} (folder)"] = str(path)
+        self.model.reset_choices()
+        self.model.value = str(path)
+
+    # ------------------------------------------------------------------ running
+
+    def current_view_region(self, layer: Any) -> tuple[int, int, int, int] | None:
+        """Level-0 pixels ``(y0, x0, y1, x1)`` of the part of ``layer`` on screen.
+
+        From the camera (centre, zoom) and the canvas size, mapped through the layer's
+        transform; ``None`` (the whole slide) when that fails.
+        """
+        import numpy as np
+
+        try:
+            viewer = self._viewer
+            scene = getattr(viewer, "scene", None)
+            cam = scene.camera if scene is not None else viewer.camera
+            centre = np.asarray(cam.center, dtype=float)[-2:]
+            size = np.asarray(viewer.canvas.size, dtype=float)[-2:]
+            half = size / (2.0 * float(cam.zoom))
+            a = np.asarray(layer.world_to_data(tuple(centre - half)), dtype=float)[-2:]
+            b = np.asarray(layer.world_to_data(tuple(centre + half)), dtype=float)[-2:]
+            lo, hi = np.minimum(a, b), np.maximum(a, b)
+            h, w = layer.level_shapes[0][:2] if layer.multiscale else layer.data.shape[:2]
+            y0, x0 = max(0, int(lo[0])), max(0, int(lo[1]))
+            y1, x1 = min(int(h), int(np.ceil(hi[0]))), min(int(w), int(np.ceil(hi[1])))
+            if y1 <= y0 or x1 <= x0:
+                return None
+            return y0, x0, y1, x1
+        except Exception:  # noqa: BLE001 - no camera information: the whole slide
+            return None
+
+    def _start(self, view: bool) -> None:
+        from napari.qt.threading import create_worker
+        from napari.utils.notifications import show_error
+
+        if self._worker is not None:
+            return
+        layer = self.image.value
+        if layer is None:
+            show_error("Open a slide (a pyramidal TIFF) and choose it as Slide.")
+            return
+        if not self.model.value:
+            show_error("Choose a 2D segmentation model.")
+            return
+        path = Path(slide_path_of(layer))
+        model_name = Path(str(self.model.value)).name
+        out = path.with_name(
+            f"{path.name.split('.')[0]}_{model_name}_{'view' if view else 'seg'}.zarr"
+        )
+        opts = {"tile": int(self.tile.value), "device": self.device.value}
+        if view:
+            opts["region"] = self.current_view_region(layer)
+        self._remove_labels(out)
+        self._t0 = time.perf_counter()
+        worker = create_worker(
+            _slide_job, str(path), str(self.model.value), str(out), opts, _start_thread=False
+        )
+        worker.yielded.connect(lambda p: self._on_progress(p, out, layer))
+        worker.returned.connect(lambda r: self._on_result(r, out, layer))
+        worker.errored.connect(self._on_error)
+        worker.finished.connect(self._on_finished)
+        self._worker = worker
+        self.view_button.enabled = self.run_button.enabled = False
+        self.cancel_button.enabled = True
+        self.status.value = "Starting..."
+        worker.start()
+
+    def _remove_labels(self, out: Path) -> None:
+        name = out.name[: -len(".zarr")]
+        if name in self._viewer.layers:
+            self._viewer.layers.remove(name)
+        self._labels = None
+
+    def _show(self, out: Path, layer: Any) -> None:
+        from ..core.wsi import open_result
+
+        name = out.name[: -len(".zarr")]
+        levels = open_result(out)
+        self._labels = self._viewer.add_labels(
+            levels,
+            name=name,
+            multiscale=True,
+            affine=layer.affine.affine_matrix[-3:, -3:],
+            metadata={"medseg": {"path": str(out), "source": slide_path_of(layer)}},
+            opacity=0.5,
+        )
+
+    def _on_progress(self, p: Progress, out: Path, layer: Any) -> None:
+        if p.total:
+            self.progress.value = int(100 * p.done / p.total)
+        self.status.value = p.message
+        if p.total and self._labels is None and out.exists():
+            self._show(out, layer)
+        elif self._labels is not None and p.info.get("tiles"):
+            now = time.perf_counter()
+            if now - self._last_refresh > 0.5:
+                self._labels.refresh()
+                self._last_refresh = now
+
+    def _on_result(self, result: Any, out: Path, layer: Any) -> None:
+        self._remove_labels(out)
+        self._show(out, layer)
+        self._labels.metadata["medseg"]["provenance"] = result.provenance
+        self.progress.value = 100
+        bad = f", {len(result.skipped)} unreadable tiles" if result.skipped else ""
+        self.status.value = (
+            f"Done in {time.perf_counter() - self._t0:.1f} s: "
+            f"{result.tiles_done} tiles{bad}; saved {out.name}"
+        )
+
+    def _on_error(self, err: Exception) -> None:
+        from napari.utils.notifications import show_error
+
+        self.status.value = f"Failed: {err}"
+        show_error(str(err))
+
+    def _on_cancel(self, _v: Any = None) -> None:
+        if self._worker is not None:
+            self._worker.quit()
+            self.status.value = "Cancelling (the partial result stays readable)..."
+
+    def _on_finished(self) -> None:
+        self._worker = None
+        self.view_button.enabled = self.run_button.enabled = True
+        self.cancel_button.enabled = False
+        if self._labels is not None:
+            self._labels.refresh()

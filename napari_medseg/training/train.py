@@ -408,19 +408,6 @@ def dice_per_class(pred: np.ndarray, gt: np.ndarray, n_classes: int) -> dict[int
 # --------------------------------------------------------------------------- helpers
 
 
-def pick_device(device: str = "auto") -> str:
-    """``"auto"`` -> ``"cuda"`` if available, else ``"mps"``, else ``"cpu"``."""
-    import torch
-
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
 def _bump_version(v: str | None) -> str:
     parts = str(v or "1").split(".")
     try:
@@ -544,7 +531,7 @@ def train(
     yield Progress(0, 0, "loading MONAI")
     from monai.losses import DiceCELoss
 
-    from ..core.engine import sliding_window
+    from ..core.engine import resolve_device, sliding_window
     from ..models.networks import build_network, load_model_folder, save_model
 
     yield Progress(0, 0, "planning")
@@ -607,7 +594,7 @@ def train(
         _index_foreground(it, rng)
 
     yield Progress(0, 0, "building the network")
-    dev = torch.device(pick_device(device))
+    dev = resolve_device(device)  # clear error when cuda/mps is asked for but absent
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     net = parent_net if parent_net is not None else build_network(card)

@@ -161,6 +161,7 @@ def _output_path(path: Path, overwrite: bool) -> Path:
 
 
 def _segment(args: argparse.Namespace) -> int:
+    from .core.mask_store import sha256_of
     from .core.progress import TextProgress, run_sync
     from .core.segmentation import segment
     from .io import read_image, write_image
@@ -226,7 +227,7 @@ def _segment(args: argparse.Namespace) -> int:
         written = write_image(dest, labels, is_label=True, overwrite=True)
         prov = dict(result.provenance)
         prov.update(
-            input=str(image_path), input_sha256=_sha256_input(image_path), output=str(written)
+            input=str(image_path), input_sha256=sha256_of(image_path), output=str(written)
         )
         if args.probabilities:
             import numpy as np
@@ -268,14 +269,6 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
     tmp.replace(path)
-
-
-def _sha256_input(path: Path) -> str | None:
-    from .models.card import sha256_file
-
-    if path.is_file():
-        return sha256_file(path)
-    return None
 
 
 def _register_train(sub: Any) -> None:

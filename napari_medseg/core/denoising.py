@@ -823,20 +823,6 @@ def train_n2v(
 # --------------------------------------------------------------------------- prediction
 
 
-def _slicewise(net: Any) -> Any:
-    import torch
-
-    class SliceWise(torch.nn.Module):
-        def __init__(self, inner: Any) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.inner(x[..., 0])[..., None]
-
-    return SliceWise(net)
-
-
 def predict_n2v(
     model: TrainedDenoiser,
     image: np.ndarray,
@@ -871,7 +857,7 @@ def predict_n2v(
     """
     import torch
 
-    from .engine import resolve_device, sliding_window
+    from .engine import resolve_device, slicewise, sliding_window
 
     dev = resolve_device(device)
     a = np.asarray(image, dtype=np.float32)
@@ -892,7 +878,7 @@ def predict_n2v(
         sa = 2 if slice_axis is None else int(slice_axis)
         x = np.moveaxis(x, sa + 1, -1)  # (C, *plane, S)
         roi = [_round4(min(edge, s)) for s in x.shape[1:3]] + [1]
-        predictor = _slicewise(net)
+        predictor = slicewise(net)
         batch_size = max(batch_size, 8)
     else:
         sa = None

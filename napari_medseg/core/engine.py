@@ -51,6 +51,25 @@ __all__ = [
 ]
 
 
+def slicewise(net: Any) -> Any:
+    """Wrap a 2D network so the sliding window can run it on ``(B, C, H, W, 1)`` windows.
+
+    A 2D model on a volume runs slice by slice: the volume's slice axis is last, the window
+    depth along it is 1, and this wrapper drops and restores that axis.
+    """
+    import torch
+
+    class SliceWise(torch.nn.Module):
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x[..., 0])[..., None]
+
+    return SliceWise(net)
+
+
 def resolve_device(name: str | Any = "auto") -> torch.device:
     """Turn ``"auto"|"cpu"|"cuda"|"cuda:N"|"mps"`` into a :class:`torch.device`.
 
@@ -308,8 +327,9 @@ def sliding_window(
             for k, fl in enumerate(flips):
                 xin = torch.flip(x, fl) if fl else x
                 # no_grad (not inference_mode): the outputs are updated in place below
-                with torch.no_grad(), torch.autocast(
-                    dev.type, dtype=ac or torch.float32, enabled=ac is not None
+                with (
+                    torch.no_grad(),
+                    torch.autocast(dev.type, dtype=ac or torch.float32, enabled=ac is not None),
                 ):
                     y = _first(predictor(xin))
                 y = y.float()

@@ -128,9 +128,7 @@ def check_inputs(record: ImageRecord, model: LoadedModel) -> None:
     """Raise :class:`MedsegError` (one sentence) when the image cannot go into the model."""
     card = model.card
     if card.task != "segmentation":
-        raise MedsegError(
-            f"model {card.name!r} is a {card.task} model, not a segmentation model"
-        )
+        raise MedsegError(f"model {card.name!r} is a {card.task} model, not a segmentation model")
     shape = record.shape
     if len(shape) == 0 or min(shape) < 1:
         raise MedsegError(f"the image {record.name!r} is empty (shape {shape})")
@@ -163,21 +161,6 @@ def _versions() -> dict:
         "monai": monai.__version__,
         "numpy": np.__version__,
     }
-
-
-def _make_slicewise(net: Any) -> Any:
-    """Wrap a 2D network so it runs on ``(B, C, H, W, 1)`` windows of a volume."""
-    import torch
-
-    class SliceWise(torch.nn.Module):
-        def __init__(self, inner: Any) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.inner(x[..., 0])[..., None]
-
-    return SliceWise(net)
 
 
 def segment(
@@ -228,7 +211,7 @@ def segment(
     import torch
 
     from . import postprocess as pp
-    from .engine import amp_dtype, plan_windows, resolve_device, sliding_window
+    from .engine import amp_dtype, plan_windows, resolve_device, slicewise, sliding_window
     from .preprocess import to_model_grid
 
     t0 = time.perf_counter()
@@ -254,8 +237,7 @@ def segment(
     n_bad = int(grid.info.get("nonfinite_replaced", 0))
     if n_bad:
         msg = (
-            f"the image has {n_bad} NaN/Inf voxels; they were replaced by the smallest finite "
-            "value"
+            f"the image has {n_bad} NaN/Inf voxels; they were replaced by the smallest finite value"
         )
         notes.append(msg)
         warnings.warn(f"napari-medseg: {msg}", RuntimeWarning, stacklevel=2)
@@ -267,7 +249,7 @@ def segment(
     net = model.network
     if card.dims == 2 and len(grid.model_shape) == 3:
         roi = [*roi[:2], 1]
-        predictor = _make_slicewise(net)
+        predictor = slicewise(net)
     else:
         predictor = net
     if len(roi) != image.ndim - 1:

@@ -75,8 +75,10 @@ def ct() -> None:
                     cur = e.apply(cur)
                 scores[row, n + 1] = dice(cur[k] == 1, gt)
         m = scores.mean(axis=0)
-        print(f"  CT spleen {scenario:12s} Dice {m[0]:.3f} -> {m[1]:.3f} -> {m[2]:.3f} -> "
-              f"{m[3]:.3f}  (slices {len(ks)}, slowest click {worst * 1000:.0f} ms)")
+        print(
+            f"  CT spleen {scenario:12s} Dice {m[0]:.3f} -> {m[1]:.3f} -> {m[2]:.3f} -> "
+            f"{m[3]:.3f}  (slices {len(ks)}, slowest click {worst * 1000:.0f} ms)"
+        )
 
 
 def nuclei() -> None:
@@ -97,8 +99,10 @@ def nuclei() -> None:
     out = refine_with_clicks(img, cur, 1, clicks, []).apply(cur)
     dt = time.perf_counter() - t0
     rec = np.mean([(out[inst == i] == 1).mean() for i in ids])
-    print(f"  DSB nuclei, 10 missed: Dice {dice(cur == 1, sem):.4f} -> {dice(out == 1, sem):.4f}, "
-          f"missed nuclei recovered {rec:.0%}, {dt * 1000:.0f} ms for 10 clicks (512x512)")
+    print(
+        f"  DSB nuclei, 10 missed: Dice {dice(cur == 1, sem):.4f} -> {dice(out == 1, sem):.4f}, "
+        f"missed nuclei recovered {rec:.0%}, {dt * 1000:.0f} ms for 10 clicks (512x512)"
+    )
 
 
 def main() -> int:

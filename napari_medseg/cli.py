@@ -226,9 +226,7 @@ def _segment(args: argparse.Namespace) -> int:
         )
         written = write_image(dest, labels, is_label=True, overwrite=True)
         prov = dict(result.provenance)
-        prov.update(
-            input=str(image_path), input_sha256=sha256_of(image_path), output=str(written)
-        )
+        prov.update(input=str(image_path), input_sha256=sha256_of(image_path), output=str(written))
         if args.probabilities:
             import numpy as np
 

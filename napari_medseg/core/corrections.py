@@ -61,8 +61,9 @@ class Edit:
     @classmethod
     def empty(cls, labels: np.ndarray) -> Edit:
         """An edit that changes nothing."""
-        return cls(tuple(np.zeros(0, np.intp) for _ in range(labels.ndim)),
-                   np.zeros(0, labels.dtype))
+        return cls(
+            tuple(np.zeros(0, np.intp) for _ in range(labels.ndim)), np.zeros(0, labels.dtype)
+        )
 
     @property
     def n_changed(self) -> int:
@@ -115,8 +116,11 @@ def bounding_box(mask: np.ndarray, pad: Sequence[int] | int = 0) -> Box | None:
     pads = [int(pad)] * mask.ndim if np.isscalar(pad) else [int(p) for p in pad]  # type: ignore[union-attr]
     if mask.ndim == 3:
         p12 = mask.any(axis=0)
-        hits = [np.flatnonzero(mask.any(axis=(1, 2))) if p12.any() else np.zeros(0, int),
-                np.flatnonzero(p12.any(axis=1)), np.flatnonzero(p12.any(axis=0))]
+        hits = [
+            np.flatnonzero(mask.any(axis=(1, 2))) if p12.any() else np.zeros(0, int),
+            np.flatnonzero(p12.any(axis=1)),
+            np.flatnonzero(p12.any(axis=0)),
+        ]
     else:
         hits = []
         for ax in range(mask.ndim):
@@ -133,9 +137,7 @@ def bounding_box(mask: np.ndarray, pad: Sequence[int] | int = 0) -> Box | None:
 
 
 def _pad_box(box: Box, pad: Sequence[int], shape: Sequence[int]) -> Box:
-    return tuple(
-        slice(max(0, s.start - p), min(n, s.stop + p)) for s, p, n in zip(box, pad, shape)
-    )
+    return tuple(slice(max(0, s.start - p), min(n, s.stop + p)) for s, p, n in zip(box, pad, shape))
 
 
 def _spacing(spacing: Sequence[float] | None, ndim: int) -> np.ndarray:

@@ -87,8 +87,17 @@ def software_versions() -> dict[str, str]:
     from importlib import metadata
 
     out: dict[str, str] = {}
-    for dist in ("napari-medseg", "napari", "numpy", "scipy", "scikit-image", "nibabel",
-                 "SimpleITK", "torch", "monai"):
+    for dist in (
+        "napari-medseg",
+        "napari",
+        "numpy",
+        "scipy",
+        "scikit-image",
+        "nibabel",
+        "SimpleITK",
+        "torch",
+        "monai",
+    ):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -319,8 +328,11 @@ def correction_stats(
     if prediction is None:
         for c, n in enumerate(cc):
             if c and n:
-                out[str(c)] = {"name": (class_names or {}).get(c), "voxels": int(n),
-                               "mm3": n * vox if vox else None}
+                out[str(c)] = {
+                    "name": (class_names or {}).get(c),
+                    "voxels": int(n),
+                    "mm3": n * vox if vox else None,
+                }
         return out
     pred = np.asarray(prediction)
     if pred.shape != corr.shape:

@@ -91,7 +91,12 @@ def _refine_region(
         # many (big 3D regions): conjugate gradients
         mode = "bf" if int((seeds == 0).sum()) <= 300_000 else "cg_j"
         out = random_walker(
-            _norm(img, window), seeds, beta=beta, mode=mode, tol=1e-3, spacing=sp,
+            _norm(img, window),
+            seeds,
+            beta=beta,
+            mode=mode,
+            tol=1e-3,
+            spacing=sp,
             return_full_prob=False,
         )
     return out == 1

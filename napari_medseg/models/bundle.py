@@ -59,9 +59,22 @@ _REF_RE = re.compile(r"@([\w#:]+)")
 _CUDA_RE = re.compile(r"torch\.device\(\s*(['\"])cuda(:\d+)?\1\s*\)")
 #: Transforms whose effect the engine reproduces anyway (reading, channel-first, dtype).
 _IMPLICIT = {
-    "LoadImage", "LoadImaged", "EnsureChannelFirst", "EnsureChannelFirstd", "EnsureType",
-    "EnsureTyped", "ToTensor", "ToTensord", "CastToType", "CastToTyped", "AddChannel",
-    "AddChanneld", "Identity", "Identityd", "ToNumpy", "ToNumpyd",
+    "LoadImage",
+    "LoadImaged",
+    "EnsureChannelFirst",
+    "EnsureChannelFirstd",
+    "EnsureType",
+    "EnsureTyped",
+    "ToTensor",
+    "ToTensord",
+    "CastToType",
+    "CastToTyped",
+    "AddChannel",
+    "AddChanneld",
+    "Identity",
+    "Identityd",
+    "ToNumpy",
+    "ToNumpyd",
 }
 #: Output channels that are not a class map (names of the network's keyword argument).
 _OUT_KEYS = ("out_channels", "num_classes", "out_classes")
@@ -273,8 +286,11 @@ def _check_supported(name: str, meta: dict, config: dict) -> None:
             f"bundle '{name}' is not supported: its SAM-based network predicts cell flows that "
             "need cellpose-style post-processing (and the segment_anything package)"
         )
-    guidance = [t for t in _all_targets(config.get("preprocessing"), config)
-                if "Guidance" in t or "Click" in t]
+    guidance = [
+        t
+        for t in _all_targets(config.get("preprocessing"), config)
+        if "Guidance" in t or "Click" in t
+    ]
     if guidance:
         raise ModelLoadError(
             f"bundle '{name}' is not supported: it is an interactive annotation model whose input "
@@ -395,7 +411,8 @@ class _Resolver:
                 return self.instantiate(value, id, stack)
             return {
                 k: self.value(v, f"{id}#{k}", instantiate, stack)
-                for k, v in value.items() if k not in ("_desc_", "_requires_")
+                for k, v in value.items()
+                if k not in ("_desc_", "_requires_")
             }
         if isinstance(value, list):
             return [self.value(v, f"{id}#{i}", instantiate, stack) for i, v in enumerate(value)]
@@ -504,7 +521,8 @@ class _Resolver:
         cls = self.locate(target, id)
         kwargs = {
             k: self.value(v, f"{id}#{k}", True, stack)
-            for k, v in d.items() if k not in _SPECIAL_KEYS
+            for k, v in d.items()
+            if k not in _SPECIAL_KEYS
         }
         return self.call(cls, kwargs, id)
 
@@ -739,11 +757,13 @@ def _translate_preprocessing(res: _Resolver) -> dict:
                 step["clip"] = False
             steps.append(step)
         elif base == "NormalizeIntensity" and not ({"subtrahend", "divisor"} & set(args)):
-            steps.append({
-                "scheme": "zscore",
-                "foreground_only": _truthy(arg(args, tid, "nonzero", False)),
-                "channel_wise": _truthy(arg(args, tid, "channel_wise", False)),
-            })
+            steps.append(
+                {
+                    "scheme": "zscore",
+                    "foreground_only": _truthy(arg(args, tid, "nonzero", False)),
+                    "channel_wise": _truthy(arg(args, tid, "channel_wise", False)),
+                }
+            )
         elif base == "ScaleIntensity" and arg(args, tid, "factor") is None:
             step = {"scheme": "percentile", "lower": 0.0, "upper": 100.0}
             minv, maxv = arg(args, tid, "minv", 0.0), arg(args, tid, "maxv", 1.0)
@@ -770,8 +790,12 @@ def _translate_preprocessing(res: _Resolver) -> dict:
         norm = dict(steps[-1])
         if len(steps) > 1:
             norm["steps"] = steps
-    return {"spacing": spacing, "orientation": orientation, "normalization": norm,
-            "ignored": ignored}
+    return {
+        "spacing": spacing,
+        "orientation": orientation,
+        "normalization": norm,
+        "ignored": ignored,
+    }
 
 
 def _translate_postprocessing(res: _Resolver) -> dict:
@@ -883,7 +907,7 @@ def _unwrap_state(state: dict) -> dict:
             break
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     return state
 
 

@@ -249,9 +249,7 @@ def load_model(
     )
 
 
-def install_model(
-    src_folder: str | Path, name: str | None = None, overwrite: bool = False
-) -> Path:
+def install_model(src_folder: str | Path, name: str | None = None, overwrite: bool = False) -> Path:
     """Copy a model folder (or MONAI bundle) into the user models folder.
 
     The copy is checked first (card readable, weights sha256 as stated) and written to a

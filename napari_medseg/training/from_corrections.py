@@ -86,15 +86,22 @@ def finetune_from_corrections(
         )
     parent = ModelCard.load(init_path)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = Path(out_dir) if out_dir is not None else user_models_dir(create=True) / (
-        f"{parent.name}-ft{stamp}"
+    out = (
+        Path(out_dir)
+        if out_dir is not None
+        else user_models_dir(create=True) / (f"{parent.name}-ft{stamp}")
     )
     yield Progress(0, 0, "collecting the corrected cases")
     ds_dir = wl.folder / "training" / f"dataset-{stamp}"
     wl.export_dataset(ds_dir, statuses, class_names=parent.class_names)
     cases = [c.name for c in wl.cases() if c.status in set(statuses) and c.corrected]
     result = yield from train(
-        ds_dir, out, init=init_path, time_budget=time_budget, device=device, name=out.name,
+        ds_dir,
+        out,
+        init=init_path,
+        time_budget=time_budget,
+        device=device,
+        name=out.name,
         **train_kwargs,
     )
     card = result.card

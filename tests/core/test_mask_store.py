@@ -42,11 +42,18 @@ def test_versions_never_overwrite_and_carry_provenance(spleen, tmp_path):
     corrected = pred.copy()
     corrected[80:90, 80:90, 10] = 1  # added
     corrected[pred.nonzero()[0][:100], pred.nonzero()[1][:100], pred.nonzero()[2][:100]] = 0
-    seg_prov = {"model": {"name": "ct_spleen_3d", "weights_sha256": "ab" * 32},
-                "parameters": {"overlap": 0.5}}
+    seg_prov = {
+        "model": {"name": "ct_spleen_3d", "weights_sha256": "ab" * 32},
+        "parameters": {"overlap": 0.5},
+    }
     prov = M.build_provenance(
-        source_path=img_path, corrected=corrected, prediction=pred, segmentation=seg_prov,
-        spacing=rec.spacing, class_names={1: "spleen"}, editing_seconds=12.34,
+        source_path=img_path,
+        corrected=corrected,
+        prediction=pred,
+        segmentation=seg_prov,
+        spacing=rec.spacing,
+        class_names={1: "spleen"},
+        editing_seconds=12.34,
         tools=["keep largest"],
     )
     p1 = M.save_mask_version(rec, tmp_path, prov)
@@ -141,7 +148,9 @@ def test_kill_9_mid_edit_loses_at_most_one_interval(tmp_path, delay):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
         [sys.executable, "-c", _CHILD, src, root, str(interval)],
-        stdout=subprocess.PIPE, text=True, env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     seen = []
     try:

@@ -15,10 +15,15 @@ from tests.conftest import data_path
 @pytest.fixture
 def project(tmp_path):
     sc = "mri/spinal_cord/"
-    images = [data_path(sc + "t2.nii.gz"), data_path(sc + "t1w.nii.gz"),
-              data_path(sc + "t2s.nii.gz")]
-    preds = {"t2": data_path(sc + "t2_seg-manual.nii.gz"),
-             "t1w": data_path(sc + "t1w_seg-manual.nii.gz")}
+    images = [
+        data_path(sc + "t2.nii.gz"),
+        data_path(sc + "t1w.nii.gz"),
+        data_path(sc + "t2s.nii.gz"),
+    ]
+    preds = {
+        "t2": data_path(sc + "t2_seg-manual.nii.gz"),
+        "t1w": data_path(sc + "t1w_seg-manual.nii.gz"),
+    }
     return Worklist.create(tmp_path / "proj", images, preds)
 
 

@@ -28,8 +28,14 @@ def tiny_cord_model(folder):
         normalization={"scheme": "zscore"},
         architecture={
             "name": "UNet",
-            "kwargs": {"spatial_dims": 3, "in_channels": 1, "out_channels": 2,
-                       "channels": [4, 8], "strides": [2], "num_res_units": 0},
+            "kwargs": {
+                "spatial_dims": 3,
+                "in_channels": 1,
+                "out_channels": 2,
+                "channels": [4, 8],
+                "strides": [2],
+                "num_res_units": 0,
+            },
         },
     )
     save_model(folder, card, build_network(card))
@@ -62,9 +68,7 @@ def test_finetune_writes_a_new_version_with_parent_cases_and_scores(tmp_path, mo
     wl = corrected_worklist(tmp_path / "proj")
     seen = []
     result = run_sync(
-        finetune_from_corrections(
-            wl, parent, time_budget=4.0, device="cpu", batch_size=2, seed=0
-        ),
+        finetune_from_corrections(wl, parent, time_budget=4.0, device="cpu", batch_size=2, seed=0),
         seen.append,
     )
     out = result.out_dir

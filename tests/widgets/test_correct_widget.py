@@ -186,8 +186,10 @@ def test_worklist_next_case_save_and_approve(make_napari_viewer, tmp_path):
     wl = Worklist.create(
         tmp_path / "proj",
         [data_path(sc + "t2.nii.gz"), data_path(sc + "t1w.nii.gz")],
-        {"t2": data_path(sc + "t2_seg-manual.nii.gz"),
-         "t1w": data_path(sc + "t1w_seg-manual.nii.gz")},
+        {
+            "t2": data_path(sc + "t2_seg-manual.nii.gz"),
+            "t1w": data_path(sc + "t1w_seg-manual.nii.gz"),
+        },
     )
     viewer = make_napari_viewer()
     w = CorrectWidget(viewer)
@@ -292,8 +294,14 @@ def test_train_on_corrections_in_background_and_cancel(
     w.train_minutes.value = 5.0
     w.train_button.native.click()
     assert w.train_cancel.enabled and not w.train_button.enabled
-    qtbot.waitUntil(lambda: "iteration" in w.train_info.value or "loss" in w.train_info.value
-                    or "epoch" in w.train_info.value, timeout=60_000)
+    qtbot.waitUntil(
+        lambda: (
+            "iteration" in w.train_info.value
+            or "loss" in w.train_info.value
+            or "epoch" in w.train_info.value
+        ),
+        timeout=60_000,
+    )
     t0 = time.perf_counter()
     w.train_cancel.native.click()
     qtbot.waitUntil(lambda: w._train_worker is None, timeout=10_000)
@@ -360,8 +368,13 @@ def test_kill_9_napari_mid_edit_loses_at_most_one_autosave(tmp_path):
 
     repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(repo), "MEDSEG_RECOVERY_DIR": str(tmp_path / "rec")}
-    proc = subprocess.Popen([sys.executable, "-c", _NAPARI_CHILD], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _NAPARI_CHILD],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
     seen = []
     try:
         while len(seen) < 3:

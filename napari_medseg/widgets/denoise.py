@@ -247,8 +247,7 @@ class DenoiseWidget(WorkerControls, Container):
         try:
             record = record_from_layer(layer)
         except Exception as e:  # noqa: BLE001 - shown to the user as one sentence
-            self.status.value = f"Failed: {e}"
-            show_error(str(e))
+            self._on_error(e)
             return
         n = _frame_count(record)
         if n > 1 and not self.frames.value:

@@ -164,7 +164,7 @@ class DetectWidget(WorkerControls, Container):
         try:
             record = record_from_layer(layer)
         except Exception as e:  # noqa: BLE001 - shown to the user as one sentence
-            show_error(str(e))
+            self._on_error(e)
             return
         self._t0 = time.perf_counter()
         self.start_worker(

@@ -203,8 +203,7 @@ class RegisterWidget(WorkerControls, Container):
             labels = record_from_layer(self.labels.value) if self.labels.value else None
             points = self._moving_points(moving.spatial_ndim)
         except Exception as e:  # noqa: BLE001 - shown to the user as one sentence
-            self.status.value = f"Failed: {e}"
-            show_error(str(e))
+            self._on_error(e)
             return
         self._t0 = time.perf_counter()
         self.loss.value = ""

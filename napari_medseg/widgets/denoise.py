@@ -10,7 +10,6 @@ before/after toggle; "Save denoiser..." writes the network just trained as a mod
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,13 +24,11 @@ from magicgui.widgets import (
     ProgressBar,
     PushButton,
 )
-from qtpy.QtCore import QPointF, Qt
-from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
-from qtpy.QtWidgets import QSizePolicy, QWidget
 
 from ..core.denoising import DEFAULT_TIME_BUDGET, METHODS, N2V_METHODS
 from ..core.progress import Progress
 from ._layers import record_from_layer
+from ._plot import TrainingPlot
 from ._task import WorkerControls
 
 if TYPE_CHECKING:
@@ -46,61 +43,6 @@ METHOD_LABELS = {
     "wavelet": "Wavelet BayesShrink (instant)",
 }
 MODEL_PREFIX = "model:"
-
-
-class LossPlot(QWidget):
-    """A small live plot of the training loss (log scale), drawn with QPainter."""
-
-    def __init__(self, parent: Any = None) -> None:
-        super().__init__(parent)
-        self.values: list[float] = []
-        self.setMinimumHeight(70)
-        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
-        self.setToolTip("training loss (log scale) per step")
-
-    def clear(self) -> None:
-        self.values = []
-        self.update()
-
-    def add(self, value: float) -> None:
-        if math.isfinite(value) and value > 0:
-            self.values.append(float(value))
-            self.update()
-
-    def smoothed(self, n: int = 20) -> list[float]:
-        """Running mean over ``n`` steps (the raw blind-spot loss is noisy)."""
-        v = np.asarray(self.values, dtype=float)
-        if v.size < 2:
-            return v.tolist()
-        k = min(n, v.size)
-        c = np.cumsum(np.insert(v, 0, 0.0))
-        out = (c[k:] - c[:-k]) / k
-        return np.concatenate([v[: k - 1].cumsum() / np.arange(1, k), out]).tolist()
-
-    def paintEvent(self, event: Any) -> None:  # noqa: N802 - Qt API
-        p = QPainter(self)
-        p.setRenderHint(QPainter.RenderHint.Antialiasing)
-        w, h = self.width(), self.height()
-        p.fillRect(0, 0, w, h, QColor(30, 30, 35))
-        vals = self.smoothed()
-        if len(vals) >= 2:
-            lv = np.log10(np.asarray(vals))
-            lo, hi = float(lv.min()), float(lv.max())
-            span = hi - lo if hi > lo else 1.0
-            pts = QPolygonF()
-            n = len(lv)
-            for i, v in enumerate(lv):
-                x = 4 + (w - 8) * i / (n - 1)
-                y = 14 + (h - 20) * (1 - (v - lo) / span)
-                pts.append(QPointF(x, y))
-            p.setPen(QPen(QColor(90, 200, 250), 1.5))
-            p.drawPolyline(pts)
-            p.setPen(QColor(200, 200, 200))
-            p.drawText(4, 11, f"loss {vals[-1]:.4g}  (step {len(self.values)})")
-        else:
-            p.setPen(QColor(150, 150, 150))
-            p.drawText(self.rect(), Qt.AlignmentFlag.AlignCenter, "training loss")
-        p.end()
 
 
 def _denoise_job(record: Any, options: dict) -> Any:
@@ -161,7 +103,7 @@ class DenoiseWidget(WorkerControls, Container):
                 self.save_button,
             ]
         )
-        self.loss_plot = LossPlot()
+        self.loss_plot = TrainingPlot()
         self.native.layout().addWidget(self.loss_plot)
         self.run_button.changed.connect(self._on_run)
         self.cancel_button.changed.connect(self._on_cancel)

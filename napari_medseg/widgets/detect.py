@@ -6,11 +6,13 @@ size and NMS IoU only re-filter that table (:func:`~napari_medseg.core.detection
 filter_detections`), so moving the slider updates the layers live without running the model.
 
 Layers: ``<image>_detections`` (Points at object centres, ``features`` = id, class, score,
-area/volume, coloured by score, size ~ object diameter) and, for 2D images, ``<image>_boxes``
-(Shapes, rectangles). Both carry the image's transform, so they overlay the scan. Changing a
-filter rebuilds them from the model output (hand edits are lost then: filter first, edit
-after). ``Export...`` saves what the Points layer shows now, edits included (deleted, added and
-moved points), as CSV or QuPath GeoJSON.
+area/volume, coloured by score, size ~ object diameter: the editable objects) and
+``<image>_boxes`` (Shapes: a rectangle per object in 2D; in 3D a rectangle on every slice the
+box spans, along napari's slider axis). Both carry the image's transform, so they overlay the
+scan. A filter change is debounced (60 ms) and then only adds and removes the objects that
+entered or left the filtered table, so the slider stays fluid with thousands of objects and
+hand edits of the other objects stay. ``Export...`` saves what the Points layer shows now,
+edits included (deleted, added and moved points), as CSV or QuPath GeoJSON.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ if TYPE_CHECKING:
     import pandas as pd
 
 CLASSICAL = "classical"
+#: Most box outlines drawn as Shapes (beyond, only the Points are shown: napari's Shapes
+#: layer needs about 0.3 ms per rectangle to build).
+MAX_BOXES = 10_000
 
 
 def _detect_job(record: Any, model_ref: str, device: str) -> Any:
@@ -101,8 +106,17 @@ class DetectWidget(WorkerControls, Container):
         self.run_button.changed.connect(self._on_run)
         self.cancel_button.changed.connect(self._on_cancel)
         self.export_button.changed.connect(self._on_export)
+        from qtpy.QtCore import QTimer
+
+        self._shown_ids: set[int] | None = None  # model ids shown in the layers now
+        self._nms_key: tuple | None = None  # (result, min size, IoU) of the cached NMS table
+        self._nms_table: Any = None
+        self._refresh_timer = QTimer()
+        self._refresh_timer.setSingleShot(True)
+        self._refresh_timer.setInterval(60)
+        self._refresh_timer.timeout.connect(self._refresh)
         for w in (self.threshold, self.min_size, self.nms_iou):
-            w.changed.connect(self._refresh)
+            w.changed.connect(self._schedule_refresh)
         self.image.changed.connect(lambda _v=None: self.model.reset_choices())
         viewer.layers.events.inserted.connect(self._on_layers_changed)
         viewer.layers.events.removed.connect(self._on_layers_changed)
@@ -130,13 +144,15 @@ class DetectWidget(WorkerControls, Container):
         dims = self._image_dims()
         choices: list[tuple[str, str]] = []
         for card in list_models():
-            if card.get("task", "segmentation") != "segmentation":
+            task = card.get("task", "segmentation")
+            if task not in ("segmentation", "detection"):
                 continue
             d = card.get("dims")
             if dims is not None and not (d == dims or (d == 2 and dims == 3)):
                 continue
+            how = "box detector" if task == "detection" else "segmentation + watershed"
             choices.append(
-                (f"{card['name']} + watershed ({card.get('modality', '?')}, {d}D)", card["name"])
+                (f"{card['name']} ({how}, {card.get('modality', '?')}, {d}D)", card["name"])
             )
         choices.append(("classical (Otsu + watershed, no network)", CLASSICAL))
         return choices
@@ -195,51 +211,91 @@ class DetectWidget(WorkerControls, Container):
         self.export_button.enabled = True
         secs = time.perf_counter() - self._t0
         self.progress.value = self.progress.max
-        self._refresh()
         self.status.value = f"Done in {secs:.1f} s: {len(result.table)} objects before filtering."
+        self._refresh(rebuild=True)
 
     # ------------------------------------------------------------------ live filtering
 
     def shown_table(self) -> pd.DataFrame | None:
-        """The model's table filtered by the current threshold, minimum size and NMS IoU."""
+        """The model's table filtered by the current threshold, minimum size and NMS IoU.
+
+        Size filter and NMS are computed once per (min size, IoU) and cached; the threshold is
+        then a cheap row mask. That equals :func:`filter_detections` with all three: greedy NMS
+        lets a box be suppressed only by higher-scoring ones, which pass any threshold it
+        passes.
+        """
         if self._result is None:
             return None
-        return self._result.filtered(
-            score_threshold=float(self.threshold.value),
-            min_size=float(self.min_size.value),
-            nms_iou=float(self.nms_iou.value),
-        )
+        from ..core.detection import filter_detections
+
+        key = (id(self._result), float(self.min_size.value), float(self.nms_iou.value))
+        if self._nms_key != key:
+            self._nms_table = filter_detections(
+                self._result.table, float("-inf"), min_size=key[1], nms_iou=key[2]
+            )
+            self._nms_key = key
+        t = self._nms_table
+        return t[t["score"].to_numpy(float) >= float(self.threshold.value)].reset_index(drop=True)
 
     def _perm(self) -> list[int]:
         nd = self._result.ndim
         perm = list(self._layer_kw["metadata"]["medseg"]["layer_axes"])
         return [p for p in perm if p < nd]
 
-    def _refresh(self, _v: Any = None) -> None:
-        """Rebuild the Points/Shapes layers from the kept table (no model run)."""
+    def _schedule_refresh(self, _v: Any = None) -> None:
+        """A filter moved: update the layers once the slider rests (debounced, 60 ms)."""
+        self._refresh_timer.start()
+
+    def _refresh(self, _v: Any = None, *, rebuild: bool = False) -> None:
+        """Update the Points/Shapes layers from the kept table (no model run).
+
+        After a new result (or with ``rebuild``) the layers are built from scratch; after a
+        filter change only the objects that entered or left the filtered table are added or
+        removed, so a slider step costs milliseconds with thousands of objects, and the user's
+        edits to the other objects (moves, hand-added points, deletions) stay.
+        """
         if self._result is None:
             return
-        from ..core.detection import axis_names
-
         table = self.shown_table()
-        nd = self._result.ndim
-        names = axis_names(nd)
-        perm = self._perm()
-        centres = table[names].to_numpy(float).reshape(-1, nd)[:, perm]
-        size_col = "area" if nd == 2 else "volume_mm3"
-        features = table[["id", "class", "score", size_col]].copy()
-        diam = np.sqrt(table[size_col].to_numpy(float) * 4 / np.pi) if nd == 2 else None
-        if diam is None:
-            extent = table[[f"{a}_max" for a in names]].to_numpy(float) - table[
-                [f"{a}_min" for a in names]
-            ].to_numpy(float)
-            diam = extent.reshape(-1, nd).max(axis=1) if len(table) else np.zeros(0)
-        self._show_points(centres, features, np.clip(diam, 3, None))
-        if nd == 2:
-            self._show_boxes(table, perm)
+        ids = table["id"].to_numpy()
+        layers = self._viewer.layers
+        pname, bname = f"{self._source_name}_detections", f"{self._source_name}_boxes"
+        incremental = (
+            not rebuild
+            and self._shown_ids is not None
+            and pname in layers
+            and type(layers[pname]).__name__ == "Points"
+        )
+        if not incremental:
+            self._show_points(*self._point_rows(table))
+            self._show_boxes(table)
+        else:
+            gone = self._shown_ids - set(ids.tolist())
+            new = table[~np.isin(ids, list(self._shown_ids))]
+            self._update_points(layers[pname], gone, new)
+            if bname in layers and type(layers[bname]).__name__ == "Shapes":
+                self._update_boxes(layers[bname], gone, new)
+        self._shown_ids = set(ids.tolist())
         self.n_refreshes += 1
         counts = table["class"].value_counts()
         self.counts.value = ", ".join(f"{c}: {n}" for c, n in counts.items()) or "none"
+
+    def _point_rows(self, table: Any) -> tuple[np.ndarray, Any, np.ndarray]:
+        """Centres (layer axis order), features and sizes of the Points for ``table`` rows."""
+        from ..core.detection import axis_names
+
+        nd = self._result.ndim
+        names = axis_names(nd)
+        centres = table[names].to_numpy(float).reshape(-1, nd)[:, self._perm()]
+        size_col = "area" if nd == 2 else "volume_mm3"
+        features = table[["id", "class", "score", size_col]].reset_index(drop=True)
+        if nd == 2:
+            diam = np.sqrt(table[size_col].to_numpy(float) * 4 / np.pi)
+        else:
+            lo = table[[f"{a}_min" for a in names]].to_numpy(float).reshape(-1, nd)
+            hi = table[[f"{a}_max" for a in names]].to_numpy(float).reshape(-1, nd)
+            diam = (hi - lo).max(axis=1) if len(table) else np.zeros(0)
+        return centres, features, np.clip(np.nan_to_num(diam, nan=3.0), 3, None)
 
     def _show_points(self, centres: np.ndarray, features: Any, sizes: np.ndarray) -> None:
         name = f"{self._source_name}_detections"
@@ -291,20 +347,70 @@ class DetectWidget(WorkerControls, Container):
                 feats.loc[idx, feats.columns[-1]] = np.nan
                 layer.refresh_colors()
 
-    def _show_boxes(self, table: Any, perm: list[int]) -> None:
+    def _update_points(self, layer: Any, gone: set, new: Any) -> None:
+        import pandas as pd
+
+        feats = layer.features.reset_index(drop=True)
+        keep = ~np.isin(feats["id"].to_numpy(), list(gone)) if gone else np.ones(len(feats), bool)
+        if keep.all() and not len(new):
+            return
+        c_new, f_new, s_new = self._point_rows(new)
+        nd = self._result.ndim
+        data = np.concatenate([np.asarray(layer.data, float).reshape(-1, nd)[keep], c_new])
+        sizes = np.asarray(layer.size, float).reshape(-1)
+        sizes = np.concatenate([sizes[keep] if sizes.size == keep.size else sizes[:0], s_new])
+        features = pd.concat([feats[keep], f_new], ignore_index=True)
+        layer.data = data
+        layer.features = features
+        layer.size = sizes if len(sizes) else 10
+        layer.refresh_colors()
+
+    def _box_rects(self, table: Any) -> tuple[list[np.ndarray], Any]:
+        """Rectangles (layer axis order) and their features for ``table`` rows.
+
+        2D: one rectangle per object. 3D: one rectangle on every slice the box spans, along the
+        file axis shown as napari's first (slider) axis; the rectangles of one object share its
+        ``id``. Box edges lie on voxel borders (centre - 0.5).
+        """
+        from ..core.detection import axis_names
+
+        nd = self._result.ndim
+        names = axis_names(nd)
+        perm = self._perm()
+        lo = table[[f"{a}_min" for a in names]].to_numpy(float).reshape(-1, nd) - 0.5
+        hi = table[[f"{a}_max" for a in names]].to_numpy(float).reshape(-1, nd) - 0.5
+        feats = table[["id", "class", "score"]].reset_index(drop=True)
+        if nd == 2:
+            b, c = 0, 1
+            rects = [
+                np.array([[a0, b0], [a0, b1], [a1, b1], [a1, b0]])[:, perm]
+                for (a0, b0), (a1, b1) in zip(lo, hi)
+            ]
+            return rects, feats
+        s_ax, b, c = perm  # the slider axis (file order) and the two shown axes
+        rects, rows = [], []
+        for i in range(len(lo)):
+            for k in range(int(lo[i, s_ax] + 0.5), int(hi[i, s_ax] + 0.5)):
+                corners = np.empty((4, 3))
+                corners[:, s_ax] = k
+                corners[:, b] = [lo[i, b], lo[i, b], hi[i, b], hi[i, b]]
+                corners[:, c] = [lo[i, c], hi[i, c], hi[i, c], lo[i, c]]
+                rects.append(corners[:, perm])
+                rows.append(i)
+        return rects, feats.iloc[rows].reset_index(drop=True)
+
+    def _show_boxes(self, table: Any) -> None:
         name = f"{self._source_name}_boxes"
-        y0 = table["y_min"].to_numpy(float) - 0.5
-        x0 = table["x_min"].to_numpy(float) - 0.5
-        y1 = table["y_max"].to_numpy(float) - 0.5
-        x1 = table["x_max"].to_numpy(float) - 0.5
-        rects = [
-            np.array([[a, b], [a, d], [c, d], [c, b]])[:, perm]
-            for a, b, c, d in zip(y0, x0, y1, x1)
-        ]
-        feats = table[["id", "class", "score"]].copy()
         layers = self._viewer.layers
         if name in layers:
             layers.remove(name)
+        rects, feats = self._box_rects(table)
+        if len(rects) > MAX_BOXES:
+            self.status.value += (
+                f" {len(rects)} box outlines are too many to draw: centres only"
+                " (raise the score threshold to see boxes)."
+            )
+            return
         kw = {"affine": self._layer_kw["affine"], "metadata": self._layer_kw["metadata"]}
         if rects:
             self._viewer.add_shapes(
@@ -319,7 +425,27 @@ class DetectWidget(WorkerControls, Container):
                 **kw,
             )
         else:
-            self._viewer.add_shapes(name=name, ndim=2, **kw)
+            self._viewer.add_shapes(name=name, ndim=self._result.ndim, **kw)
+
+    def _update_boxes(self, layer: Any, gone: set, new: Any) -> None:
+        import pandas as pd
+
+        feats = layer.features.reset_index(drop=True)
+        drop = np.nonzero(np.isin(feats["id"].to_numpy(), list(gone)))[0] if gone else []
+        rects, f_new = self._box_rects(new)
+        if len(drop) == 0 and not rects:
+            return
+        if len(layer.data) - len(drop) + len(rects) > MAX_BOXES:
+            self._show_boxes(self.shown_table())  # rebuilt, or dropped with a message
+            return
+        if len(drop):
+            layer.selected_data = set(drop.tolist())
+            layer.remove_selected()
+            feats = feats.drop(index=drop).reset_index(drop=True)
+        if rects:
+            layer.add(rects, shape_type="rectangle")
+            layer.features = pd.concat([feats, f_new], ignore_index=True)
+            layer.refresh_colors()
 
     # ------------------------------------------------------------------ export
 

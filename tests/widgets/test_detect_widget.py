@@ -59,7 +59,7 @@ def test_run_then_live_threshold_then_export_edits(make_napari_viewer, qtbot, tm
     refreshes = widget.n_refreshes
     widget.threshold.value = cut
     assert widget._worker is None
-    assert widget.n_refreshes == refreshes + 1
+    qtbot.waitUntil(lambda: widget.n_refreshes == refreshes + 1, timeout=2000)  # debounced
     n_cut = int((scores >= cut).sum())
     assert 0 < len(points.data) == n_cut < n_all
     assert (points.features["score"] >= cut).all()
@@ -87,7 +87,7 @@ def test_run_then_live_threshold_then_export_edits(make_napari_viewer, qtbot, tm
     assert kinds.count("Polygon") == n_cut - 2  # untouched objects keep their outline
 
 
-def test_volume_gets_points_on_the_scan_and_no_boxes(make_napari_viewer, qtbot):
+def test_volume_gets_points_on_the_scan_and_boxes_on_slices(make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
     (image,) = viewer.open_sample("napari-medseg", "ct")
     widget = _widget(viewer)
@@ -100,7 +100,19 @@ def test_volume_gets_points_on_the_scan_and_no_boxes(make_napari_viewer, qtbot):
     name = f"{image.name}_detections"
     points = viewer.layers[name]
     assert points.ndim == 3 and len(points.data) >= 1
-    assert f"{image.name}_boxes" not in viewer.layers
+    # 3D boxes: one rectangle on every slice (along napari's slider axis) each box spans
+    boxes = viewer.layers[f"{image.name}_boxes"]
+    t = widget.shown_table()
+    s_ax = widget._perm()[0]  # the file axis napari shows on the slider
+    spans = (t[f"{'zyx'[s_ax]}_max"] - t[f"{'zyx'[s_ax]}_min"]).to_numpy()
+    assert len(boxes.data) == int(spans.sum())
+    assert set(boxes.features["id"]) == set(points.features["id"])
+    for rect in boxes.data[:20]:
+        assert np.ptp(rect[:, 0]) == 0  # flat in the slider axis: drawn on one slice
+    first = t.iloc[0]
+    own = [r for r, i in zip(boxes.data, boxes.features["id"]) if i == first["id"]]
+    ks = sorted(float(r[0, 0]) for r in own)
+    assert ks == list(np.arange(first[f"{'zyx'[s_ax]}_min"], first[f"{'zyx'[s_ax]}_max"]))
     assert "volume_mm3" in points.features.columns
     np.testing.assert_allclose(points.affine.affine_matrix, image.affine.affine_matrix)
     shape = np.asarray(image.data.shape)
@@ -111,3 +123,88 @@ def test_volume_gets_points_on_the_scan_and_no_boxes(make_napari_viewer, qtbot):
     np.testing.assert_allclose(
         world_sar[::-1], t[["world_x", "world_y", "world_z"]].to_numpy()[0], atol=1e-3
     )
+
+
+def test_thousands_of_objects_update_incrementally_and_keep_edits(make_napari_viewer, qtbot):
+    """3,000 objects: a threshold step adds/removes only what changed; hand edits survive."""
+    from napari_medseg.core.detection import DetectionResult, measure_instances
+    from napari_medseg.core.progress import run_sync
+    from napari_medseg.io.record import ImageRecord
+
+    inst = np.zeros((330, 330), np.int32)
+    k = 0
+    for y in range(0, 330, 6):
+        for x in range(0, 330, 6):
+            k += 1
+            inst[y : y + 4, x : x + 4] = k
+    assert k == 3025
+    rng = np.random.default_rng(0)
+    score = np.repeat(rng.uniform(0, 1, k + 1)[inst.ravel()], 1).reshape(inst.shape)
+    aff = np.eye(3)
+    table = run_sync(measure_instances(inst, aff, "pixel", score_map=score))
+    result = DetectionResult(table=table, instances=inst, affine=aff, space="pixel")
+    viewer = make_napari_viewer()
+    image = viewer.add_image(inst.astype(np.float32), name="grid")
+    widget = _widget(viewer)
+    widget.threshold.value = 0.0
+    record = ImageRecord(data=np.asarray(image.data), affine=aff, space="pixel", name="grid")
+    widget._on_result(image, record, result)
+    points, boxes = viewer.layers["grid_detections"], viewer.layers["grid_boxes"]
+    assert len(points.data) == len(boxes.data) == k
+    # the user moves one high-scoring object's point
+    i = int(np.argmax(points.features["score"].to_numpy()))
+    oid = int(points.features["id"][i])
+    moved = points.data.copy()
+    moved[i] += [1.5, -1.0]
+    points.data = moved
+    boxes_layer_id = id(boxes)
+    for cut in (0.3, 0.35, 0.6, 0.2):
+        before = widget.n_refreshes
+        widget.threshold.value = cut
+        qtbot.waitUntil(lambda b=before: widget.n_refreshes == b + 1, timeout=5000)
+        n = int((table["score"] >= cut).sum())
+        assert len(points.data) == len(viewer.layers["grid_boxes"].data) == n
+        assert (points.features["score"] >= cut).all()
+        assert sorted(points.features["id"]) == sorted(widget.shown_table()["id"])
+        assert sorted(viewer.layers["grid_boxes"].features["id"]) == sorted(points.features["id"])
+    # same layers updated in place (not rebuilt), and the moved point kept its new place
+    assert id(viewer.layers["grid_boxes"]) == boxes_layer_id
+    j = int(np.nonzero(points.features["id"].to_numpy() == oid)[0][0])
+    np.testing.assert_allclose(points.data[j], moved[i])
+
+
+def test_cached_nms_then_threshold_equals_filter_detections(make_napari_viewer):
+    """The dock's cached NMS + threshold gives exactly filter_detections' rows."""
+    import pandas as pd
+
+    from napari_medseg.core.detection import DetectionResult, filter_detections
+
+    rng = np.random.default_rng(1)
+    n = 400
+    y, x = rng.uniform(0, 100, n), rng.uniform(0, 100, n)
+    h = rng.uniform(2, 12, n)
+    table = pd.DataFrame(
+        {
+            "id": np.arange(1, n + 1),
+            "class": "nucleus",
+            "score": rng.uniform(0, 1, n).round(2),  # ties on purpose
+            "y": y,
+            "x": x,
+            "y_min": y - h,
+            "y_max": y + h,
+            "x_min": x - h,
+            "x_max": x + h,
+            "area": (2 * h) ** 2,
+        }
+    )
+    widget = _widget(make_napari_viewer())
+    widget._result = DetectionResult(table=table, instances=None, affine=np.eye(3), space="pixel")
+    for thr, size, iou in [(0.5, 0.0, 0.3), (0.2, 50.0, 0.3), (0.7, 50.0, 0.1), (0.0, 0.0, 0.5)]:
+        with widget.threshold.changed.blocked(), widget.min_size.changed.blocked():
+            widget.threshold.value, widget.min_size.value = thr, size
+        with widget.nms_iou.changed.blocked():
+            widget.nms_iou.value = iou
+        want = filter_detections(table, thr, min_size=size, nms_iou=iou)
+        got = widget.shown_table()
+        assert 0 < len(got) < n
+        assert got["id"].tolist() == want["id"].tolist()

@@ -111,7 +111,8 @@ def _register_segment(sub: Any) -> None:
         help="segment an image (or a folder of images) with a model",
         description="Write OUT on IMAGE's own voxel grid and geometry (same shape and affine), "
         "and OUT's provenance as JSON beside it (OUT stem + .provenance.json). IMAGE may be a "
-        "folder of images: OUT is then a folder and each output is named <image>_seg.nii.gz.",
+        "folder of images: OUT is then a folder and each output is named <image>_seg.nii.gz "
+        "(<image>_seg.tif for 2D PNG/JPEG/TIFF images); --scheduler runs such a batch on dask.",
     )
     p.add_argument("image", help="image file, DICOM folder, or folder of images (batch)")
     p.add_argument(
@@ -161,12 +162,10 @@ def _output_path(path: Path, overwrite: bool) -> Path:
 
 
 def _segment(args: argparse.Namespace) -> int:
-    from .core.mask_store import sha256_of
+    from .core.batch import segment_file
     from .core.progress import TextProgress, run_sync
-    from .core.segmentation import segment
-    from .io import read_image, write_image
+    from .io.errors import MedsegError
     from .io.readers import SUPPORTED_EXTENSIONS
-    from .io.record import ImageRecord
     from .io.volume import split_ext
     from .models.registry import load_model
 
@@ -185,75 +184,65 @@ def _segment(args: argparse.Namespace) -> int:
         inputs = sorted(
             f for f in src.iterdir() if f.is_file() and split_ext(f)[1] in SUPPORTED_EXTENSIONS
         )
-        jobs = [(f, out / f"{split_ext(f)[0]}_seg.nii.gz") for f in inputs]
+        raster = (".png", ".jpg", ".jpeg", ".tif", ".tiff")  # 2D images: labels as TIFF
+        jobs = [
+            (f, out / f"{split_ext(f)[0]}_seg{'.tif' if split_ext(f)[1] in raster else '.nii.gz'}")
+            for f in inputs
+        ]
     else:
         jobs = [(src, out)]
     for _, dest in jobs:
         _output_path(dest, args.overwrite)
+    from .core.batch import segment_batch
     from .core.engine import resolve_device
 
-    device = str(resolve_device(args.device))
-    model = load_model(args.model, device=device, trust_bundle=args.trust_bundle)
-    for image_path, dest in jobs:
-        records = read_image(image_path)
-        record = records[0]
-        if len(records) > 1 and not args.quiet:
+    opts = dict(
+        device=args.device,
+        overlap=args.overlap,
+        batch_size=args.batch_size,
+        tta=args.tta,
+        trust_bundle=args.trust_bundle,
+    )
+    if args.scheduler and len(jobs) > 1:
+        if args.probabilities:
+            raise MedsegError("--probabilities writes one file: it needs a single input image")
+        load_model(args.model, device="cpu", trust_bundle=args.trust_bundle)  # fail early
+        provs = run_sync(
+            segment_batch(jobs, args.model, scheduler=args.scheduler, **opts),
+            TextProgress(quiet=args.quiet),
+        )
+    else:
+        model = load_model(
+            args.model, device=str(resolve_device(args.device)), trust_bundle=args.trust_bundle
+        )
+        provs = []
+        for image_path, dest in jobs:
+            prov = run_sync(
+                segment_file(
+                    image_path,
+                    dest,
+                    model,
+                    probabilities=_path(args.probabilities) if args.probabilities else None,
+                    **opts,
+                ),
+                TextProgress(quiet=args.quiet),
+            )
+            provs.append(prov)
+    for prov in provs:
+        if not args.quiet:
+            if prov.get("series_note"):
+                print(f"napari-medseg: {prov['input']}: {prov['series_note']}", file=sys.stderr)
+            voxels = prov.get("class_voxels") or {}
+            counts = (
+                ", ".join(f"{k}={v}" for k, v in voxels.items()) + " voxels"
+                if voxels
+                else "no foreground found"
+            )
             print(
-                f"napari-medseg: {image_path} holds {len(records)} series; segmenting the first "
-                f"({record.name})",
+                f"wrote {prov['output']} ({counts}) and {Path(prov['provenance_file']).name}",
                 file=sys.stderr,
             )
-        bar = TextProgress(quiet=args.quiet)
-        result = run_sync(
-            segment(
-                record,
-                model,
-                device=args.device,
-                overlap=args.overlap,
-                batch_size=args.batch_size,
-                tta=args.tta,
-                return_probabilities=bool(args.probabilities),
-            ),
-            bar,
-        )
-        labels = ImageRecord(
-            data=result.labels,
-            affine=record.affine,
-            space=record.space,
-            modality="label",
-            name=f"{record.name}_seg",
-            metadata=record.metadata,
-        )
-        written = write_image(dest, labels, is_label=True, overwrite=True)
-        prov = dict(result.provenance)
-        prov.update(input=str(image_path), input_sha256=sha256_of(image_path), output=str(written))
-        if args.probabilities:
-            import numpy as np
-
-            prob_rec = ImageRecord(
-                data=np.moveaxis(result.probabilities, 0, -1),
-                affine=record.affine,
-                space=record.space,
-                modality="probability",
-                metadata=record.metadata,
-            )
-            prov["probabilities"] = str(
-                write_image(_path(args.probabilities), prob_rec, is_label=False, overwrite=True)
-            )
-        prov_path = _provenance_path(written)
-        _write_json_atomic(prov_path, prov)
-        if not args.quiet:
-            counts = _class_counts(result)
-            print(f"wrote {written} ({counts}) and {prov_path.name}", file=sys.stderr)
     return 0
-
-
-def _class_counts(result: Any) -> str:
-    import numpy as np
-
-    counts = np.bincount(np.asarray(result.labels).ravel())
-    parts = [f"{result.class_names.get(i, i)}={int(n)}" for i, n in enumerate(counts) if i and n]
-    return ", ".join(parts) + " voxels" if parts else "no foreground found"
 
 
 def _provenance_path(out: Path) -> Path:
@@ -272,15 +261,24 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
 def _register_train(sub: Any) -> None:
     p = sub.add_parser(
         "train",
-        help="train a segmentation model from an nnU-Net-style dataset",
+        help="train a segmentation model or a box detector from an nnU-Net-style dataset",
         description="DATASET holds imagesTr/CASE_0000.ext and labelsTr/CASE.ext (nnU-Net v2 "
         "layout; .nii.gz/.nrrd/.mha volumes or .png/.tif 2D images) and optionally dataset.json. "
         "The model self-configures from the dataset (spacing, patch size, normalisation), trains "
         "with Dice+CE until the time budget, keeps the best held-out Dice, and writes a model "
-        "folder with its card.",
+        "folder with its card. --task detection trains a centre-heatmap box detector instead: "
+        "labelsTr holds instance masks (each object its own integer) or boxes as CASE.csv / "
+        "CASE.json (columns y_min,y_max,x_min,x_max[,z_*],class as napari-medseg detect writes "
+        "them); it keeps the best held-out box F1 at IoU 0.5.",
     )
     p.add_argument("dataset", help="dataset folder")
     p.add_argument("-o", "--output", required=True, help="model folder to write")
+    p.add_argument(
+        "--task",
+        choices=["segmentation", "detection"],
+        default="segmentation",
+        help="segmentation (default) or detection (boxes)",
+    )
     p.add_argument(
         "--dims",
         type=int,
@@ -303,6 +301,9 @@ def _train(args: argparse.Namespace) -> int:
     from .io.errors import MedsegError
     from .training.train import train
 
+    detection = getattr(args, "task", "segmentation") == "detection"
+    if detection:
+        from .training.train_detection import train_detection as train
     out = _path(args.output)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise MedsegError(f"{out} exists and is not empty; pass --overwrite to replace it.")
@@ -327,10 +328,10 @@ def _train(args: argparse.Namespace) -> int:
         bar,
     )
     if not args.quiet:
-        print(
-            f"wrote model {result.out_dir} (best held-out Dice {result.best_val_dice:.3f})",
-            file=sys.stderr,
-        )
+        best = result.best_val_f1 if detection else result.best_val_dice
+        what = "box F1 at IoU 0.5" if detection else "Dice"
+        score = f"{best:.3f}" if best is not None else "n/a (no validation data)"
+        print(f"wrote model {result.out_dir} (best held-out {what} {score})", file=sys.stderr)
     return 0
 
 

@@ -72,3 +72,49 @@ class WorkerControls:
 
         self.status.value = f"Failed: {err}"
         show_error(str(err))
+
+
+class ImageInput:
+    """Mixin for docks with an ``image`` ComboBox of the viewer's Image layers.
+
+    The dock sets ``self._viewer`` and ``self.image = ComboBox(choices=self._image_choices)``,
+    then calls :meth:`_follow_layers`: the choices follow the layer list and an empty choice
+    takes the active image (or the newest). :meth:`_chosen_record` is the Run button's first
+    step: the chosen layer and its :class:`~napari_medseg.io.record.ImageRecord`, or a
+    one-sentence error shown to the user and ``None``.
+    """
+
+    _viewer: Any
+
+    def _image_choices(self, _w: Any = None) -> list:
+        from napari.layers import Image
+
+        return [lyr for lyr in self._viewer.layers if isinstance(lyr, Image)]
+
+    def _follow_layers(self) -> None:
+        self._viewer.layers.events.inserted.connect(self._on_layers_changed)
+        self._viewer.layers.events.removed.connect(self._on_layers_changed)
+        self._on_layers_changed()
+
+    def _on_layers_changed(self, event: Any = None) -> None:
+        self.image.reset_choices()
+        choices = self._image_choices()
+        if self.image.value is None and choices:
+            active = self._viewer.layers.selection.active
+            self.image.value = active if active in choices else choices[-1]
+
+    def _chosen_record(self, what: str) -> tuple[Any, Any] | None:
+        """``(layer, record)`` of the chosen image, or None after telling the user why."""
+        from napari.utils.notifications import show_error
+
+        from ._layers import record_from_layer
+
+        layer = self.image.value
+        if layer is None:
+            show_error(f"Choose an image layer to {what}.")
+            return None
+        try:
+            return layer, record_from_layer(layer)
+        except Exception as e:  # noqa: BLE001 - shown to the user as one sentence
+            self._on_error(e)
+            return None

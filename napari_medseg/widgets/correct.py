@@ -33,6 +33,7 @@ from ..core import corrections as C
 from ..io.geometry import META_KEY, compose_layer_transform, layer_to_record
 from ._layers import find_source_layer, layer_state
 from ._plot import TrainingPlot
+from ._task import ImageInput
 
 if TYPE_CHECKING:
     import napari
@@ -53,7 +54,7 @@ def layer_spacing(layer: Any) -> tuple[float, ...]:
     return tuple(float(v) for v in np.sqrt((lin**2).sum(axis=0)))
 
 
-class CorrectWidget(Container):
+class CorrectWidget(ImageInput, Container):
     """Dock widget: correct a Labels layer, see class volumes, save versions, recover edits."""
 
     def __init__(self, viewer: napari.viewer.Viewer, autosave_ms: int = AUTOSAVE_MS) -> None:
@@ -178,11 +179,6 @@ class CorrectWidget(Container):
         from napari.layers import Labels
 
         return [lyr for lyr in self._viewer.layers if isinstance(lyr, Labels)]
-
-    def _image_choices(self, _w: Any = None) -> list:
-        from napari.layers import Image
-
-        return [lyr for lyr in self._viewer.layers if isinstance(lyr, Image)]
 
     def _on_layers_changed(self, event: Any = None) -> None:
         self.labels.reset_choices()

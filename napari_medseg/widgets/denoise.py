@@ -27,9 +27,8 @@ from magicgui.widgets import (
 
 from ..core.denoising import DEFAULT_TIME_BUDGET, METHODS, N2V_METHODS
 from ..core.progress import Progress
-from ._layers import record_from_layer
 from ._plot import TrainingPlot
-from ._task import WorkerControls
+from ._task import ImageInput, WorkerControls
 
 if TYPE_CHECKING:
     import napari
@@ -63,7 +62,7 @@ def _frame_count(record: Any) -> int:
     return int(np.prod(extra)) if extra else 1
 
 
-class DenoiseWidget(WorkerControls, Container):
+class DenoiseWidget(ImageInput, WorkerControls, Container):
     """Dock widget: image, method, training budget, Run / Cancel, loss plot, before/after."""
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
@@ -111,9 +110,7 @@ class DenoiseWidget(WorkerControls, Container):
         self.save_button.changed.connect(self._on_save_clicked)
         self.load_button.changed.connect(self._on_load_clicked)
         self.method.changed.connect(self._on_method)
-        viewer.layers.events.inserted.connect(self._on_layers_changed)
-        viewer.layers.events.removed.connect(self._on_layers_changed)
-        self._on_layers_changed()
+        self._follow_layers()
         self._on_method()
 
     # ------------------------------------------------------------------ choices
@@ -133,13 +130,6 @@ class DenoiseWidget(WorkerControls, Container):
             (f"{label} (saved denoiser)", MODEL_PREFIX + p) for label, p in self._models.items()
         ]
         return out
-
-    def _on_layers_changed(self, event: Any = None) -> None:
-        self.image.reset_choices()
-        choices = self._image_choices()
-        if self.image.value is None and choices:
-            active = self._viewer.layers.selection.active
-            self.image.value = active if active in choices else choices[-1]
 
     def _on_method(self, _v: Any = None) -> None:
         self.budget.enabled = self.method.value in N2V_METHODS
@@ -182,15 +172,10 @@ class DenoiseWidget(WorkerControls, Container):
     def _on_run(self, _v: Any = None) -> None:
         from napari.utils.notifications import show_error
 
-        layer = self.image.value
-        if layer is None:
-            show_error("Choose an image layer to denoise.")
+        chosen = self._chosen_record("denoise")
+        if chosen is None:
             return
-        try:
-            record = record_from_layer(layer)
-        except Exception as e:  # noqa: BLE001 - shown to the user as one sentence
-            self._on_error(e)
-            return
+        layer, record = chosen
         n = _frame_count(record)
         if n > 1 and not self.frames.value:
             msg = (

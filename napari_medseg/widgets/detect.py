@@ -32,8 +32,7 @@ from magicgui.widgets import (
 )
 
 from ..core.progress import Progress
-from ._layers import record_from_layer
-from ._task import WorkerControls
+from ._task import ImageInput, WorkerControls
 
 if TYPE_CHECKING:
     import napari
@@ -58,7 +57,7 @@ def _detect_job(record: Any, model_ref: str, device: str) -> Any:
     return (yield from detect(record, model, device=device))
 
 
-class DetectWidget(WorkerControls, Container):
+class DetectWidget(ImageInput, WorkerControls, Container):
     """Dock widget: image, model, score threshold (live), min size, NMS IoU, Run / Cancel."""
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
@@ -118,16 +117,9 @@ class DetectWidget(WorkerControls, Container):
         for w in (self.threshold, self.min_size, self.nms_iou):
             w.changed.connect(self._schedule_refresh)
         self.image.changed.connect(lambda _v=None: self.model.reset_choices())
-        viewer.layers.events.inserted.connect(self._on_layers_changed)
-        viewer.layers.events.removed.connect(self._on_layers_changed)
-        self._on_layers_changed()
+        self._follow_layers()
 
     # ------------------------------------------------------------------ choices
-
-    def _image_choices(self, _w: Any = None) -> list:
-        from napari.layers import Image
-
-        return [lyr for lyr in self._viewer.layers if isinstance(lyr, Image)]
 
     def _image_dims(self) -> int | None:
         layer = self.image.value if hasattr(self, "image") else None
@@ -157,12 +149,8 @@ class DetectWidget(WorkerControls, Container):
         choices.append(("classical (Otsu + watershed, no network)", CLASSICAL))
         return choices
 
-    def _on_layers_changed(self, _event: Any = None) -> None:
-        self.image.reset_choices()
-        choices = self._image_choices()
-        if self.image.value is None and choices:
-            active = self._viewer.layers.selection.active
-            self.image.value = active if active in choices else choices[-1]
+    def _on_layers_changed(self, event: Any = None) -> None:
+        super()._on_layers_changed(event)
         self.model.reset_choices()
 
     # ------------------------------------------------------------------ run
@@ -170,18 +158,13 @@ class DetectWidget(WorkerControls, Container):
     def _on_run(self, _v: Any = None) -> None:
         from napari.utils.notifications import show_error
 
-        layer = self.image.value
-        if layer is None:
-            show_error("Choose an image layer to detect objects in.")
-            return
-        if not self.model.value:
+        if not self.model.value and self.image.value is not None:
             show_error("Choose a model.")
             return
-        try:
-            record = record_from_layer(layer)
-        except Exception as e:  # noqa: BLE001 - shown to the user as one sentence
-            self._on_error(e)
+        chosen = self._chosen_record("detect objects in")
+        if chosen is None:
             return
+        layer, record = chosen
         self._t0 = time.perf_counter()
         self.start_worker(
             _detect_job,

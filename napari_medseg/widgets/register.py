@@ -35,7 +35,7 @@ from magicgui.widgets import (
 
 from ..core.progress import Progress
 from ._layers import labels_layer_data, record_from_layer
-from ._task import WorkerControls
+from ._task import ImageInput, WorkerControls
 
 if TYPE_CHECKING:
     import napari
@@ -59,7 +59,7 @@ def _world_order(ndim: int) -> slice:
     return slice(None, None, -1) if ndim == 3 else slice(None)
 
 
-class RegisterWidget(WorkerControls, Container):
+class RegisterWidget(ImageInput, WorkerControls, Container):
     """Dock widget: fixed, moving, optional moving labels and points, mode, similarity,
     regularisation, iterations, Run / Cancel, progress with the loss, quality views."""
 
@@ -132,9 +132,7 @@ class RegisterWidget(WorkerControls, Container):
         self.cancel_button.changed.connect(self._on_cancel)
         self.checkerboard.changed.connect(self._on_checkerboard)
         self.blend.changed.connect(self._on_blend)
-        viewer.layers.events.inserted.connect(self._on_layers_changed)
-        viewer.layers.events.removed.connect(self._on_layers_changed)
-        self._on_layers_changed()
+        self._follow_layers()
 
     # ------------------------------------------------------------------ choices
 

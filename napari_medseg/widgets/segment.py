@@ -23,8 +23,8 @@ from magicgui.widgets import (
 )
 
 from ..core.progress import Progress
-from ._layers import is_volume_layer, labels_layer_data, record_from_layer, use_radiological_view
-from ._task import WorkerControls
+from ._layers import is_volume_layer, labels_layer_data, use_radiological_view
+from ._task import ImageInput, WorkerControls
 
 if TYPE_CHECKING:
     import napari
@@ -52,7 +52,7 @@ def _segment_job(record: Any, model_ref: str, options: dict, trust: bool) -> Any
     return result
 
 
-class SegmentWidget(WorkerControls, Container):
+class SegmentWidget(ImageInput, WorkerControls, Container):
     """Dock widget: image layer, model, device, overlap, TTA, probabilities, Run / Cancel."""
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
@@ -93,9 +93,7 @@ class SegmentWidget(WorkerControls, Container):
         self.cancel_button.changed.connect(self._on_cancel)
         self.load_button.changed.connect(self._on_load_model)
         self.model.changed.connect(self._show_model_info)
-        viewer.layers.events.inserted.connect(self._on_layers_changed)
-        viewer.layers.events.removed.connect(self._on_layers_changed)
-        self._on_layers_changed()
+        self._follow_layers()
         self._show_model_info()
         self._warmup = self._start_warm_up()
 
@@ -113,11 +111,6 @@ class SegmentWidget(WorkerControls, Container):
 
     # ------------------------------------------------------------------ choices
 
-    def _image_choices(self, _w: Any = None) -> list:
-        from napari.layers import Image
-
-        return [lyr for lyr in self._viewer.layers if isinstance(lyr, Image)]
-
     def _model_choices(self, _w: Any = None) -> list[tuple[str, str]]:
         from ..models.registry import list_models
 
@@ -133,11 +126,7 @@ class SegmentWidget(WorkerControls, Container):
         return choices
 
     def _on_layers_changed(self, event: Any = None) -> None:
-        self.image.reset_choices()
-        choices = self._image_choices()
-        if self.image.value is None and choices:
-            active = self._viewer.layers.selection.active
-            self.image.value = active if active in choices else choices[-1]
+        super()._on_layers_changed(event)
         if event is not None and getattr(event, "type", "") == "inserted":
             layer = event.value
             if (
@@ -197,18 +186,13 @@ class SegmentWidget(WorkerControls, Container):
     def _on_run(self, _v: Any = None, trust: bool = False) -> None:
         from napari.utils.notifications import show_error
 
-        layer = self.image.value
-        if layer is None:
-            show_error("Choose an image layer to segment.")
-            return
-        if not self.model.value:
+        if not self.model.value and self.image.value is not None:
             show_error("Choose a model, or load one from disk with Load model...")
             return
-        try:
-            record = record_from_layer(layer)
-        except Exception as e:  # noqa: BLE001 - shown to the user as one sentence
-            self._on_error(e)
+        chosen = self._chosen_record("segment")
+        if chosen is None:
             return
+        layer, record = chosen
         self._t0 = time.perf_counter()
         self.start_worker(
             _segment_job,

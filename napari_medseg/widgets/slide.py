@@ -173,6 +173,7 @@ class SlideWidget(Container):
         self._worker = worker
         self.view_button.enabled = self.run_button.enabled = False
         self.cancel_button.enabled = True
+        self.progress.value = 0
         self.status.value = "Starting..."
         worker.start()
 
@@ -231,6 +232,11 @@ class SlideWidget(Container):
             self.status.value = "Cancelling (the partial result stays readable)..."
 
     def _on_finished(self) -> None:
+        if self._worker is not None and getattr(self._worker, "abort_requested", False):
+            self.status.value = (
+                "Cancelled: the tiles done so far stay in the saved result, "
+                "marked incomplete; run again to finish."
+            )
         self._worker = None
         self.view_button.enabled = self.run_button.enabled = True
         self.cancel_button.enabled = False

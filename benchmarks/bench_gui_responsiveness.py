@@ -87,7 +87,13 @@ def main() -> int:
     worker_gaps = np.diff(np.array([t for t in ticks if t <= t_result])) * 1000
     gaps_idle, _, _ = measure(secs, False)
     shape = viewer.layers[0].data.shape
-    print(f"image {shape}, model {a.model}, run {secs:.1f} s, status: {widget.status.value}")
+    seg = [lyr for lyr in viewer.layers if type(lyr).__name__ == "Labels"]
+    print(f"image {shape}, model {a.model}, status: {widget.status.value}")
+    print(
+        f"Run -> editable mask: {secs:.2f} s (press Run until the Labels layer "
+        f"{seg[-1].name if seg else '?'} is in the viewer, "
+        f"editable: {bool(seg and seg[-1].editable)})"
+    )
     print("| heartbeat (10 ms) | ticks | max gap (ms) | p99 gap (ms) |")
     print("|---|---|---|---|")
     for label, g in [

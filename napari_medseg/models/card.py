@@ -21,6 +21,10 @@ Example ``model.json``::
       "training": {...}, "metrics": {...}
     }
 
+A box detector (:mod:`napari_medseg.core.boxdet`) has ``"task": "detection"`` and a
+``"detection"`` block naming its head (``{"head": "centernet", "n_classes": K, ...}``); its
+network outputs ``K`` centre heatmaps, ``dims`` log box sizes and ``dims`` centre offsets.
+
 Normalisation schemes (:mod:`napari_medseg.core.preprocess` implements them):
 
 * ``{"scheme": "ct", "window": [lo, hi]}``: clip HU to the window, scale to [0, 1].
@@ -40,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 CARD_NAME = "model.json"
-TASKS = ("segmentation", "detection", "denoising", "registration")
+TASKS = ("segmentation", "detection", "denoising", "registration", "interactive")
 
 #: A fixed, readable palette for class colours (index 1 is the first foreground class).
 PALETTE = [
@@ -94,6 +98,11 @@ class ModelCard:
     metrics: dict = field(default_factory=dict)
     parent: str | None = None
     extra: dict = field(default_factory=dict)
+    #: box detectors only (``task == "detection"``): the output head, e.g.
+    #: ``{"head": "centernet", "n_classes": 1, "size_encoding": "log", "offsets": true,
+    #: "min_sigma": 1.0, "peak_threshold": 0.05, "nms_radius": 3}`` (see
+    #: :mod:`napari_medseg.core.boxdet`); empty for every other model
+    detection: dict = field(default_factory=dict)
 
     @property
     def out_channels(self) -> int:

@@ -43,6 +43,10 @@ FILL_MODES = ["3D", "2D slices"]
 TABLE_COLUMNS = ["class", "name", "voxels", "mL"]
 CASE_COLUMNS = ["case", "status", "versions"]
 SIGNS = ["positive", "negative"]
+CLICK_METHODS = [
+    ("random walker (follows edges, any image)", "random_walker"),
+    ("learned (click_refine_2d, 2D slices)", "learned"),
+]
 SIGN_COLORS = {"positive": "#30ff30", "negative": "#ff3030"}
 
 
@@ -75,6 +79,9 @@ class CorrectWidget(ImageInput, Container):
         self.to_label = SpinBox(label="Relabel to (0 deletes)", value=2, min=0, max=65535)
         self.relabel_button = PushButton(text="Relabel class")
         self.click_sign = ComboBox(label="Click (T toggles)", choices=SIGNS, value=SIGNS[0])
+        self.click_method = ComboBox(
+            label="Click model", choices=CLICK_METHODS, value="random_walker"
+        )
         self.refine_button = PushButton(text="Refine from clicks (R)")
         self.clear_clicks_button = PushButton(text="Clear clicks")
         self.table = Table(value={"data": [], "index": [], "columns": TABLE_COLUMNS})
@@ -111,6 +118,7 @@ class CorrectWidget(ImageInput, Container):
                 self.to_label,
                 self.relabel_button,
                 self.click_sign,
+                self.click_method,
                 self.refine_button,
                 self.clear_clicks_button,
                 self.table,
@@ -516,7 +524,12 @@ class CorrectWidget(ImageInput, Container):
             pts.data = np.zeros((0, pts.ndim))
 
     def refine_clicks(self, _v: Any = None) -> int:
-        """Re-segment the class around the clicks (random walker), as one undo step."""
+        """Re-segment the class around the clicks, as one undo step.
+
+        ``Click model``: the random walker (model-free, follows intensity edges, 2D or 3D) or
+        the learned click model (2D, in the slice of each click); see docs/clicks.md for
+        which wins where.
+        """
         from napari.utils.notifications import show_error
 
         from ..core.refine import refine_with_clicks
@@ -541,9 +554,14 @@ class CorrectWidget(ImageInput, Container):
             return 0
         signs = np.asarray(pts.features["sign"]).astype(str)
         coords = np.asarray(pts.data, float)
-        mode = "3d" if self._viewer.dims.ndisplay == 3 else "2d"
-        # the intensities the reader sees (contrast limits); RGB: the full range
+        method = str(self.click_method.value)
+        mode = "3d" if self._viewer.dims.ndisplay == 3 and method == "random_walker" else "2d"
+        # the intensities the reader sees (contrast limits); RGB: the full range. The learned
+        # model normalises by itself, except for CT where the window is the meaningful range.
+        ct = ((img_layer.metadata or {}).get(META_KEY) or {}).get("modality") == "CT"
         window = None if getattr(img_layer, "rgb", False) else tuple(img_layer.contrast_limits)
+        if method == "learned" and not ct:
+            window = None
         return self._run_tool(
             "Refine from clicks",
             lambda a, c, lyr: refine_with_clicks(
@@ -556,6 +574,7 @@ class CorrectWidget(ImageInput, Container):
                 mode=mode,
                 axis=self._slice_axis(lyr),
                 window=window,
+                method=method,
             ),
         )
 

@@ -87,6 +87,26 @@ def test_finetune_writes_a_new_version_with_parent_cases_and_scores(tmp_path, mo
     assert out.name in [m["name"] for m in list_models()]
 
 
+def test_finetune_on_every_case_without_hold_out(tmp_path, monkeypatch):
+    """hold_out=False trains on all corrected cases: no validation split, no before/after."""
+    from napari_medseg.models.card import ModelCard
+    from napari_medseg.training.from_corrections import finetune_from_corrections
+
+    monkeypatch.setenv("MEDSEG_MODELS_DIR", str(tmp_path / "models"))
+    parent = tiny_cord_model(tmp_path / "tiny_cord")
+    wl = corrected_worklist(tmp_path / "proj")
+    result = run_sync(
+        finetune_from_corrections(
+            wl, parent, time_budget=3.0, device="cpu", batch_size=2, seed=0, hold_out=False
+        )
+    )
+    card = ModelCard.load(result.out_dir)
+    assert card.training["corrections"]["held_out"] is False
+    assert not card.training.get("val_cases")
+    assert "before_after" not in card.metrics
+    assert sorted(card.training["train_cases"]) == ["mt0", "mt1", "t1w", "t2"]
+
+
 def test_finetune_needs_corrected_cases(tmp_path):
     from napari_medseg.core.worklist import WorklistError
     from napari_medseg.training.from_corrections import finetune_from_corrections

@@ -1,12 +1,21 @@
 """The ``napari-medseg detect`` subcommand (hooked into :mod:`napari_medseg.cli` by ``register``).
 
 ``napari-medseg detect IMAGE -m MODEL -o OUT.csv|OUT.geojson [--threshold T] [--min-size S]
-[--nms-iou I] [--min-distance D] [--device auto|cpu|cuda|mps] [--overwrite] [--quiet]``
+[--nms-iou I] [--min-distance D] [--dark-objects] [--device auto|cpu|cuda|mps] [--overwrite]
+[--quiet]`` plus, for slides, ``[--tile N] [--margin M] [--all-tiles] [--level L]
+[--border-iou I] [--scheduler local|tcp://host:port]``.
 
-MODEL is a segmentation model (registry name, model folder, bundle) whose foreground is split
-into objects by a distance watershed, or ``classical`` (Gaussian + Otsu + watershed, no
-network). The CSV has one row per object (columns in :mod:`napari_medseg.core.detection`);
-GeoJSON follows QuPath's convention (2D only). A provenance JSON is written beside OUT.
+MODEL is a model :func:`napari_medseg.core.detection.detect` runs (a segmentation model whose
+foreground is split into objects by a distance watershed, or a detection model), or
+``classical`` (Gaussian + Otsu + watershed, no network; ``--dark-objects`` for dark nuclei on a
+bright background, e.g. haematoxylin in H&E). The CSV has one row per object (columns in
+:mod:`napari_medseg.core.detection`); GeoJSON follows QuPath's convention (2D only). A
+provenance JSON is written beside OUT.
+
+When IMAGE is a whole slide (:func:`napari_medseg.io.raster.is_slide`) it is searched tile by tile
+(:func:`napari_medseg.core.wsi_detect.detect_slide`): tissue tiles only, each with a margin,
+each object kept by the tile holding its centre, coordinates in level-0 (full-resolution)
+pixels; ``--threshold``, ``--min-size`` (level-0 pixels) and ``--nms-iou`` apply per tile.
 """
 
 from __future__ import annotations
@@ -51,11 +60,39 @@ def register(sub: Any) -> None:
         default=None,
         help="smallest distance between two object centres (px in 2D, mm in 3D; default 4 voxels)",
     )
+    p.add_argument(
+        "--dark-objects",
+        action="store_true",
+        help="classical: objects darker than the background (nuclei in bright-field H&E)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.add_argument(
         "--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="compute device"
     )
     p.add_argument("--quiet", action="store_true", help="no progress or summary on stderr")
+    g = p.add_argument_group("whole slides (IMAGE is a pyramidal or large tiled TIFF)")
+    g.add_argument("--tile", type=int, default=1024, help="tile side in pixels (1024)")
+    g.add_argument(
+        "--margin", type=int, default=64, help="context around each tile, > object size (64)"
+    )
+    g.add_argument("--all-tiles", action="store_true", help="also search background (glass)")
+    g.add_argument(
+        "--level",
+        type=int,
+        default=None,
+        help="pyramid level to search (default: from the model's spacing and the slide's mpp)",
+    )
+    g.add_argument(
+        "--border-iou",
+        type=float,
+        default=0.5,
+        help="drop an object found again by a neighbouring tile above this box IoU (0.5)",
+    )
+    g.add_argument(
+        "--scheduler",
+        default=None,
+        help="run on dask.distributed: 'local' (LocalCluster, 2 workers) or tcp://host:port",
+    )
     p.set_defaults(func=run_detect)
 
 
@@ -65,16 +102,20 @@ def run_detect(args: argparse.Namespace) -> int:
     from .core.progress import TextProgress, run_sync
     from .io import read_image
     from .io.detections import write_detections
-    from .io.errors import ImageWriteError, MedsegError
+    from .io.errors import ImageWriteError
 
     out = Path(args.output).expanduser()
     if out.suffix.lower() not in (".csv", ".geojson", ".json"):
         raise ImageWriteError(f"cannot write detections to {out.name}: use .csv or .geojson")
     if out.exists() and not args.overwrite:
         raise ImageWriteError(f"{out} exists; pass --overwrite to replace it.")
-    if not 0.0 <= args.threshold <= 1.0:
-        raise MedsegError(f"--threshold must be between 0 and 1, not {args.threshold}")
-    recs = read_image(Path(args.image).expanduser())
+    _check_threshold(args.threshold)
+    src = Path(args.image).expanduser()
+    from .io.raster import is_slide
+
+    if src.is_file() and is_slide(src):
+        return _run_detect_slide(args, src, out)
+    recs = read_image(src)
     record = recs[0]
     if len(recs) > 1 and not args.quiet:
         print(
@@ -86,16 +127,11 @@ def run_detect(args: argparse.Namespace) -> int:
         raise ImageWriteError("GeoJSON (QuPath) export is for 2D images; use a .csv for 3D")
     bar = TextProgress(quiet=args.quiet)
     if args.model == "classical":
-        gen = detect_classical(record, min_distance=args.min_distance)
+        gen = detect_classical(
+            record, min_distance=args.min_distance, dark_objects=args.dark_objects
+        )
     else:
-        from .models.registry import load_model
-
-        model = load_model(args.model, device="cpu")
-        if model.card.task != "segmentation":
-            raise MedsegError(
-                f"model {model.card.name!r} is a {model.card.task} model; detect needs a "
-                "segmentation model (its foreground is split into objects)"
-            )
+        model = _load_detection_model(args.model)
         gen = detect(record, model, device=args.device, min_distance=args.min_distance)
     result = run_sync(gen, bar)
     table = filter_detections(
@@ -126,4 +162,83 @@ def run_detect(args: argparse.Namespace) -> int:
         counts = table["class"].value_counts().to_dict() if len(table) else {}
         what = ", ".join(f"{n} {c}" for c, n in counts.items()) or "no objects"
         print(f"wrote {written}: {what} (of {len(result.table)} before filtering)", file=sys.stderr)
+    return 0
+
+
+def _check_threshold(t: float) -> None:
+    from .io.errors import MedsegError
+
+    if not 0.0 <= t <= 1.0:
+        raise MedsegError(f"--threshold must be between 0 and 1, not {t}")
+
+
+def _load_detection_model(ref: str) -> Any:
+    """A model ``detect()`` can run: segmentation (watershed instances) or detection."""
+    from .io.errors import MedsegError
+    from .models.registry import load_model
+
+    model = load_model(ref, device="cpu")
+    if model.card.task not in ("segmentation", "detection"):
+        raise MedsegError(
+            f"model {model.card.name!r} is a {model.card.task} model; detect needs a "
+            "segmentation or detection model"
+        )
+    return model
+
+
+def _run_detect_slide(args: argparse.Namespace, src: Path, out: Path) -> int:
+    """``detect`` on a whole slide: :func:`napari_medseg.core.wsi_detect.detect_slide`."""
+    import functools
+
+    from .cli import _provenance_path, _write_json_atomic
+    from .core.detection import detect_classical
+    from .core.progress import TextProgress, run_sync
+    from .core.wsi_detect import detect_slide, detect_slide_dask, write_slide_detections
+    from .io.raster import read_slide
+
+    opts: dict[str, Any] = dict(
+        level=args.level,
+        tile=args.tile,
+        margin=args.margin,
+        threshold=args.threshold,
+        min_size=args.min_size,
+        nms_iou=args.nms_iou,
+        border_iou=args.border_iou,
+        min_distance=args.min_distance,
+        tissue_only=not args.all_tiles,
+        outlines=out.suffix.lower() != ".csv",
+    )
+    bar = TextProgress(quiet=args.quiet)
+    classical = args.model == "classical"
+    if args.scheduler:
+        ref = ("classical-dark" if args.dark_objects else "classical") if classical else args.model
+        if not classical:
+            _load_detection_model(ref)  # fail here, in one sentence, not on the workers
+        device = args.device if args.device != "auto" else "cpu"
+        gen = detect_slide_dask(src, ref, scheduler=args.scheduler, device=device, **opts)
+    else:
+        if classical:
+            detector: Any = functools.partial(detect_classical, dark_objects=args.dark_objects)
+        else:
+            detector = _load_detection_model(args.model)
+        gen = detect_slide(read_slide(src), detector, device=args.device, **opts)
+    result = run_sync(gen, bar)
+    written = write_slide_detections(out, result, overwrite=True)
+    prov = dict(result.provenance)
+    prov.update(
+        input=str(args.image),
+        output=str(written),
+        filters={"threshold": args.threshold, "min_size": args.min_size, "nms_iou": args.nms_iou},
+        n_written=len(result.table),
+    )
+    _write_json_atomic(_provenance_path(written), prov)
+    if not args.quiet:
+        t = result.table
+        counts = t["class"].value_counts().to_dict() if len(t) else {}
+        what = ", ".join(f"{n} {c}" for c, n in counts.items()) or "no objects"
+        print(
+            f"wrote {written}: {what} in level-0 pixels ({result.tiles_done} tiles of level "
+            f"{result.level}, {len(result.skipped)} unreadable)",
+            file=sys.stderr,
+        )
     return 0

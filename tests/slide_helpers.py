@@ -79,3 +79,56 @@ def save_rgb_model(folder: Path, seed: int = 0, **kw) -> Path:
         for p in net.parameters():
             p.mul_(3.0)
     return save_model(folder, card, net)
+
+
+def he_tissue() -> np.ndarray:
+    """The real 300x500 H&E tile alone (uint8 RGB, all tissue, no glass)."""
+    return he_tile_with_glass(pad=(0, 0))
+
+
+def make_tissue_slide(path: Path, size: tuple[int, int], tile: int = 256, **kw) -> Path:
+    """A pyramidal JPEG TIFF of ``size`` (rows, cols) tiling the H&E tile without glass."""
+    from napari_medseg.io.raster import make_pyramidal_tiff
+
+    return make_pyramidal_tiff(path, he_tissue(), size, tile=tile, **kw)
+
+
+def dark_components(record, min_distance=None, threshold: float = 90.0):
+    """A purely local nucleus detector for tiling tests: connected components of pixels whose
+    RGB mean is below ``threshold`` (haematoxylin-dark), measured with ``measure_instances``.
+
+    It returns a :class:`DetectionResult` (not a generator), so it also exercises that path.
+    Its result on a region does not depend on the region's surroundings, which makes exact
+    comparisons between tilings possible.
+    """
+    from scipy import ndimage as ndi
+
+    from napari_medseg.core.detection import DetectionResult, measure_instances
+    from napari_medseg.core.progress import run_sync
+
+    grey = np.asarray(record.data, dtype=np.float32)
+    grey = grey.mean(axis=-1) if grey.ndim == 3 else grey
+    inst = ndi.label(grey < threshold)[0].astype(np.int32)
+    table = run_sync(
+        measure_instances(inst, record.affine, record.space, None, None, {1: "nucleus"})
+    )
+    return DetectionResult(
+        table, inst, np.asarray(record.affine), record.space, {"nucleus": "#0000ff"},
+        {"method": "dark connected components"},
+    )  # fmt: skip
+
+
+FLUO = DATA / "microscopy" / "dsb2018_nuclei" / "image.tif"
+
+
+def make_fluo_slide(path: Path, size: tuple[int, int], tile: int = 256) -> Path:
+    """A pyramidal zlib TIFF (uint16, one channel) tiling the real 512x512 DSB fluorescence
+    nuclei image, for the built-in ``fluo_nuclei_2d`` model."""
+    if not FLUO.is_file():
+        pytest.skip(f"real fluorescence image absent ({FLUO}); set MEDSEG_DATA")
+    import tifffile
+
+    from napari_medseg.io.raster import make_pyramidal_tiff
+
+    img = tifffile.imread(FLUO)
+    return make_pyramidal_tiff(path, img, size, tile=tile, compression="zlib", mpp=0.5)

@@ -112,3 +112,51 @@ def test_bad_model_and_suffix_raise(nuclei_tif, tmp_path):
     with pytest.raises(MedsegError, match="csv"):
         _run(["detect", str(nuclei_tif), "-m", "classical", "-o", str(tmp_path / "x.txt")])
     assert not list(tmp_path.glob("x.*"))
+
+
+# --------------------------------------------------------------------------- whole slides
+
+
+def test_detect_on_a_fluorescence_slide_with_the_builtin_model(tmp_path, capsys):
+    """A pyramidal TIFF tiling the real DSB image, searched tile by tile with the trained
+    ``fluo_nuclei_2d``: one feature per nucleus in level-0 pixels, with its outline."""
+    from napari_medseg.cli import main
+    from tests.slide_helpers import make_fluo_slide
+
+    slide = make_fluo_slide(tmp_path / "fluo.tif", (640, 800))
+    gj = tmp_path / "nuclei.geojson"
+    args = ["detect", str(slide), "-m", "fluo_nuclei_2d", "--tile", "320", "--margin", "48"]
+    assert main([*args, "--device", "cpu", "--min-size", "20", "-o", str(gj)]) == 0
+    assert "level-0 pixels" in capsys.readouterr().err
+    feats = json.loads(gj.read_text())["features"]
+    assert feats and all(f["geometry"]["type"] == "Polygon" for f in feats)
+    assert all(f["properties"]["measurements"]["area"] >= 20 for f in feats)
+    t = read_detections(gj)
+    # the 512x512 image holds 125 manually outlined nuclei; the slide is 1.95 copies of it
+    assert 0.7 * 125 * 1.95 < len(t) < 1.3 * 125 * 1.95, len(t)
+    assert (t.score >= 0.5).all() and t.y.between(0, 640).all() and t.x.between(0, 800).all()
+    prov = json.loads((tmp_path / "nuclei.provenance.json").read_text())
+    assert prov["model"]["name"] == "fluo_nuclei_2d" and prov["tiles_done"] == 6
+    assert prov["parameters"]["level"] == 0 and prov["n_written"] == len(t)
+    assert main([*args, "-o", str(gj), "--quiet"]) == 1  # exists, no --overwrite
+
+
+def test_detect_classical_dark_nuclei_on_an_he_slide(tmp_path):
+    """The classical detector (no network; Otsu per tile, dark objects) on a slide tiling the real
+    H&E tile: about as many nuclei per area as on the tile itself."""
+    import functools
+
+    from napari_medseg.cli import main
+    from napari_medseg.core.detection import detect_classical
+    from napari_medseg.core.progress import run_sync
+    from tests.slide_helpers import he_tissue, make_tissue_slide
+
+    slide = make_tissue_slide(tmp_path / "he.tif", (900, 1500))  # 9 copies of the tile
+    out = tmp_path / "he.csv"
+    assert main(["detect", str(slide), "-m", "classical", "--dark-objects", "-o", str(out),
+                 "--tile", "512", "--quiet"]) == 0  # fmt: skip
+    n = len(read_detections(out))
+    rec = ImageRecord(data=he_tissue(), affine=np.eye(3), space="pixel", name="he", rgb=True)
+    ref = run_sync(functools.partial(detect_classical, dark_objects=True)(rec)).table
+    ref = ref[ref.score >= 0.5]
+    assert len(ref) > 200 and 0.75 * 9 * len(ref) < n < 1.25 * 9 * len(ref)

@@ -56,3 +56,32 @@ def test_segment_blank_slide_says_no_tissue(tmp_path, capsys):
         ["segment", str(blank), "-m", str(model), "-o", str(tmp_path / "b.zarr"), "--device", "cpu"]
     )
     assert rc == 1 and "no tissue" in capsys.readouterr().err
+
+
+def test_segment_slide_to_ome_tiff_and_alongside_zarr(tmp_path):
+    import tifffile
+
+    from napari_medseg.io.raster import read_slide
+
+    slide = make_slide(tmp_path / "slide.tif", (1100, 900))
+    model = save_rgb_model(tmp_path / "tiny_rgb")
+    base = ["segment", str(slide), "-m", str(model), "--tile", "256", "--device", "cpu", "--quiet"]
+    # -o OUT.ome.tif: a temporary zarr beside it, exported, removed
+    out = tmp_path / "labels.ome.tif"
+    assert main([*base, "-o", str(out)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["slide.tif", "tiny_rgb", "labels.ome.tif", "labels.provenance.json"]
+    )
+    rec = read_slide(out)
+    assert rec.data.shape == (1100, 900) and rec.metadata["mpp"] == 0.25
+    assert len(rec.multiscale) >= 3
+    # -o OUT.zarr --export-ome-tiff FILE: both, level 0 equal pixel for pixel
+    z, tif = tmp_path / "seg.zarr", tmp_path / "seg.ome.tif"
+    assert main([*base, "-o", str(z), "--export-ome-tiff", str(tif)]) == 0
+    l0 = open_result(z)[0].compute()
+    assert l0.any()
+    np.testing.assert_array_equal(tifffile.imread(tif), l0)
+    np.testing.assert_array_equal(rec.data.compute(), l0)  # same model, same slide
+    prov = json.loads((tmp_path / "seg.provenance.json").read_text())
+    assert prov["ome_tiff"] == str(tif)
+    assert main([*base, "-o", str(out)]) == 1  # exists, no --overwrite

@@ -17,54 +17,20 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Generator, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .cluster import dask_client
 from .progress import Progress, run_sync
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models.networks import LoadedModel
 
-__all__ = ["dask_client", "segment_batch", "segment_file"]
+__all__ = ["segment_batch", "segment_file"]
 
 #: Models kept by a dask worker (or this process) between jobs: {(ref, device, trust): model}.
 _MODEL_CACHE: dict[tuple, Any] = {}
-
-
-@contextmanager
-def dask_client(scheduler: Any = "local", n_workers: int = 2) -> Iterator[Any]:
-    """A ``distributed.Client`` for ``scheduler``, closed on exit when started here.
-
-    Parameters
-    ----------
-    scheduler : None, "local", str or distributed.Client
-        ``None``/``"local"``: a ``LocalCluster(n_workers, threads_per_worker=1)`` started and
-        stopped here; ``"tcp://host:port"``: an existing scheduler; a ``Client`` is used as is.
-    n_workers : int
-        Workers of a local cluster.
-    """
-    from distributed import Client, LocalCluster
-
-    if scheduler is None or scheduler == "local":
-        cluster = LocalCluster(
-            n_workers=n_workers, threads_per_worker=1, dashboard_address=None, processes=True
-        )
-        client = Client(cluster)
-        try:
-            yield client
-        finally:
-            client.close()
-            cluster.close()
-    elif isinstance(scheduler, str):
-        client = Client(scheduler)
-        try:
-            yield client
-        finally:
-            client.close()
-    else:
-        yield scheduler
 
 
 def _model(ref: Any, device: str, trust_bundle: bool) -> LoadedModel:
@@ -200,7 +166,8 @@ def segment_batch(
         A model name or folder (a loaded model only without ``scheduler``: workers load it
         from its reference).
     scheduler : None, "local", str or distributed.Client
-        ``None``: this process, one job after the other. Otherwise see :func:`dask_client`.
+        ``None``: this process, one job after the other; otherwise a dask scheduler as
+        :mod:`napari_medseg.core.cluster` takes it.
     n_workers : int
         Workers of a local cluster (``scheduler="local"``).
     **opts
@@ -238,8 +205,7 @@ def segment_batch(
     with dask_client(scheduler, n_workers) as client:
         n = max(1, len(client.scheduler_info().get("workers", {})))
         futures = [
-            client.submit(_dask_job, str(s), str(d), str(model), opts, pure=False)
-            for s, d in jobs
+            client.submit(_dask_job, str(s), str(d), str(model), opts, pure=False) for s, d in jobs
         ]
         index = {f.key: i for i, f in enumerate(futures)}
         yield Progress(0, total, f"{total} jobs on {n} dask workers")

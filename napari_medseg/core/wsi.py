@@ -4,7 +4,9 @@ How a slide is segmented
 ------------------------
 1. :func:`tissue_mask`: Otsu threshold on the HSV saturation of a low-resolution pyramid level
    (the smallest level whose longer side is at least :data:`MASK_MIN_SIDE` pixels), floored at
-   :data:`MIN_SATURATION` so a blank slide finds nothing, then small objects and holes removed.
+   :data:`MIN_SATURATION` so a blank slide finds nothing (and used alone when Otsu's lower class
+   is itself saturated, i.e. not glass: a slide all tissue), then small objects and holes
+   removed.
 2. The slide (at the model's level, see below) is cut into output tiles of ``tile x tile``
    pixels; only tiles that touch tissue run.
 3. Each tile is read with ``margin`` pixels of context on every side (mirrored where the slide
@@ -20,8 +22,8 @@ How a slide is segmented
    Only one batch of tiles plus one batch being prefetched is ever in memory.
 
 The model's level: when the card states ``spacing`` (µm per pixel for 2D models) and the slide
-states ``metadata["mpp"]``, the pyramid level whose pixel size is closest to the card's (within
-a factor 1.5 finer) is used and the labels are repeated (nearest) onto level 0.
+states ``metadata["mpp"]``, the coarsest pyramid level whose pixel size is at most 1.5 x the
+card's is used (:func:`level_for_mpp`) and the labels are repeated (nearest) onto level 0.
 
 Output layout (OME-NGFF 0.5 on Zarr v3)
 ---------------------------------------
@@ -30,6 +32,9 @@ subsampled by ``2**k``) and attributes ``ome.multiscales`` (axes ``y, x`` in mic
 the slide states mpp, else pixels, with per-level ``scale``), ``ome.image-label`` (class colours)
 and ``medseg`` (``complete``, tiles done/skipped, provenance). A cancelled run leaves a readable
 partial result with ``medseg.complete == false`` (level 0 holds the tiles finished so far).
+
+:func:`export_labels_ome_tiff` turns such a result into a tiled, pyramidal (SubIFDs) OME-TIFF
+chunk row by chunk row. Detections on slides are in :mod:`napari_medseg.core.wsi_detect`.
 """
 
 from __future__ import annotations
@@ -57,6 +62,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "SlideResult",
+    "export_labels_ome_tiff",
+    "level_for_mpp",
     "open_result",
     "plan_tiles",
     "segment_slide",
@@ -157,6 +164,11 @@ def tissue_mask(record: ImageRecord, level: int | None = None) -> tuple[np.ndarr
             thr = max(MIN_SATURATION, float(threshold_otsu(sat)))
         except ValueError:
             thr = MIN_SATURATION
+        # Otsu always splits in two; when its lower class is not glass (a slide or region all
+        # tissue), it would split the tissue into specks: keep the floor instead
+        low = sat[sat <= thr]
+        if low.size and float(low.mean()) > 2 * MIN_SATURATION:
+            thr = MIN_SATURATION
     mask = sat > thr
     down = float(levels[0].shape[0]) / float(arr.shape[0])
     # specks below 1e-4 of the level, and never more than a 256 x 256 level-0 fragment
@@ -169,19 +181,37 @@ def tissue_mask(record: ImageRecord, level: int | None = None) -> tuple[np.ndarr
 # --------------------------------------------------------------------------- planning
 
 
-def _model_level(record: ImageRecord, model: LoadedModel) -> int:
-    """The pyramid level that matches the card's pixel size (µm), 0 when unknown."""
-    card = model.card
+def level_for_mpp(record: ImageRecord, want_um: float | None) -> int:
+    """The pyramid level to run a model made for ``want_um`` µm per pixel on.
+
+    The coarsest level whose pixel size is at most 1.5 x ``want_um`` (so never much coarser
+    than the model expects); level 0 when the slide's ``metadata["mpp"]`` or ``want_um`` is
+    unknown.
+
+    Parameters
+    ----------
+    record : ImageRecord
+        A slide from :func:`napari_medseg.io.raster.read_slide`.
+    want_um : float or None
+        The model's pixel size in micrometres.
+    """
     mpp = (record.metadata or {}).get("mpp")
-    if not card.spacing or not mpp:
+    if not want_um or not mpp:
         return 0
-    want = float(card.spacing[0])
+    want = float(want_um)
     best = 0
     for i, lv in enumerate(_levels(record)):
         f = record.data.shape[0] / lv.shape[0]
         if mpp * f <= want * 1.5:
             best = i
     return best
+
+
+def _model_level(record: ImageRecord, model: LoadedModel) -> int:
+    """The pyramid level that matches the card's pixel size (``spacing[0]`` µm), see
+    :func:`level_for_mpp`; 0 when either is unknown."""
+    card = model.card
+    return level_for_mpp(record, float(card.spacing[0]) if card.spacing else None)
 
 
 def plan_tiles(
@@ -258,8 +288,8 @@ class _TileReader:
                 lvl = series.levels[level]
                 if lvl.axes in ("YXS", "YX"):
                     z = zarr.open(series.aszarr(level=level), mode="r")
-                    owner = raster._SlideFile(tf)
-                    self.safe = raster._SafeLevel(
+                    owner = raster.SlideFile(tf)
+                    self.safe = raster.SafeLevel(
                         z, lvl.axes, level, Path(record.path).name, self._bad, owner
                     )
                     self._tf = owner
@@ -522,6 +552,37 @@ class _Plan:
     chunk0: int
 
 
+def _tile_plan(
+    record: ImageRecord,
+    lvl: int,
+    tile: int,
+    tissue_only: bool,
+    region: Sequence[int] | None,
+) -> tuple[int, tuple[int, int], list]:
+    """(level-0 pixels per working pixel, working-level shape, tiles over tissue/region)."""
+    levels = _levels(record)
+    if not 0 <= lvl < len(levels):
+        raise MedsegError(f"level {lvl} does not exist; the slide has {len(levels)} level(s)")
+    scale = max(1, round(record.data.shape[0] / levels[lvl].shape[0]))
+    mask, down = (None, 1.0)
+    if tissue_only and record.rgb:  # bright-field only; fluorescence slides run on all tiles
+        mask, down = tissue_mask(record)
+        if not mask.any():
+            raise MedsegError(
+                f"no tissue was found on {record.name!r}; check the slide or run with "
+                "tissue_only=False (--all-tiles)"
+            )
+    work = (int(levels[lvl].shape[0]), int(levels[lvl].shape[1]))
+    tiles = plan_tiles(work, tile, mask, down, region, scale)
+    if not tiles:
+        raise MedsegError(
+            "no tissue was found in the requested region"
+            if region is not None
+            else f"no tissue was found on {record.name!r}"
+        )
+    return scale, work, tiles
+
+
 def _plan(
     record: ImageRecord,
     model: LoadedModel,
@@ -536,8 +597,6 @@ def _plan(
     lvl = _model_level(record, model) if level is None else int(level)
     if not 0 <= lvl < len(levels):
         raise MedsegError(f"level {lvl} does not exist; the slide has {len(levels)} level(s)")
-    h0 = record.data.shape[0]
-    scale = round(h0 / levels[lvl].shape[0])
     mult = _net_multiple(model.card)
     if margin is None:
         margin = 64
@@ -545,22 +604,7 @@ def _plan(
         raise MedsegError(
             f"tile + 2 x margin ({tile + 2 * margin}) must be a multiple of {mult} for this network"
         )
-    mask, down = (None, 1.0)
-    if tissue_only:
-        mask, down = tissue_mask(record)
-        if not mask.any():
-            raise MedsegError(
-                f"no tissue was found on {record.name!r}; check the slide or run with "
-                "tissue_only=False (--all-tiles)"
-            )
-    work = tuple(int(s) for s in levels[lvl].shape[:2])
-    tiles = plan_tiles(work, tile, mask, down, region, scale)
-    if not tiles:
-        raise MedsegError(
-            "no tissue was found in the requested region"
-            if region is not None
-            else f"no tissue was found on {record.name!r}"
-        )
+    scale, work, tiles = _tile_plan(record, lvl, int(tile), tissue_only, region)
     return _Plan(lvl, scale, work, tiles, int(tile), int(margin), int(tile) * scale)
 
 
@@ -848,10 +892,11 @@ def segment_slide_dask(
     """
     import dataclasses
 
-    from distributed import Client, LocalCluster, as_completed
+    from distributed import as_completed
 
     from ..io.raster import read_slide
     from ..models.registry import load_model
+    from .cluster import connect
 
     t0 = time.perf_counter()
     out = Path(out_zarr)
@@ -863,17 +908,7 @@ def segment_slide_dask(
     total = len(plan.tiles)
     yield Progress(0, total, "starting the dask cluster")
 
-    cluster = None
-    own_client = False
-    if scheduler is None or scheduler == "local":
-        cluster = LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None)
-        client = Client(cluster)
-        own_client = True
-    elif isinstance(scheduler, str):
-        client = Client(scheduler)
-        own_client = True
-    else:
-        client = scheduler
+    client, close_client = connect(scheduler)
     done, skipped, finished = 0, [], False
     futures = []
     try:
@@ -906,10 +941,7 @@ def segment_slide_dask(
     finally:
         for f in futures:
             f.cancel()
-        if own_client:
-            client.close()
-        if cluster is not None:
-            cluster.close()
+        close_client()
         prov = _provenance(
             rec,
             model,
@@ -938,3 +970,166 @@ def segment_slide_dask(
     return SlideResult(
         str(out), tuple(rec.data.shape[:2]), levels, done, total, sorted(skipped), True, prov
     )
+
+
+# --------------------------------------------------------------------------- OME-TIFF export
+
+
+def _result_mpp(attrs: Any) -> float | None:
+    """µm per level-0 pixel from the OME-NGFF attributes of a result (None in pixels)."""
+    try:
+        ms = attrs["ome"]["multiscales"][0]
+        if ms["axes"][-1].get("unit") != "micrometer":
+            return None
+        sc = ms["datasets"][0]["coordinateTransformations"][0]["scale"]
+        return float(sc[-1])
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+
+
+def export_labels_ome_tiff(
+    zarr_path: str | Path,
+    out_tif: str | Path,
+    *,
+    tile: int | None = None,
+    compression: str | None = "zlib",
+    overwrite: bool = False,
+) -> Generator[Progress, None, Path]:
+    """Write a whole-slide label result as a tiled, pyramidal OME-TIFF, one tile row at a time.
+
+    Level 0 is the top-level IFD, lower levels are its SubIFDs (the OME-TIFF pyramid layout that
+    QuPath, OMERO, tifffile and :func:`napari_medseg.io.raster.read_slide` read). Each level is
+    copied from the same level of the Zarr, so the TIFF's levels equal the Zarr's pixel for
+    pixel. At most one row of ``tile x width`` pixels of one level is in memory (plus the TIFF
+    writer's buffers); the file is written as ``OUT.part`` and renamed when complete.
+
+    Parameters
+    ----------
+    zarr_path : str or Path
+        A result of :func:`segment_slide` (``OUT.zarr``, levels ``(y, x)`` uint8).
+    out_tif : str or Path
+        Output file, ``.ome.tif`` recommended.
+    tile : int, optional
+        TIFF tile side in pixels (multiple of 16); default the Zarr's level-0 chunk side when
+        it is a multiple of 16, else 512.
+    compression : str or None
+        TIFF compression as tifffile names it (``"zlib"``, ``"zstd"``, ``"lzw"``, ``None``).
+    overwrite : bool
+        Replace an existing ``out_tif``.
+
+    Yields
+    ------
+    Progress
+        After each row of tiles (``done``/``total`` in tile rows over all levels). Closing the
+        generator stops the export within one tile row and removes the partial file.
+
+    Returns
+    -------
+    Path
+        ``out_tif``. The OME-XML states ``PhysicalSizeX/Y`` in µm when the Zarr does (the
+        slide's mpp), also written as TIFF resolution tags per level.
+
+    Raises
+    ------
+    MedsegError
+        Missing or foreign Zarr, existing output.
+    """
+    import os
+    import threading
+
+    import tifffile
+    import zarr
+
+    src = Path(zarr_path)
+    out = Path(out_tif)
+    open_result(src)  # checks the layout
+    if out.exists() and not overwrite:
+        raise MedsegError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    g = zarr.open_group(str(src), mode="r")
+    arrays = [g[d["path"]] for d in g.attrs["ome"]["multiscales"][0]["datasets"]]
+    name = g.attrs["ome"]["multiscales"][0].get("name", src.stem)
+    mpp = _result_mpp(g.attrs)
+    if tile is None:
+        c = int(arrays[0].chunks[0])
+        tile = c if c % 16 == 0 else 512
+    tile = int(tile)
+    if tile % 16:
+        raise MedsegError(f"the TIFF tile side must be a multiple of 16, not {tile}")
+    rows_per = [math.ceil(a.shape[0] / tile) for a in arrays]
+    total = sum(rows_per)
+    done = [0]
+    stop = threading.Event()
+    failed: list[BaseException] = []
+
+    def tiles_of(arr: Any) -> Iterator[np.ndarray]:
+        h, w = int(arr.shape[0]), int(arr.shape[1])
+        for y in range(0, h, tile):
+            if stop.is_set():
+                raise _CancelledExport
+            strip = np.asarray(arr[y : min(h, y + tile), :], dtype=np.uint8)
+            if strip.shape[0] < tile:
+                strip = np.pad(strip, ((0, tile - strip.shape[0]), (0, 0)))
+            for x in range(0, w, tile):
+                t = strip[:, x : x + tile]
+                if t.shape[1] < tile:
+                    t = np.pad(t, ((0, 0), (0, tile - t.shape[1])))
+                yield np.ascontiguousarray(t)
+            done[0] += 1
+
+    tmp = out.with_name(out.name + ".part")
+
+    def write() -> None:
+        try:
+            with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tw:
+                for k, arr in enumerate(arrays):
+                    kw: dict[str, Any] = {
+                        "tile": (tile, tile),
+                        "photometric": "minisblack",
+                        "compression": compression,
+                        "dtype": np.uint8,
+                    }
+                    if mpp:
+                        res = 1e4 / (mpp * 2**k)
+                        kw.update(resolution=(res, res), resolutionunit="CENTIMETER")
+                    if k == 0:
+                        meta: dict[str, Any] = {"axes": "YX", "Name": str(name)}
+                        if mpp:
+                            meta.update(
+                                PhysicalSizeX=mpp, PhysicalSizeXUnit="µm",
+                                PhysicalSizeY=mpp, PhysicalSizeYUnit="µm",
+                            )  # fmt: skip
+                        kw.update(subifds=len(arrays) - 1, metadata=meta)
+                    else:
+                        kw.update(subfiletype=1, metadata=None)
+                    tw.write(tiles_of(arr), shape=tuple(int(s) for s in arr.shape), **kw)
+        except BaseException as exc:  # noqa: BLE001 - handed to the generator
+            failed.append(exc)
+
+    yield Progress(0, total, f"writing {out.name}: {len(arrays)} levels")
+    th = threading.Thread(target=write, name="medseg-ome-tiff-export", daemon=True)
+    finished = False
+    try:
+        th.start()
+        last = -1
+        while th.is_alive():
+            th.join(timeout=0.2)
+            if done[0] != last:
+                last = done[0]
+                yield Progress(min(last, total), total, f"writing {out.name}: row {last}/{total}")
+        if failed:
+            exc = failed[0]
+            raise MedsegError(f"could not write {out.name}: {exc}") from exc
+        os.replace(tmp, out)
+        finished = True
+    finally:
+        if not finished:
+            stop.set()
+            th.join()
+            if tmp.exists():
+                tmp.unlink()
+    yield Progress(total, total, f"wrote {out.name}")
+    return out
+
+
+class _CancelledExport(Exception):
+    """Raised inside the writer thread when the export generator is closed."""

@@ -55,6 +55,8 @@ from .record import ImageRecord
 
 __all__ = [
     "SLIDE_SUFFIXES",
+    "SafeLevel",
+    "SlideFile",
     "is_slide",
     "make_pyramidal_tiff",
     "read_raster",
@@ -348,12 +350,31 @@ def _read_tiff(p: Path) -> ImageRecord:
 # --------------------------------------------------------------------------- slides
 
 
-class _SafeLevel:
+class SafeLevel:
     """Array-like over one Zarr level that turns tile decode failures into zeros plus a warning.
 
     ``dask.array.from_array`` calls ``__getitem__`` with a tuple of slices. The whole region is
     read through Zarr; if that fails, it is read again chunk by chunk (tile by tile) and the
     chunks that still fail are left as zeros, each reported once.
+
+    Parameters
+    ----------
+    zarr_array : zarr.Array
+        One level of ``TiffPageSeries.aszarr(level=...)`` opened with ``zarr.open``.
+    axes : str
+        The level's tifffile axes (e.g. ``"YXS"``); indexing follows this order.
+    level : int
+        Pyramid level (0 = full resolution), for messages.
+    name : str
+        File name, for messages.
+    reported : set
+        Shared set of ``(level, chunk index)`` already warned about; failed chunks are added.
+    owner : SlideFile
+        Keeps the open file alive as long as this level is.
+
+    Attributes
+    ----------
+    shape, dtype, ndim, chunks : the level's (chunks = the TIFF tile, in ``axes`` order).
     """
 
     def __init__(
@@ -440,7 +461,7 @@ def _chunk_side(tile: int, size: int) -> int:
     return min(size, k * tile)
 
 
-class _SlideFile:
+class SlideFile:
     """Owns the open TiffFile of a slide; closes it when the last level array is gone."""
 
     def __init__(self, tf: Any) -> None:
@@ -448,8 +469,13 @@ class _SlideFile:
         weakref.finalize(self, tf.close)
 
 
+# The names before they were public (tests/io/test_raster.py patches ``_SafeLevel``).
+_SafeLevel = SafeLevel
+_SlideFile = SlideFile
+
+
 def _level_dask(
-    series: Any, level: int, name: str, token: str, reported: set, owner: _SlideFile
+    series: Any, level: int, name: str, token: str, reported: set, owner: SlideFile
 ) -> Any:
     """One pyramid level as a dask array in the series' own axis order."""
     import dask.array as da
@@ -459,7 +485,7 @@ def _level_dask(
     axes = lvl.axes
     store = series.aszarr(level=level)
     z = zarr.open(store, mode="r")
-    safe = _SafeLevel(z, axes, level, name, reported, owner)
+    safe = SafeLevel(z, axes, level, name, reported, owner)
     chunks = []
     for ax, c, n in zip(axes, safe.chunks, safe.shape):
         # tiles: a few tiles per chunk; strips (chunk as wide as the image): whole rows
@@ -559,7 +585,7 @@ def read_slide(path: str | Path) -> ImageRecord:
         st = p.stat()
         token = f"{abs(hash((str(p.resolve()), st.st_mtime_ns, st.st_size))):x}"
         reported: set = set()
-        owner = _SlideFile(tf)
+        owner = SlideFile(tf)
         _check_complete(series, st.st_size, p.name)
         levels = []
         axes_out = ""

@@ -64,6 +64,7 @@ __all__ = [
     "SlideDetections",
     "detect_slide",
     "detect_slide_dask",
+    "load_detector",
     "write_slide_detections",
 ]
 
@@ -778,8 +779,10 @@ def write_slide_detections(
 _WORKER_CACHE: dict = {}
 
 
-def _load_detector_ref(ref: str) -> Any:
-    """``"classical"``, ``"classical-dark"`` or a model name/folder for the workers."""
+def load_detector(ref: str) -> Any:
+    """The detector for ``ref``: ``"classical"``, ``"classical-dark"`` (dark objects, e.g.
+    nuclei on H&E) or a model name/folder (loaded on the CPU), as :func:`detect_slide` takes it.
+    """
     import functools
 
     from .detection import detect_classical
@@ -804,7 +807,7 @@ def _dask_task(slide_path: str, ref: str, plan: dict, indices: list, opts: dict)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             rec = read_slide(slide_path)
-        _WORKER_CACHE[key] = (rec, _load_detector_ref(ref))
+        _WORKER_CACHE[key] = (rec, load_detector(ref))
     rec, obj = _WORKER_CACHE[key]
     detector, _ = _as_detector(
         obj, opts["device"], opts["min_distance"], opts["batch_size"], opts["detect_kwargs"]
@@ -873,7 +876,7 @@ def detect_slide_dask(
 
     t0 = time.perf_counter()
     rec = read_slide(slide_path)
-    obj = _load_detector_ref(str(model_ref))
+    obj = load_detector(str(model_ref))
     plan = _plan_detect(rec, obj, tile, margin, level, target_mpp, tissue_only, region)
     _, desc = _as_detector(obj, device, min_distance, batch_size, detect_kwargs)
     filters = {"score_threshold": threshold, "min_size": min_size, "nms_iou": nms_iou}

@@ -1,11 +1,20 @@
-"""The "Whole slide" dock widget: run a 2D model over a slide, tile by tile, into OME-Zarr.
+"""The "Whole slide" dock widget: run a 2D model over a slide, tile by tile.
 
-Thin (DESIGN.md rule 3): it reads the slide layer's file path and the chosen model, runs
-:func:`napari_medseg.core.wsi.segment_slide` in a napari worker (progress, ``Cancel`` =
-``worker.quit()`` between two batches) and shows the result as a lazy multiscale Labels layer
-read from the Zarr (:func:`napari_medseg.core.wsi.open_result`), refreshed while tiles arrive.
-Results are saved beside the slide: ``<slide>_<model>_view.zarr`` ("Run on current view") and
-``<slide>_<model>_seg.zarr`` ("Run on whole slide"); a new run of the same kind replaces them.
+Thin (DESIGN.md rule 3): it reads the slide layer's file path and the chosen model and runs,
+in a napari worker (progress, ``Cancel`` = ``worker.quit()`` between two tiles or batches):
+
+* **Segment**: :func:`napari_medseg.core.wsi.segment_slide`, shown as a lazy multiscale Labels
+  layer read from the Zarr (:func:`napari_medseg.core.wsi.open_result`), refreshed while tiles
+  arrive. Saved beside the slide: ``<slide>_<model>_view.zarr`` ("Run on current view") and
+  ``<slide>_<model>_seg.zarr`` ("Run on whole slide").
+* **Detect**: :func:`napari_medseg.core.wsi_detect.detect_slide` (a model, or the classical
+  Otsu + watershed detector for bright or dark objects), shown as a Points layer at object
+  centres (features: id, class, score, area in level-0 pixels; coloured by score) that grows
+  while tiles arrive and is replaced by the final, border-de-duplicated table at the end; the
+  score threshold filters it live. Saved beside the slide as QuPath GeoJSON (outlines where the
+  detector gives them): ``<slide>_<model>_view.geojson`` / ``..._det.geojson``.
+
+A new run of the same kind replaces its result.
 """
 
 from __future__ import annotations
@@ -14,7 +23,15 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from magicgui.widgets import ComboBox, Container, Label, ProgressBar, PushButton, SpinBox
+from magicgui.widgets import (
+    ComboBox,
+    Container,
+    FloatSlider,
+    Label,
+    ProgressBar,
+    PushButton,
+    SpinBox,
+)
 
 from ..core.progress import Progress
 
@@ -36,6 +53,28 @@ def _slide_job(path: str, model_ref: str, out: str, options: dict) -> Any:
     return result
 
 
+TASKS = [("Segment (labels)", "segment"), ("Detect objects (points)", "detect")]
+CLASSICAL = [
+    ("classical: dark objects, e.g. nuclei on H&E (Otsu + watershed)", "classical-dark"),
+    ("classical: bright objects, e.g. fluorescence (Otsu + watershed)", "classical"),
+]
+
+
+def _detect_slide_job(path: str, model_ref: str, out: str, options: dict) -> Any:
+    """Worker generator: open slide and detector, :func:`detect_slide`, save GeoJSON."""
+    from ..core.wsi_detect import detect_slide, load_detector, write_slide_detections
+    from ..io.raster import read_slide
+
+    yield Progress(0, 0, f"loading {model_ref}")
+    detector = load_detector(model_ref)
+    record = read_slide(path)
+    yield Progress(0, 0, "finding tissue")
+    result = yield from detect_slide(record, detector, **options)
+    yield Progress(result.tiles_done, result.tiles_total, f"saving {Path(out).name}")
+    write_slide_detections(out, result, overwrite=True)
+    return result
+
+
 def slide_path_of(layer: Any) -> str | None:
     """The file a slide layer was opened from (napari-medseg metadata or napari's source)."""
     meta = (getattr(layer, "metadata", None) or {}).get("medseg") or {}
@@ -54,10 +93,16 @@ class SlideWidget(Container):
         self._labels: Any = None
         self._last_refresh = 0.0
         self._t0 = 0.0
+        self._points: Any = None
+        self._result: Any = None
         self.image = ComboBox(label="Slide", choices=self._image_choices, nullable=True)
+        self.task = ComboBox(label="Task", choices=TASKS, value="segment")
         self.model = ComboBox(label="Model", choices=self._model_choices)
         self.device = ComboBox(label="Device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
         self.tile = SpinBox(label="Tile (px)", value=512, min=64, max=4096, step=64)
+        self.threshold = FloatSlider(
+            label="Score threshold", value=0.5, min=0.0, max=1.0, step=0.01, visible=False
+        )
         self.view_button = PushButton(text="Run on current view")
         self.run_button = PushButton(text="Run on whole slide")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
@@ -66,9 +111,11 @@ class SlideWidget(Container):
         self.extend(
             [
                 self.image,
+                self.task,
                 self.model,
                 self.device,
                 self.tile,
+                self.threshold,
                 self.view_button,
                 self.run_button,
                 self.cancel_button,
@@ -79,6 +126,8 @@ class SlideWidget(Container):
         self.view_button.changed.connect(lambda _v=None: self._start(view=True))
         self.run_button.changed.connect(lambda _v=None: self._start(view=False))
         self.cancel_button.changed.connect(self._on_cancel)
+        self.task.changed.connect(self._on_task)
+        self.threshold.changed.connect(self._filter_points)
         viewer.layers.events.inserted.connect(self._refresh_choices)
         viewer.layers.events.removed.connect(self._refresh_choices)
         self._refresh_choices()
@@ -93,12 +142,20 @@ class SlideWidget(Container):
     def _model_choices(self, _w: Any = None) -> list[tuple[str, str]]:
         from ..models.registry import list_models
 
+        detect = getattr(self, "task", None) is not None and self.task.value == "detect"
+        tasks = ("segmentation", "detection") if detect else ("segmentation",)
         out = [
-            (f"{c['name']} ({c.get('modality', '?')})", c["name"])
+            (f"{c['name']} ({c.get('modality', '?')}, {c.get('task', 'segmentation')})", c["name"])
             for c in list_models()
-            if c.get("task", "segmentation") == "segmentation" and c.get("dims") == 2
+            if c.get("task", "segmentation") in tasks and c.get("dims") == 2
         ]
-        return out + list(self._extra_models.items())
+        return (CLASSICAL if detect else []) + out + list(self._extra_models.items())
+
+    def _on_task(self, _v: Any = None) -> None:
+        self.model.reset_choices()
+        self.threshold.visible = self.task.value == "detect"
+        if self.task.value == "detect" and self.tile.value < 1024:
+            self.tile.value = 1024  # detection tiles: bigger is cheaper (fewer borders)
 
     def _refresh_choices(self, _e: Any = None) -> None:
         self.image.reset_choices()
@@ -150,24 +207,33 @@ class SlideWidget(Container):
         if layer is None:
             show_error("Open a slide (a pyramidal TIFF) and choose it as Slide.")
             return
+        detect = self.task.value == "detect"
         if not self.model.value:
-            show_error("Choose a 2D segmentation model.")
+            show_error("Choose a 2D model" + (" or a classical detector." if detect else "."))
             return
         path = Path(slide_path_of(layer))
         model_name = Path(str(self.model.value)).name
-        out = path.with_name(
-            f"{path.name.split('.')[0]}_{model_name}_{'view' if view else 'seg'}.zarr"
-        )
+        stem = f"{path.name.split('.')[0]}_{model_name}"
+        if detect:
+            out = path.with_name(f"{stem}_{'view' if view else 'det'}.geojson")
+        else:
+            out = path.with_name(f"{stem}_{'view' if view else 'seg'}.zarr")
         opts = {"tile": int(self.tile.value), "device": self.device.value}
         if view:
             opts["region"] = self.current_view_region(layer)
         self._remove_labels(out)
         self._t0 = time.perf_counter()
+        job = _detect_slide_job if detect else _slide_job
         worker = create_worker(
-            _slide_job, str(path), str(self.model.value), str(out), opts, _start_thread=False
+            job, str(path), str(self.model.value), str(out), opts, _start_thread=False
         )
-        worker.yielded.connect(lambda p: self._on_progress(p, out, layer))
-        worker.returned.connect(lambda r: self._on_result(r, out, layer))
+        if detect:
+            self._start_points(out, layer)
+            worker.yielded.connect(self._on_detect_progress)
+            worker.returned.connect(lambda r: self._on_detected(r, out))
+        else:
+            worker.yielded.connect(lambda p: self._on_progress(p, out, layer))
+            worker.returned.connect(lambda r: self._on_result(r, out, layer))
         worker.errored.connect(self._on_error)
         worker.finished.connect(self._on_finished)
         self._worker = worker
@@ -178,10 +244,82 @@ class SlideWidget(Container):
         worker.start()
 
     def _remove_labels(self, out: Path) -> None:
-        name = out.name[: -len(".zarr")]
+        name = out.name.rsplit(".", 1)[0]
         if name in self._viewer.layers:
             self._viewer.layers.remove(name)
         self._labels = None
+        self._points = None
+
+    # ------------------------------------------------------------------ detections
+
+    def _start_points(self, out: Path, layer: Any) -> None:
+        import numpy as np
+        import pandas as pd
+
+        self._result = None
+        self._live: list = []
+        self._points = self._viewer.add_points(
+            np.zeros((0, 2)),
+            name=out.name.rsplit(".", 1)[0],
+            features=pd.DataFrame({"id": [], "class": [], "score": [], "area": []}),
+            affine=layer.affine.affine_matrix[-3:, -3:],
+            size=12,
+            face_color="transparent",
+            border_color="yellow",
+            border_width=0.15,
+            metadata={"medseg": {"path": str(out), "source": slide_path_of(layer)}},
+        )
+
+    def _show_table(self, table: Any) -> None:
+        """Show ``table`` rows (level-0 ``y``, ``x``) in the Points layer."""
+        import numpy as np
+
+        if self._points is None:
+            return
+        cols = [c for c in ("id", "class", "score", "area") if c in table.columns]
+        self._points.data = table[["y", "x"]].to_numpy(float).reshape(-1, 2)
+        self._points.features = table[cols].reset_index(drop=True)
+        if len(table):
+            self._points.border_color = "score"
+            self._points.border_colormap = "viridis"
+            self._points.border_contrast_limits = (0.0, 1.0)
+            sizes = np.sqrt(table["area"].to_numpy(float) * 4 / np.pi) if "area" in cols else 12
+            self._points.size = np.clip(np.nan_to_num(sizes, nan=12.0), 6, None)
+
+    def _on_detect_progress(self, p: Progress) -> None:
+        import pandas as pd
+
+        if p.total:
+            self.progress.value = int(100 * p.done / p.total)
+        self.status.value = p.message
+        rows = (p.info or {}).get("detections")
+        if rows is not None and len(rows):
+            self._live.append(rows)
+            now = time.perf_counter()
+            if now - self._last_refresh > 0.5:  # the layer grows twice a second at most
+                table = pd.concat(self._live, ignore_index=True)
+                self._show_table(table[table["score"] >= float(self.threshold.value)])
+                self._last_refresh = now
+
+    def _on_detected(self, result: Any, out: Path) -> None:
+        self._result = result
+        self._live = []
+        self._filter_points()
+        if self._points is not None:
+            self._points.metadata["medseg"]["provenance"] = result.provenance
+        self.progress.value = 100
+        bad = f", {len(result.skipped)} unreadable tiles" if result.skipped else ""
+        self.status.value = (
+            f"Done in {time.perf_counter() - self._t0:.1f} s: {len(result.table)} objects in "
+            f"{result.tiles_done} tiles{bad}; saved {out.name}"
+        )
+
+    def _filter_points(self, _v: Any = None) -> None:
+        """Show the final detections above the score threshold (no new run)."""
+        if self._result is None or self._points is None:
+            return
+        table = self._result.table
+        self._show_table(table[table["score"] >= float(self.threshold.value)])
 
     def _show(self, out: Path, layer: Any) -> None:
         from ..core.wsi import open_result

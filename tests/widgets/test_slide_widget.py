@@ -96,3 +96,49 @@ def test_whole_slide_then_cancel_a_second_run(make_napari_viewer, qtbot, tmp_pat
     medseg = attrs.get("medseg") or attrs
     assert medseg.get("complete") is False
     assert open_result(out)[0].shape == (2600, 2100)
+
+
+def test_detect_on_current_view_gives_points_and_geojson(make_napari_viewer, qtbot, tmp_path):
+    """Detect task: classical dark-object detector on the H&E slide, current view."""
+    import json
+
+    from napari_medseg.widgets.slide import SlideWidget
+
+    slide = make_slide(tmp_path / "slide.tif", (3000, 2500))
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(str(slide), plugin="napari-medseg")
+    widget = SlideWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Whole slide")
+    widget.task.value = "detect"
+    assert not widget.threshold.native.isHidden() and widget.tile.value == 1024
+    values = [c[1] if isinstance(c, tuple) else c for c in widget.model.choices]
+    assert "classical-dark" in values and "fluo_nuclei_2d" in values
+    widget.model.value = "classical-dark"
+    viewer.scene.camera.center = (400, 400)
+    viewer.scene.camera.zoom = 1.5
+    region = widget.current_view_region(layer)
+    assert region is not None
+    widget.view_button.native.click()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    assert widget.status.value.startswith("Done"), widget.status.value
+    points = viewer.layers["slide_classical-dark_view"]
+    n_all = len(widget._result.table)
+    assert n_all >= 5  # dark nuclei of the real H&E tile in the view
+    # the tiles covering the view were searched, not the whole 3000 x 2500 slide
+    t = widget.tile.value
+    y0, x0, y1, x1 = (np.array(region) // t) * t + np.array([0, 0, t, t])
+    y1, x1 = int(np.ceil(region[2] / t) * t), int(np.ceil(region[3] / t) * t)
+    assert y1 * x1 < 3000 * 2500
+    assert (points.data[:, 0] >= y0).all() and (points.data[:, 0] <= y1).all()
+    assert (points.data[:, 1] >= x0).all() and (points.data[:, 1] <= x1).all()
+    np.testing.assert_allclose(points.affine.affine_matrix, layer.affine.affine_matrix)
+    # the score threshold filters the shown objects live, without a new run
+    widget.threshold.value = 0.0
+    assert len(points.data) == n_all
+    cut = float(np.median(widget._result.table["score"]))
+    widget.threshold.value = cut
+    assert len(points.data) == int((widget._result.table["score"] >= cut).sum()) < n_all
+    # saved beside the slide in QuPath's GeoJSON: every object, outlines for the watershed ones
+    doc = json.loads((tmp_path / "slide_classical-dark_view.geojson").read_text())
+    assert len(doc["features"]) == n_all
+    assert doc["features"][0]["geometry"]["type"] == "Polygon"

@@ -16,6 +16,9 @@ Reads the real data under ``../shared/data`` (or ``$MEDSEG_DATA``) and writes, u
   for it, not a cord mask.
 * ``Dataset003_NucleiDSB``: 2D fluorescence microscopy, the 512x512 DSB 2018 image cut into 16
   tiles of 128x128 (uint16 TIFF), label 1 = nucleus (instance mask > 0, MANUAL).
+* ``Dataset004_NucleiDSBDetection``: the same 16 tiles (same names, so the same held-out tiles
+  under the same seed) with the MANUAL **instance** mask as label (each nucleus its own
+  integer, uint16 TIFF): the training set of the built-in box detector ``fluo_nuclei_det_2d``.
 """
 
 from __future__ import annotations
@@ -183,6 +186,46 @@ def make_nuclei(data: Path, out: Path, tile: int = 128) -> Path:
     return ds
 
 
+def make_nuclei_detection(data: Path, out: Path, tile: int = 128) -> Path:
+    """The DSB tiles of :func:`make_nuclei` with instance masks (for the box detector)."""
+    import tifffile
+
+    ds = out / "Dataset004_NucleiDSBDetection"
+    (ds / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (ds / "labelsTr").mkdir(parents=True, exist_ok=True)
+    img = tifffile.imread(str(data / "microscopy/dsb2018_nuclei/image.tif"))
+    mask = tifffile.imread(str(data / "microscopy/dsb2018_nuclei/mask.tif"))
+    n = 0
+    for r in range(0, img.shape[0] - tile + 1, tile):
+        for c in range(0, img.shape[1] - tile + 1, tile):
+            name = f"dsb_r{r:03d}_c{c:03d}"
+            tifffile.imwrite(
+                str(ds / f"imagesTr/{name}_0000.tif"),
+                img[r : r + tile, c : c + tile].astype(np.uint16),
+            )
+            tifffile.imwrite(
+                str(ds / f"labelsTr/{name}.tif"),
+                mask[r : r + tile, c : c + tile].astype(np.uint16),
+            )
+            n += 1
+    _dataset_json(
+        ds,
+        {
+            "name": "Dataset004_NucleiDSBDetection",
+            "description": f"Fluorescence nuclei for detection: the Data Science Bowl 2018 image "
+            f"(via the stardist wheel, BSD-3) cut into {n} tiles of {tile}x{tile}; label = the "
+            "MANUAL instance mask (each nucleus its own integer; nuclei cut by a tile border are "
+            "cut there too). All tiles come from one image.",
+            "channel_names": {"0": "fluorescence"},
+            "labels": {"background": 0, "nucleus": 1},
+            "numTraining": n,
+            "file_ending": ".tif",
+            "licence": "BSD-3-Clause",
+        },
+    )
+    return ds
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("outdir", help="where to write the datasets (e.g. /tmp/medseg_datasets)")
@@ -197,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     if out.resolve() == repo or repo in out.resolve().parents:
         print("error: write the datasets outside the repository", file=sys.stderr)
         return 1
-    for make in (make_spleen, make_spinal_cord, make_nuclei):
+    for make in (make_spleen, make_spinal_cord, make_nuclei, make_nuclei_detection):
         ds = make(data, out)
         print(ds)
     return 0

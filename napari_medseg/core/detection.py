@@ -1,4 +1,8 @@
-"""Object detection as instances from a segmentation, in 2D and 3D (progress generators).
+"""Object detection in 2D and 3D (progress generators): instances from a segmentation, or boxes.
+
+:func:`detect` dispatches on the model card: a segmentation model goes through the pipeline
+below; a box detector (``task == "detection"``, a centre-heatmap U-Net) goes through
+:func:`napari_medseg.core.boxdet.detect_boxes` and fills the same table (no instance map).
 
 Pipeline of :func:`detect` (the "instances from a segmentation" model kind of the detection
 issue): a segmentation model (e.g. the built-in ``fluo_nuclei_2d``) gives class probabilities on
@@ -91,8 +95,10 @@ class DetectionResult:
     ----------
     table : pandas.DataFrame
         One row per object (columns in the module docstring), sorted by ``id``.
-    instances : numpy.ndarray
+    instances : numpy.ndarray or None
         int32 instance map on the source grid (file axis order); object ``id`` has value ``id``.
+        None for box detectors (:mod:`napari_medseg.core.boxdet`), which have no masks: the
+        table's boxes are the result (GeoJSON export then writes Points).
     affine : numpy.ndarray
         The source record's affine (voxel -> RAS mm 4x4, or pixel 3x3).
     space : str
@@ -104,7 +110,7 @@ class DetectionResult:
     """
 
     table: pd.DataFrame
-    instances: np.ndarray
+    instances: np.ndarray | None
     affine: np.ndarray
     space: str
     class_colors: dict = field(default_factory=dict)
@@ -113,7 +119,9 @@ class DetectionResult:
     @property
     def ndim(self) -> int:
         """Number of spatial axes (2 or 3)."""
-        return self.instances.ndim
+        if self.instances is not None:
+            return self.instances.ndim
+        return int(np.asarray(self.affine).shape[0]) - 1
 
     def filtered(self, **kw: Any) -> pd.DataFrame:
         """:func:`filter_detections` on this result's table."""
@@ -384,7 +392,12 @@ def detect(
     batch_size: int = 4,
     tta: bool = False,
 ) -> Generator[Progress, None, DetectionResult]:
-    """Detect objects as watershed instances of a segmentation model's foreground.
+    """Detect objects with a model: dispatches on the model card.
+
+    * ``task == "detection"`` (a box detector, ``card.detection.head == "centernet"``):
+      :func:`napari_medseg.core.boxdet.detect_boxes` (centre heatmap peaks + regressed box
+      sizes; ``instances`` is None; ``tta`` and ``split`` do not apply).
+    * ``task == "segmentation"``: watershed instances of the model's foreground (below).
 
     Parameters
     ----------
@@ -392,10 +405,12 @@ def detect(
         2D image or 3D volume (file axis order).
     model : LoadedModel
         A segmentation model whose dimensions fit the image (a 2D model runs slice by slice
-        on a volume, as in :func:`~napari_medseg.core.segmentation.segment`).
+        on a volume, as in :func:`~napari_medseg.core.segmentation.segment`), or a box
+        detector of the image's dimension.
     min_distance : float, optional
         Smallest seed distance of the watershed, in pixels (2D) or mm (3D); default 4 px in
-        2D and 4 x the smallest voxel size in 3D.
+        2D and 4 x the smallest voxel size in 3D. For a box detector: the smallest distance
+        between two centres (default the card's ``nms_radius``, 3 voxels).
     split : bool
         False: connected components only.
     device, overlap, batch_size, tta
@@ -411,6 +426,31 @@ def detect(
     t0 = time.perf_counter()
     _check_record(record)
     card = model.card
+    if card.task == "detection":
+        from .boxdet import HEAD, detect_boxes, detector_spec
+
+        head = detector_spec(card).get("head")
+        if head != HEAD:
+            raise MedsegError(
+                f"model {card.name!r} has a detection head {head!r} this version cannot run "
+                f"(only {HEAD!r})"
+            )
+        result = yield from detect_boxes(
+            record,
+            model,
+            device=device,
+            overlap=overlap,
+            batch_size=batch_size,
+            min_distance=min_distance,
+        )
+        if tta:
+            result.provenance["notes"] = ["flip TTA is not applied to box detectors"]
+        return result
+    if card.task != "segmentation":
+        raise MedsegError(
+            f"model {card.name!r} is a {card.task} model; detection needs a segmentation "
+            "model or a box detector"
+        )
     seg = yield from segment(
         record,
         model,

@@ -83,7 +83,10 @@ def sha256_of(path: str | os.PathLike | None, chunk: int = 1 << 20) -> str | Non
 
 
 def software_versions() -> dict[str, str]:
-    """Versions of the libraries that touch a mask (read from package metadata, no imports)."""
+    """Versions of the libraries behind a result, for provenance (package metadata, no imports).
+
+    One helper for every provenance record (saved masks, segmentation, slides, detections).
+    """
     from importlib import metadata
 
     out: dict[str, str] = {}

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..io.errors import MedsegError
+from .mask_store import software_versions
 from .progress import Progress
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -147,20 +148,6 @@ def check_inputs(record: ImageRecord, model: LoadedModel) -> None:
             f"model {card.name!r} expects {card.in_channels} input channel(s) but the image "
             f"{record.name!r} has {n_ch} {what}"
         )
-
-
-def _versions() -> dict:
-    import monai
-    import torch
-
-    from .. import __version__
-
-    return {
-        "napari_medseg": __version__,
-        "torch": torch.__version__,
-        "monai": monai.__version__,
-        "numpy": np.__version__,
-    }
 
 
 def segment(
@@ -382,7 +369,7 @@ def segment(
             "orientation": record.orientation,
             "modality": record.modality,
         },
-        "versions": _versions(),
+        "versions": software_versions(),
         "device": str(final_dev),
         "device_requested": str(device),
         "elapsed_s": round(elapsed, 3),

@@ -668,7 +668,7 @@ def _run_tiles(
 
 
 def _provenance(record: ImageRecord, model: LoadedModel, plan: _Plan, params: dict) -> dict:
-    from .segmentation import _versions
+    from .mask_store import software_versions
 
     card = model.card
     return {
@@ -695,7 +695,7 @@ def _provenance(record: ImageRecord, model: LoadedModel, plan: _Plan, params: di
             "shape": list(record.data.shape),
             "mpp": (record.metadata or {}).get("mpp"),
         },
-        "versions": _versions(),
+        "versions": software_versions(),
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
 

@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..io.errors import MedsegError
+from .mask_store import software_versions
 from .progress import Progress
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -615,19 +616,6 @@ def detect_slide(
     )  # fmt: skip
 
 
-def _versions() -> dict:
-    """Package versions without importing them (torch is not needed by classical detectors)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for dist in ("napari-medseg", "numpy", "scikit-image", "scipy", "torch", "monai"):
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
 def _finish(
     record: ImageRecord,
     plan: _TilePlan,
@@ -668,7 +656,7 @@ def _finish(
         "tiles_done": done,
         "tiles_total": len(plan.tiles),
         "skipped": [list(s) for s in col.skipped],
-        "versions": _versions(),
+        "versions": software_versions(),
         "elapsed_s": round(time.perf_counter() - t0, 3),
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }

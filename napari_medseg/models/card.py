@@ -106,7 +106,15 @@ class ModelCard:
 
     @property
     def out_channels(self) -> int:
-        """Number of output classes including background."""
+        """Network output channels: the classes including background.
+
+        For a box detector (``task == "detection"`` with a ``detection`` block): its ``K``
+        heatmaps + ``dims`` sizes + ``dims`` offsets (``K`` foreground classes).
+        """
+        if self.task == "detection" and self.detection:
+            fg = [c for c in self.classes if int(c["id"]) != 0]
+            k = int(self.detection.get("n_classes") or max(1, len(fg)))
+            return k + 2 * int(self.dims)
         return len(self.classes)
 
     @property

@@ -90,7 +90,7 @@ def test_segment_real_ct_crop(tiny_model):
         assert key in prov
     for key in ("name", "version", "source", "weights_sha256"):
         assert key in prov["model"]
-    for key in ("torch", "monai", "napari_medseg"):
+    for key in ("torch", "monai", "napari-medseg", "python"):
         assert key in prov["versions"]
     weights = Path(tiny_model.source) / tiny_model.card.weights
     assert prov["model"]["weights_sha256"] == sha256_file(weights) == tiny_model.card.sha256

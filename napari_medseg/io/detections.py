@@ -129,6 +129,25 @@ def _outline(instances: np.ndarray, box: tuple[slice, ...], label: int) -> np.nd
     return c + np.array([box[0].start - 1, box[1].start - 1], dtype=float)
 
 
+def _box_polygon(row: dict, aff: np.ndarray) -> dict | None:
+    """A box row (``y_min``..``x_max``, array indices, max exclusive) as a closed rectangle in
+    QuPath's corner convention; None for a missing or single-pixel box (a point moved by hand).
+    """
+    try:
+        y0, y1 = float(row["y_min"]), float(row["y_max"])
+        x0, x1 = float(row["x_min"]), float(row["x_max"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not all(np.isfinite([y0, y1, x0, x1])) or (y1 - y0) * (x1 - x0) <= 1.0:
+        return None
+    corners = np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0], [y0, x0]]) - 0.5
+    yx = corners @ aff[:2, :2].T + aff[:2, 2] + 0.5
+    return {
+        "type": "Polygon",
+        "coordinates": [[[round(float(x), 3), round(float(y), 3)] for y, x in yx]],
+    }
+
+
 def to_geojson(
     table: pd.DataFrame,
     *,
@@ -164,6 +183,8 @@ def to_geojson(
                     if ring[0] != ring[-1]:
                         ring.append(ring[0])
                     geom = {"type": "Polygon", "coordinates": [ring]}
+        if geom is None and instances is None:  # a box detector: the box as a rectangle
+            geom = _box_polygon(r, aff)
         wy, wx = aff[:2, :2] @ [cy, cx] + aff[:2, 2]
         if geom is None:
             geom = {"type": "Point", "coordinates": [float(wx) + 0.5, float(wy) + 0.5]}

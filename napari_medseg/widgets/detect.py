@@ -140,7 +140,8 @@ class DetectWidget(ImageInput, WorkerControls, Container):
             if task not in ("segmentation", "detection"):
                 continue
             d = card.get("dims")
-            if dims is not None and not (d == dims or (d == 2 and dims == 3)):
+            slicewise = d == 2 and dims == 3 and task == "segmentation"  # 2D seg runs per slice
+            if dims is not None and not (d == dims or slicewise):
                 continue
             how = "box detector" if task == "detection" else "segmentation + watershed"
             choices.append(

@@ -256,4 +256,17 @@ def test_geojson_and_csv_without_instances(builtin, tmp_path):
     back = read_detections(p)
     np.testing.assert_allclose(boxes_of(back), boxes_of(table), atol=1e-6)
     g = write_detections(tmp_path / "d.geojson", table, instances=res.instances)
-    assert '"Point"' in g.read_text()
+    import json
+
+    feats = json.loads(g.read_text())["features"]
+    assert len(feats) == len(table) and all(f["geometry"]["type"] == "Polygon" for f in feats)
+    # each box is a closed rectangle in QuPath's corner convention around its centre
+    for f, r in zip(feats, table.to_dict("records")):
+        ring = np.asarray(f["geometry"]["coordinates"][0])
+        assert len(ring) == 5 and (ring[0] == ring[-1]).all()
+        np.testing.assert_allclose(ring[:, 0].min(), r["x_min"], atol=1e-3)
+        np.testing.assert_allclose(ring[:, 1].max(), r["y_max"], atol=1e-3)
+    back = read_detections(g)  # QuPath round trip: same count, centres and scores
+    assert len(back) == len(table)
+    np.testing.assert_allclose(back[["y", "x"]].to_numpy(), table[["y", "x"]].to_numpy(), atol=1e-3)
+    np.testing.assert_allclose(back["score"].to_numpy(), table["score"].to_numpy(), atol=1e-6)

@@ -34,6 +34,7 @@ def test_run_then_live_threshold_then_export_edits(make_napari_viewer, qtbot, tm
         else list(widget.model.choices)
     )
     assert "fluo_nuclei_2d" in models and "ct_spleen_3d" not in models  # 2D image: 2D models
+    assert "fluo_nuclei_det_2d" in models and "click_refine_2d" not in models
     widget.model.value = "fluo_nuclei_2d"
     widget.device.value = "cpu"
     widget.threshold.value = 0.0
@@ -93,6 +94,7 @@ def test_volume_gets_points_on_the_scan_and_boxes_on_slices(make_napari_viewer, 
     widget = _widget(viewer)
     values = [c[1] if isinstance(c, tuple) else c for c in widget.model.choices]
     assert "ct_spleen_3d" in values and "classical" in values
+    assert "fluo_nuclei_det_2d" not in values  # a 2D box detector does not run on a volume
     widget.model.value = "classical"
     widget.run_button.native.click()
     qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
@@ -208,3 +210,27 @@ def test_cached_nms_then_threshold_equals_filter_detections(make_napari_viewer):
         got = widget.shown_table()
         assert 0 < len(got) < n
         assert got["id"].tolist() == want["id"].tolist()
+
+
+def test_box_detector_from_the_dock_exports_rectangles(make_napari_viewer, qtbot, tmp_path):
+    """The built-in box detector: boxes are its regressed boxes; GeoJSON gets rectangles."""
+    import tifffile
+
+    # the held-out crop of tests/core/test_boxdet.py: 17 nuclei, 14 found at score 0.5
+    img = tifffile.imread(data_path("microscopy/dsb2018_nuclei/image.tif"))[0:117, 259:503]
+    viewer = make_napari_viewer()
+    viewer.add_image(img, name="nuclei")
+    widget = _widget(viewer)
+    widget.model.value = "fluo_nuclei_det_2d"
+    widget.device.value = "cpu"
+    widget.run_button.native.click()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    assert widget.status.value.startswith("Done"), widget.status.value
+    points, boxes = viewer.layers["nuclei_detections"], viewer.layers["nuclei_boxes"]
+    t = widget.shown_table()
+    assert len(points.data) == len(boxes.data) == len(t) >= 10
+    assert (t["score"] >= 0.5).all()
+    assert np.ptp(boxes.data[0][:, 0]) == pytest.approx(t["y_max"].iloc[0] - t["y_min"].iloc[0])
+    out = widget.export(str(tmp_path / "boxes.geojson"))
+    feats = json.loads(out.read_text())["features"]
+    assert len(feats) == len(t) and {f["geometry"]["type"] for f in feats} == {"Polygon"}

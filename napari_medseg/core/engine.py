@@ -134,7 +134,7 @@ def amp_dtype(device: torch.device, amp: bool | str = "auto") -> Any:
 
 def plan_windows(
     spatial_shape: Sequence[int], roi_size: Sequence[int], overlap: float = 0.5
-) -> list[tuple[slice, ...]]:
+) -> WindowPlan:
     """Window positions covering an (already padded) image.
 
     Parameters
@@ -148,8 +148,8 @@ def plan_windows(
 
     Returns
     -------
-    list of tuple of slice
-        One tuple of spatial slices per window, in C order.
+    WindowPlan
+        One tuple of spatial slices per window, in C order (a lazy sequence).
     """
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
@@ -162,10 +162,45 @@ def plan_windows(
         n = math.ceil((size - roi) / step) + 1
         starts = sorted({min(i * step, size - roi) for i in range(n)})
         starts_per_axis.append(starts)
-    return [
-        tuple(slice(s, s + r) for s, r in zip(start, roi_size))
-        for start in itertools.product(*starts_per_axis)
-    ]
+    return WindowPlan(starts_per_axis, roi_size)
+
+
+class WindowPlan(Sequence):
+    """The windows of :func:`plan_windows`, made on demand (a list would cost seconds and
+    hundreds of MB for 10^5-10^6 windows, before the first batch could run or be cancelled).
+
+    Behaves as a read-only list of tuples of slices in C order (``len``, indexing, slicing,
+    iteration, equality with a list).
+    """
+
+    def __init__(self, starts_per_axis: Sequence[Sequence[int]], roi_size: Sequence[int]):
+        self._starts = [np.asarray(s, dtype=np.int64) for s in starts_per_axis]
+        self._roi = tuple(int(r) for r in roi_size)
+        self._shape = tuple(len(s) for s in self._starts)
+
+    def __len__(self) -> int:
+        return int(np.prod(self._shape))
+
+    def _window(self, i: int) -> tuple[slice, ...]:
+        idx = np.unravel_index(i, self._shape)
+        return tuple(
+            slice(int(st[k]), int(st[k]) + r) for st, k, r in zip(self._starts, idx, self._roi)
+        )
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self._window(k) for k in range(*i.indices(len(self)))]
+        k = int(i) + (len(self) if int(i) < 0 else 0)
+        if not 0 <= k < len(self):
+            raise IndexError("window index out of range")
+        return self._window(k)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, WindowPlan):
+            return self._shape == other._shape and list(self) == list(other)
+        return isinstance(other, (list, tuple)) and list(self) == list(other)
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 def importance_map(

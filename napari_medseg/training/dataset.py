@@ -30,6 +30,8 @@ from ..io.errors import MedsegError
 VOLUME_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha")
 IMAGE2D_ENDINGS = (".png", ".tif", ".tiff")
 ENDINGS = VOLUME_ENDINGS + IMAGE2D_ENDINGS
+#: Endings of box label files (detection datasets, :func:`list_cases` ``boxes=True``).
+BOX_ENDINGS = (".csv", ".json")
 
 
 class DatasetError(MedsegError, ValueError):
@@ -161,8 +163,17 @@ def _ending(name: str) -> str | None:
     return None
 
 
-def list_cases(folder: str | Path) -> list[tuple[str, list[Path], Path]]:
+def list_cases(folder: str | Path, boxes: bool = False) -> list[tuple[str, list[Path], Path]]:
     """Find the cases of a dataset folder.
+
+    Parameters
+    ----------
+    folder : path-like
+    boxes : bool
+        Also accept box labels ``labelsTr/CASE.csv`` and ``labelsTr/CASE.json`` (detection
+        datasets, :mod:`.train_detection`); a box file wins over a mask of the same case.
+        When the folder holds box labels, ``dataset.json`` ``file_ending`` (which may name the
+        labels' ending) does not filter the images.
 
     Returns
     -------
@@ -183,8 +194,15 @@ def list_cases(folder: str | Path) -> list[tuple[str, list[Path], Path]]:
     for d in (img_dir, lab_dir):
         if not d.is_dir():
             raise DatasetError(f"dataset {folder.name} has no {d.name}/ folder (nnU-Net layout).")
+    box_labels = {}
+    if boxes:
+        box_labels = {
+            p.stem: p
+            for p in sorted(lab_dir.iterdir())
+            if p.suffix.lower() in BOX_ENDINGS and not p.name.startswith(".")
+        }
     meta = read_dataset_json(folder)
-    want_ending = meta.get("file_ending")
+    want_ending = None if box_labels else meta.get("file_ending")
     channels: dict[str, dict[int, Path]] = {}
     for p in sorted(img_dir.iterdir()):
         if p.name.startswith("."):
@@ -209,6 +227,7 @@ def list_cases(folder: str | Path) -> list[tuple[str, list[Path], Path]]:
         ending = _ending(p.name)
         if ending is not None and not p.name.startswith("."):
             labels[p.name[: -len(ending)]] = p
+    labels.update(box_labels)
     out = []
     n_ch = None
     for case in sorted(channels):
@@ -226,6 +245,11 @@ def list_cases(folder: str | Path) -> list[tuple[str, list[Path], Path]]:
                 f"case {case} has {len(idx)} channel file(s) but the first case has {n_ch}."
             )
         if case not in labels:
+            if boxes:
+                raise DatasetError(
+                    f"case {case} has no label in labelsTr/ (an instance mask, {case}.csv or "
+                    f"{case}.json)."
+                )
             raise DatasetError(
                 f"case {case} has no label file in labelsTr/ (expected {case}<ending>)."
             )
@@ -252,20 +276,37 @@ def _read(path: Path) -> tuple[np.ndarray, np.ndarray, str, bool]:
     return data, np.asarray(rec.affine, dtype=float), rec.space, rgb
 
 
-def load_case(name: str, image_paths: list[Path], label_path: Path) -> Case:
-    """Read one case (all its channels and its label) and check that they fit.
+def read_channels(name: str, paths: list[Path]) -> tuple[np.ndarray, np.ndarray, str, bool]:
+    """Read the image channels of a case (one file per channel, or channels in a file).
+
+    Parameters
+    ----------
+    name : str
+        The case (for messages).
+    paths : list of Path
+        Image files in channel order; a file with a last channel axis (RGB, 4D NIfTI, a
+        ``(rows, cols, C)`` image) gives several channels.
+
+    Returns
+    -------
+    image : (C, *spatial) float32
+        Spatial axes in the file's own order; NaN/inf replaced (NaN by the minimum, inf by 0).
+    affine : (4, 4) voxel-to-RAS mm, or (3, 3) voxel-to-pixel for 2D images
+    space : ``"RAS"`` or ``"pixel"``
+    rgb : bool
+        True when the channels are the R, G, B of a colour image.
 
     Raises
     ------
     DatasetError
-        When channels or label disagree in shape.
+        An unsupported shape, or channels of different shapes.
     """
     chans = []
     affine = None
     space = "RAS"
     rgb = False
     spatial = None
-    for p in image_paths:
+    for p in paths:
         data, aff, space, is_rgb = _read(p)
         if is_rgb:
             rgb = True
@@ -289,6 +330,28 @@ def load_case(name: str, image_paths: list[Path], label_path: Path) -> Case:
                     f"have {spatial}."
                 )
             chans.append(np.asarray(a, dtype=np.float32))
+    image = np.stack(chans, 0)
+    if not np.all(np.isfinite(image)):
+        image = np.nan_to_num(image, nan=float(np.nanmin(image)), posinf=0.0, neginf=0.0)
+    return image, np.asarray(affine, dtype=float), space, rgb
+
+
+def affine_spacing(affine: np.ndarray) -> tuple[float, ...]:
+    """Voxel size along each spatial axis: the column norms of the affine's linear part."""
+    lin = np.asarray(affine)[:-1, :-1]
+    return tuple(float(v) for v in np.sqrt((lin**2).sum(axis=0)))
+
+
+def load_case(name: str, image_paths: list[Path], label_path: Path) -> Case:
+    """Read one case (all its channels and its label) and check that they fit.
+
+    Raises
+    ------
+    DatasetError
+        When channels or label disagree in shape.
+    """
+    image, affine, space, rgb = read_channels(name, image_paths)
+    spatial = image.shape[1:]
     lab, _, _, lab_rgb = _read(label_path)
     if lab_rgb or (lab.ndim == len(spatial) + 1 and lab.shape[-1] in (3, 4)):
         lab = lab[..., 0]
@@ -305,12 +368,7 @@ def load_case(name: str, image_paths: list[Path], label_path: Path) -> Case:
     lab = np.asarray(lab).astype(np.int16 if lab.max() < 32767 else np.int32)
     if lab.min() < 0:
         raise DatasetError(f"case {name}: label {label_path.name} holds negative values.")
-    image = np.stack(chans, 0)
-    if not np.all(np.isfinite(image)):
-        image = np.nan_to_num(image, nan=float(np.nanmin(image)), posinf=0.0, neginf=0.0)
-    lin = np.asarray(affine)[:-1, :-1]
-    spacing = tuple(float(v) for v in np.sqrt((lin**2).sum(axis=0)))
-    return Case(name, image, lab, np.asarray(affine, dtype=float), spacing, space, rgb)
+    return Case(name, image, lab, affine, affine_spacing(affine), space, rgb)
 
 
 def load_dataset(folder: str | Path) -> TrainingDataset:
@@ -350,14 +408,7 @@ def iter_load_dataset(folder: str | Path) -> Generator[tuple[int, int, str], Non
     for i, e in enumerate(entries):
         yield i, len(entries), e[0]
         cases.append(load_case(*e))
-    dims = {c.dims for c in cases}
-    if len(dims) > 1:
-        raise DatasetError(f"dataset {folder.name} mixes 2D and 3D cases.")
-    nch = {c.image.shape[0] for c in cases}
-    if len(nch) > 1:
-        raise DatasetError(
-            f"dataset {folder.name}: cases have different channel counts {sorted(nch)}."
-        )
+    check_cases_agree(folder, cases)
     labels = parse_labels(meta.get("labels"))
     found = sorted({int(v) for c in cases for v in np.unique(c.label)})
     if labels is None:
@@ -371,6 +422,28 @@ def iter_load_dataset(folder: str | Path) -> Generator[tuple[int, int, str], Non
                 f"label values {extra} (case {bad[0]}) are not listed in dataset.json labels "
                 f"{sorted(labels)}."
             )
+    return make_dataset(folder, meta, labels, cases)
+
+
+def check_cases_agree(folder: Path, cases: list[Case]) -> None:
+    """Raise when the cases mix 2D and 3D or have different channel counts."""
+    if len({c.dims for c in cases}) > 1:
+        raise DatasetError(f"dataset {folder.name} mixes 2D and 3D cases.")
+    nch = {c.image.shape[0] for c in cases}
+    if len(nch) > 1:
+        raise DatasetError(
+            f"dataset {folder.name}: cases have different channel counts {sorted(nch)}."
+        )
+
+
+def make_dataset(
+    folder: Path, meta: dict, labels: dict[int, str], cases: list[Case]
+) -> TrainingDataset:
+    """A :class:`TrainingDataset` of loaded cases (at least one), with its ``dataset.json``.
+
+    Channel names come from ``channel_names`` (nnU-Net v2) or ``modality`` (MSD), else
+    ``R, G, B`` for colour images, else ``"unknown"``.
+    """
     raw_ch = meta.get("channel_names") or meta.get("modality") or {}
     n = cases[0].image.shape[0]
     if cases[0].rgb and not raw_ch:

@@ -6,9 +6,10 @@ validation window (well under a second apart on a CPU) and returns a :class:`Tra
 The recipe follows nnU-Net in small: self-configuration from a dataset fingerprint
 (:mod:`.fingerprint`), resampling to the target spacing in RAS order, random patches with one
 third centred on foreground, medical-image augmentation, Dice + cross-entropy loss, poly learning
-rate, validation Dice with the inference engine's Gaussian-weighted sliding window
-(:func:`napari_medseg.core.engine.sliding_window`) on held-out data, and the best
-checkpoint by validation Dice written as a model folder (``model.json`` + safetensors).
+rate (the loop is :class:`.loop.EpochLoop`), validation Dice with the inference engine's
+Gaussian-weighted sliding window (:func:`napari_medseg.core.engine.sliding_window`) on held-out
+data, and the best checkpoint by validation Dice written as a model folder (``model.json`` +
+safetensors).
 
 Validation is honest: with three or more cases whole cases are held out; with fewer cases a
 contiguous block of slices (3D, along the S axis) or of rows (2D) of every case is held out and
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +32,7 @@ from ..io.errors import MedsegError
 from ..models.card import ModelCard
 from .dataset import Case, DatasetError, TrainingDataset, iter_load_dataset
 from .fingerprint import compute_fingerprint, plan
+from .loop import EpochLoop, Validation, resolve_budget, training_block
 
 FOREGROUND_FRACTION = 1.0 / 3.0
 
@@ -417,6 +418,39 @@ def _bump_version(v: str | None) -> str:
     return ".".join(parts)
 
 
+def _check_init_fits(card: ModelCard, ds: TrainingDataset) -> None:
+    """Raise when a model to fine-tune does not take the dataset's dimension or channels."""
+    if card.dims != ds.dims:
+        raise MedsegError(
+            f"model {card.name!r} is {card.dims}D but the dataset holds {ds.dims}D images."
+        )
+    if card.in_channels != ds.in_channels:
+        raise MedsegError(
+            f"model {card.name!r} takes {card.in_channels} channel(s) but the dataset "
+            f"images have {ds.in_channels}."
+        )
+
+
+def _make_child(card: ModelCard, name: str | None) -> None:
+    """Turn a copied parent card into its fine-tuned child's (parent, bumped version, name)."""
+    card.parent = f"{card.name}@{card.version}"
+    card.version = _bump_version(card.version)
+    if name:
+        card.name = name
+    card.metrics, card.training = {}, {}
+
+
+def _dataset_license(ds: TrainingDataset, license: str | None) -> str:
+    """``license``, else the ``licence``/``license`` of dataset.json, else ``"unknown"``."""
+    return license or str(ds.json.get("licence") or ds.json.get("license") or "unknown")
+
+
+def _default_batch_size(card: ModelCard, patch: list[int]) -> int:
+    """Batch size for a patch: about 2 x 48^3 voxels (3D) or 8 x 128^2 pixels (2D), 2 to 16."""
+    budget = 2 * 96**3 // 4 if card.dims == 3 else 8 * 128**2
+    return int(np.clip(budget // int(np.prod(patch)), 2, 16))
+
+
 def _fit_patch(patch: list[int], card: ModelCard) -> list[int]:
     strides = card.architecture.get("kwargs", {}).get("strides")
     if not strides:
@@ -505,9 +539,7 @@ def train(
     TrainResult
     """
     out_dir = Path(out_dir)
-    time_budget = math.inf if time_budget is None else float(time_budget)
-    if not math.isfinite(time_budget) and not max_epochs:
-        raise ValueError("train() needs a finite time_budget or max_epochs")
+    time_budget = resolve_budget(time_budget, max_epochs, "train")
     if lr is None:
         lr = 1e-3 if init is not None else 3e-3
     yield Progress(0, 0, "reading the dataset")
@@ -541,28 +573,16 @@ def train(
         card = copy.deepcopy(loaded.card)
         if card.task != "segmentation":
             raise MedsegError(f"model {card.name!r} is a {card.task} model, not segmentation.")
-        if card.dims != ds.dims:
-            raise MedsegError(
-                f"model {card.name!r} is {card.dims}D but the dataset holds {ds.dims}D images."
-            )
-        if card.in_channels != ds.in_channels:
-            raise MedsegError(
-                f"model {card.name!r} takes {card.in_channels} channel(s) but the dataset "
-                f"images have {ds.in_channels}."
-            )
+        _check_init_fits(card, ds)
         if card.out_channels != len(ds.labels):
             raise MedsegError(
                 f"model {card.name!r} predicts {card.out_channels} classes but the dataset has "
                 f"{len(ds.labels)} labels; fine-tuning keeps the classes."
             )
-        card.parent = f"{card.name}@{card.version}"
-        card.version = _bump_version(card.version)
-        if name:
-            card.name = name
+        _make_child(card, name)
         if patch_size is not None:
             card.patch_size = _fit_patch(list(patch_size), card)
         parent_net = loaded.network
-        card.metrics, card.training = {}, {}
     else:
         card = plan(
             ds,
@@ -573,11 +593,10 @@ def train(
             patch_size=patch_size,
             spacing=spacing,
         )
-        card.license = license or str(ds.json.get("licence") or ds.json.get("license") or "unknown")
+        card.license = _dataset_license(ds, license)
     patch = [int(p) for p in card.patch_size]
     if batch_size is None:
-        budget = 2 * 96**3 // 4 if card.dims == 3 else 8 * 128**2
-        batch_size = int(np.clip(budget // int(np.prod(patch)), 2, 16))
+        batch_size = _default_batch_size(card, patch)
     aug = default_augmentation(card.dims, card.modality)
     aug.update(augment or {})
 
@@ -605,180 +624,74 @@ def train(
     yield Progress(0, 0, "first iteration (warm-up)")
     n_classes = card.out_channels
     fg_names = {int(c["id"]): str(c["name"]) for c in card.classes if int(c["id"]) != 0}
+    loop = EpochLoop(lr, time_budget, max_epochs, iterations_per_epoch, "val_dice", "val Dice")
 
-    history: list[dict] = []
-    best_mean: float | None = None
-    best_state = None
-    best_epoch = 0
-    best_per_class: dict = {}
-    best_per_case: dict = {}
-    iteration = 0
-    epoch = 0
-    last_val: float | None = None
-    train_start = time.monotonic()
-    epoch_cap = max(time_budget / 8.0, 1.0)
-    total_iters = (max_epochs or 0) * iterations_per_epoch
+    def sample() -> tuple[Any, Any]:
+        xs, ys = _sample_batch(train_items, patch, batch_size, rng)
+        return _augment(torch.from_numpy(xs), torch.from_numpy(ys), aug, gen)
 
-    def elapsed() -> float:
-        return time.monotonic() - train_start
+    def batch_loss(batch: tuple[Any, Any]) -> Any:
+        x, y = batch
+        return loss_fn(net(x.to(dev)), y.to(dev))
 
-    def progress(msg: str, loss: float | None, phase: str) -> Progress:
-        info = {
-            "epoch": epoch,
-            "iteration": iteration,
-            "loss": loss,
-            "val_dice": last_val,
-            "phase": phase,
-        }
-        if max_epochs and not math.isfinite(time_budget):
-            return Progress(iteration, total_iters, msg, info)
-        return Progress(int(min(elapsed(), time_budget)), int(time_budget), msg, info)
-
-    def poly_lr() -> float:
-        frac = elapsed() / time_budget if time_budget and math.isfinite(time_budget) else 0.0
-        if max_epochs:
-            frac = max(frac, iteration / max(total_iters, 1))
-        return lr * (1 - min(frac, 0.999)) ** 0.9
-
-    stop = False
-    val_time = 0.0
-    while not stop:
-        epoch += 1
-        net.train()
-        losses = []
-        ep_start = time.monotonic()
-        for _ in range(iterations_per_epoch):
-            # leave time for the validation that ends the epoch
-            if losses and elapsed() + val_time >= time_budget:
-                stop = True
-                break
-            if elapsed() >= time_budget:
-                stop = True
-                break
-            xs, ys = _sample_batch(train_items, patch, batch_size, rng)
-            x, y = torch.from_numpy(xs), torch.from_numpy(ys)
-            x, y = _augment(x, y, aug, gen)
-            for g in opt.param_groups:
-                g["lr"] = poly_lr()
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(net(x.to(dev)), y.to(dev))
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)
-            opt.step()
-            iteration += 1
-            losses.append(float(loss.detach()))
-            yield progress(
-                f"epoch {epoch} iteration {iteration} loss {losses[-1]:.3f}", losses[-1], "train"
+    def validate() -> Generator[Progress, None, Validation]:
+        net.eval()
+        pooled = {k: [0, 0] for k in fg_names}
+        per_case = {}
+        for v in val_items:
+            g = sliding_window(
+                v.image,
+                net,
+                patch,
+                overlap=card.overlap or 0.5,
+                batch_size=1,
+                device=dev,
+                amp=False,
             )
-            if time.monotonic() - ep_start > epoch_cap:
-                break
-        if not losses:
-            epoch -= 1
-            break
-        if max_epochs and epoch >= max_epochs:
-            stop = True
-        if elapsed() >= time_budget:
-            stop = True
-        # validation
-        rec: dict[str, Any] = {
-            "epoch": epoch,
-            "iterations": iteration,
-            "loss": round(float(np.mean(losses)), 4),
-            "lr": round(poly_lr(), 6),
-        }
-        if val_items:
-            v_start = time.monotonic()
-            net.eval()
-            pooled = {k: [0, 0] for k in fg_names}
-            per_case = {}
-            for v in val_items:
-                g = sliding_window(
-                    v.image,
-                    net,
-                    patch,
-                    overlap=card.overlap or 0.5,
-                    batch_size=1,
-                    device=dev,
-                    amp=False,
-                )
-                while True:
-                    try:
-                        next(g)
-                    except StopIteration as s:
-                        probs = s.value
-                        break
-                    yield progress(f"validating {v.name}", None, "validation")
-                pred = probs.argmax(0).cpu().numpy()
-                d = dice_per_class(v.scored(pred), v.scored(v.label), n_classes)
-                per_case[v.name] = {}
-                for k, (num, den) in d.items():
-                    pooled[k][0] += num
-                    pooled[k][1] += den
-                    per_case[v.name][fg_names[k]] = round(num / den, 4) if den else None
-            val_time = time.monotonic() - v_start
-            per_class = {
-                fg_names[k]: (num / den if den else None) for k, (num, den) in pooled.items()
-            }
-            vals = [v for v in per_class.values() if v is not None]
-            mean = float(np.mean(vals)) if vals else 0.0
-            last_val = mean
-            rec["val_dice"] = {
-                k: (round(v, 4) if v is not None else None) for k, v in per_class.items()
-            }
-            rec["val_dice_mean"] = round(mean, 4)
-            if best_mean is None or mean > best_mean:
-                best_mean, best_epoch = mean, epoch
-                best_state = {k: t.detach().cpu().clone() for k, t in net.state_dict().items()}
-                best_per_class, best_per_case = rec["val_dice"], per_case
-        rec["time"] = round(elapsed(), 1)
-        history.append(rec)
-        yield progress(
-            f"epoch {epoch} done: loss {rec['loss']:.3f}"
-            + (f", val Dice {last_val:.3f}" if last_val is not None else ""),
-            rec["loss"],
-            "epoch",
+            while True:
+                try:
+                    next(g)
+                except StopIteration as s:
+                    probs = s.value
+                    break
+                yield loop.progress(f"validating {v.name}", None, "validation")
+            pred = probs.argmax(0).cpu().numpy()
+            d = dice_per_class(v.scored(pred), v.scored(v.label), n_classes)
+            per_case[v.name] = {}
+            for k, (num, den) in d.items():
+                pooled[k][0] += num
+                pooled[k][1] += den
+                per_case[v.name][fg_names[k]] = round(num / den, 4) if den else None
+        per_class = {fg_names[k]: (num / den if den else None) for k, (num, den) in pooled.items()}
+        vals = [v for v in per_class.values() if v is not None]
+        mean = float(np.mean(vals)) if vals else 0.0
+        rounded = {k: (round(v, 4) if v is not None else None) for k, v in per_class.items()}
+        return Validation(
+            {"val_dice": rounded, "val_dice_mean": round(mean, 4)},
+            mean,
+            details=(rounded, per_case),
         )
 
-    if iteration == 0:
-        raise MedsegError("the time budget ended before the first training iteration.")
-    train_time = elapsed()
-    if best_state is not None:
-        net.load_state_dict(best_state)
-    net = net.cpu().eval()
-
-    card.training = {
-        "dataset": {
-            "path": str(Path(dataset_dir).resolve()),
-            "name": ds.name,
-            "description": ds.description,
-        },
-        "n_train_cases": len(split["train_cases"]),
-        "n_val_cases": len(split["val_cases"]),
-        "train_cases": split["train_cases"],
-        "val_cases": split["val_cases"],
-        "validation_split": split,
-        "recipe": {
-            "patch_size": patch,
-            "batch_size": batch_size,
-            "optimizer": "AdamW",
-            "lr": lr,
-            "lr_schedule": "poly 0.9 over the time budget",
-            "loss": "DiceCELoss(to_onehot_y=True, softmax=True)",
-            "epochs": epoch,
-            "iterations": iteration,
-            "iterations_per_epoch": iterations_per_epoch,
-            "time_s": round(train_time, 1),
-            "time_budget_s": time_budget,
-            "foreground_oversampling": round(FOREGROUND_FRACTION, 3),
-            "augmentations": aug,
-            "seed": seed,
-            "device": str(dev),
-            "best_epoch": best_epoch,
-        },
-        "history": history,
-        "fine_tuned_from": str(init) if init is not None else None,
-    }
-    if best_state is not None:
+    net = yield from loop.run(net, opt, sample, batch_loss, validate if val_items else None)
+    history = loop.history
+    card.training = training_block(
+        loop,
+        dataset_dir,
+        ds,
+        split,
+        head={},
+        patch_size=patch,
+        batch_size=batch_size,
+        loss="DiceCELoss(to_onehot_y=True, softmax=True)",
+        sampling={"foreground_oversampling": round(FOREGROUND_FRACTION, 3)},
+        augmentations=aug,
+        seed=seed,
+        device=dev,
+        init=init,
+    )
+    best_mean = None if loop.best is None else loop.best.score
+    if loop.best is not None:
+        best_per_class, best_per_case = loop.best.details
         grid = "the model grid (card spacing, RAS axes)" if card.dims == 3 else "the image pixels"
         card.metrics = {
             "val_dice": best_per_class,
@@ -793,6 +706,6 @@ def train(
         }
     else:
         card.metrics = {"held_out": split["held_out"]}
-    yield progress("saving the model", None, "save")
+    yield loop.progress("saving the model", None, "save")
     save_model(out_dir, card, net)
     return TrainResult(out_dir=out_dir, card=card, best_val_dice=best_mean, history=history)

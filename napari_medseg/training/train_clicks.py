@@ -26,7 +26,6 @@ the real data folder.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ from ..core.refine import (
 )
 from ..io.errors import MedsegError
 from ..models.card import ModelCard
+from .loop import Schedule, resolve_budget
 from .train import _augment, _index_foreground, _Item, _pad_to, _sample_batch, default_augmentation
 
 __all__ = [
@@ -538,9 +538,7 @@ def train_clicks(
     from ..models.networks import LoadedModel, build_network, save_model
 
     out_dir = Path(out_dir)
-    budget = math.inf if time_budget is None else float(time_budget)
-    if not math.isfinite(budget) and not max_iterations:
-        raise ValueError("train_clicks() needs a finite time_budget or max_iterations")
+    budget = resolve_budget(time_budget, max_iterations, "train_clicks", "max_iterations")
     if not train_cases:
         raise MedsegError("there are no training slices for the click model")
     stride = 2 ** (len(channels) - 1)
@@ -575,17 +573,10 @@ def train_clicks(
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     aug = default_augmentation(2)
     losses: list[float] = []
-    it_n = 0
-    t0 = time.monotonic()
+    sched = Schedule(lr, budget, max_iterations)
     total = max_iterations or 0
 
-    def frac() -> float:
-        f = (time.monotonic() - t0) / budget if math.isfinite(budget) else 0.0
-        if max_iterations:
-            f = max(f, it_n / max_iterations)
-        return min(f, 0.999)
-
-    while frac() < 0.999 and not (max_iterations and it_n >= max_iterations):
+    while sched.fraction() < 0.999 and not (max_iterations and sched.iteration >= max_iterations):
         xs, ys = _sample_batch(items, [patch, patch], batch_size, rng)
         x, y = _augment(torch.from_numpy(xs), torch.from_numpy(ys), aug, gen)
         img = x[:, 0].numpy().copy()
@@ -622,19 +613,20 @@ def train_clicks(
         xin = np.stack(
             [click_model_input(img[b], cur[b], pos[b], neg[b], sigma) for b in range(batch_size)]
         )
-        for g in opt.param_groups:
-            g["lr"] = lr * (1 - frac()) ** 0.9
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(net(torch.from_numpy(xin)), torch.from_numpy(gt[:, None].astype(np.int64)))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)
-        opt.step()
-        it_n += 1
-        losses.append(float(loss.detach()))
+        losses.append(
+            sched.step(
+                net,
+                opt,
+                lambda x=xin, t=gt: loss_fn(
+                    net(torch.from_numpy(x)), torch.from_numpy(t[:, None].astype(np.int64))
+                ),
+            )
+        )
+        it_n = sched.iteration
         done, tot = (
             (it_n, total)
             if max_iterations and not math.isfinite(budget)
-            else (int(frac() * budget), int(budget))
+            else (int(sched.fraction() * budget), int(budget))
         )
         yield Progress(
             done,
@@ -642,7 +634,7 @@ def train_clicks(
             f"iteration {it_n} ({rounds} clicks) loss {losses[-1]:.3f}",
             {"iteration": it_n, "loss": losses[-1], "phase": "train"},
         )
-    train_time = time.monotonic() - t0
+    train_time = sched.elapsed()
     net = net.eval()
     held: dict = {}
     if held_out:
@@ -676,7 +668,7 @@ def train_clicks(
             "lr_schedule": "poly 0.9",
             "loss": "DiceCELoss(to_onehot_y=True, softmax=True)",
             "augmentations": {**aug, "invert_p": invert_p},
-            "iterations": it_n,
+            "iterations": sched.iteration,
             "time_s": round(train_time, 1),
             "time_budget_s": budget if math.isfinite(budget) else None,
             "seed": seed,

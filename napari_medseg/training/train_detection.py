@@ -1,7 +1,8 @@
 """Train (or fine-tune) a centre-heatmap box detector from an nnU-Net-layout dataset.
 
 :func:`train_detection` is a progress generator like :func:`napari_medseg.training.train.train`
-and reuses its pieces: case reading (:mod:`.dataset`), the self-configured card and U-Net
+and reuses its pieces: case listing and reading (:mod:`.dataset`), the epoch loop (time budget,
+poly learning rate, best checkpoint: :class:`.loop.EpochLoop`), the self-configured card and U-Net
 (:func:`.fingerprint.plan`, then the output head is changed to ``K + 2 * dims`` channels, see
 :mod:`napari_medseg.core.boxdet`), the held-out split (:func:`.train.split_items`: whole
 cases with three or more, else a block of rows/slices), intensity augmentation
@@ -46,7 +47,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import time
 from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,18 +58,21 @@ from ..core.progress import Progress
 from ..io.errors import MedsegError
 from ..models.card import ModelCard
 from .dataset import (
+    BOX_ENDINGS,
     Case,
     DatasetError,
     TrainingDataset,
-    _ending,
-    _read,
+    affine_spacing,
+    check_cases_agree,
     list_cases,
     load_case,
+    make_dataset,
     parse_labels,
+    read_channels,
     read_dataset_json,
 )
+from .loop import EpochLoop, Validation, resolve_budget, training_block
 
-BOX_ENDINGS = (".csv", ".json")
 #: Share of patches centred on an object.
 OBJECT_FRACTION = 0.5
 #: Score threshold of the validation P/R/F1 (the Detect dock's and CLI's default).
@@ -112,53 +115,10 @@ class DetectionTrainResult:
 def list_detection_cases(folder: str | Path) -> list[tuple[str, list[Path], Path]]:
     """Cases of a detection dataset: ``(name, image paths by channel, label path)``.
 
-    Like :func:`.dataset.list_cases`, but a label may also be ``CASE.csv`` or ``CASE.json``
-    (boxes).
+    :func:`.dataset.list_cases` with ``boxes=True``: a label may also be ``CASE.csv`` or
+    ``CASE.json`` (boxes).
     """
-    folder = Path(folder)
-    lab_dir = folder / "labelsTr"
-    boxes = {}
-    if lab_dir.is_dir():
-        boxes = {
-            p.stem: p
-            for p in sorted(lab_dir.iterdir())
-            if p.suffix.lower() in BOX_ENDINGS and not p.name.startswith(".")
-        }
-    if not boxes:
-        return list_cases(folder)
-    img_dir = folder / "imagesTr"
-    if not img_dir.is_dir():
-        raise DatasetError(f"dataset {folder.name} has no imagesTr/ folder (nnU-Net layout).")
-    masks = {}
-    for p in sorted(lab_dir.iterdir()):
-        e = _ending(p.name)
-        if e is not None and not p.name.startswith("."):
-            masks[p.name[: -len(e)]] = p
-    channels: dict[str, dict[int, Path]] = {}
-    for p in sorted(img_dir.iterdir()):
-        e = _ending(p.name)
-        if e is None or p.name.startswith("."):
-            continue
-        stem = p.name[: -len(e)]
-        if len(stem) >= 6 and stem[-5] == "_" and stem[-4:].isdigit():
-            channels.setdefault(stem[:-5], {})[int(stem[-4:])] = p
-        else:
-            channels.setdefault(stem, {})[0] = p
-    if not channels:
-        raise DatasetError(f"dataset {folder.name} has no images in imagesTr/.")
-    out = []
-    for case in sorted(channels):
-        idx = sorted(channels[case])
-        if idx != list(range(len(idx))):
-            raise DatasetError(f"case {case} has channels {idx} in imagesTr/; expected 0..N-1.")
-        lab = boxes.get(case) or masks.get(case)
-        if lab is None:
-            raise DatasetError(
-                f"case {case} has no label in labelsTr/ (an instance mask, {case}.csv or "
-                f"{case}.json)."
-            )
-        out.append((case, [channels[case][i] for i in idx], lab))
-    return out
+    return list_cases(folder, boxes=True)
 
 
 def read_box_labels(
@@ -229,35 +189,6 @@ def read_box_labels(
     return boxes, classes
 
 
-def _read_image(name: str, paths: list[Path]) -> tuple[np.ndarray, np.ndarray, str, bool]:
-    """The image channels of a case with box labels: ``(C, *spatial)`` float32 + geometry."""
-    chans, affine, space, rgb, spatial = [], None, "RAS", False, None
-    for p in paths:
-        data, aff, space, is_rgb = _read(p)
-        nsp = 2 if space == "pixel" else 3
-        if data.ndim == nsp:
-            parts = [data]
-        elif data.ndim == nsp + 1:
-            parts = [data[..., c] for c in range(data.shape[-1])]
-            rgb = rgb or is_rgb
-        else:
-            raise DatasetError(
-                f"case {name}: image {p.name} has an unsupported shape {data.shape}."
-            )
-        for a in parts:
-            if spatial is None:
-                spatial, affine = a.shape, aff
-            elif a.shape != spatial:
-                raise DatasetError(
-                    f"case {name}: channel {p.name} has shape {a.shape}, not {spatial}."
-                )
-            chans.append(np.asarray(a, dtype=np.float32))
-    image = np.stack(chans, 0)
-    if not np.all(np.isfinite(image)):
-        image = np.nan_to_num(image, nan=float(np.nanmin(image)), posinf=0.0, neginf=0.0)
-    return image, np.asarray(affine, float), space, rgb
-
-
 def paint_boxes(boxes: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """Instance map of boxes (object ``i`` = value ``i + 1``), larger boxes painted first."""
     d = len(shape)
@@ -294,13 +225,11 @@ def load_detection_dataset(
     for i, (name, imgs, lab) in enumerate(entries):
         yield Progress(i, len(entries), f"reading {name} ({i + 1}/{len(entries)})")
         if lab.suffix.lower() in BOX_ENDINGS:
-            image, affine, space, rgb = _read_image(name, imgs)
+            image, affine, space, rgb = read_channels(name, imgs)
             nsp = image.ndim - 1
             boxes, classes = read_box_labels(lab, nsp, known)
             inst = paint_boxes(boxes, image.shape[1:])
-            lin = affine[:-1, :-1]
-            spacing = tuple(float(v) for v in np.sqrt((lin**2).sum(axis=0)))
-            case = Case(name, image, inst, affine, spacing, space, rgb)
+            case = Case(name, image, inst, affine, affine_spacing(affine), space, rgb)
             cmap = {k + 1: (c or default) for k, c in enumerate(classes)}
         else:
             case = load_case(name, imgs, lab)
@@ -310,10 +239,7 @@ def load_detection_dataset(
         obj_cls.append(cmap)
     if not cases:
         raise DatasetError(f"dataset {folder.name} has no cases.")
-    if len({c.dims for c in cases}) > 1:
-        raise DatasetError(f"dataset {folder.name} mixes 2D and 3D cases.")
-    if len({c.image.shape[0] for c in cases}) > 1:
-        raise DatasetError(f"dataset {folder.name}: cases have different channel counts.")
+    check_cases_agree(folder, cases)
     if known:
         names = [known[k] for k in sorted(known) if k != 0]
         extra = sorted({c for m in obj_cls for c in m.values()} - set(names))
@@ -324,23 +250,7 @@ def load_detection_dataset(
     else:
         names = sorted({c for m in obj_cls for c in m.values()}) or ["object"]
     labels = {0: "background", **{k + 1: n for k, n in enumerate(names)}}
-    raw_ch = meta.get("channel_names") or meta.get("modality") or {}
-    n = cases[0].image.shape[0]
-    if cases[0].rgb and not raw_ch:
-        channel_names = {0: "R", 1: "G", 2: "B"}
-    else:
-        channel_names = {int(k): str(v) for k, v in raw_ch.items()}
-        for i in range(n):
-            channel_names.setdefault(i, "unknown")
-    ds = TrainingDataset(
-        path=folder,
-        name=str(meta.get("name") or folder.name),
-        labels=labels,
-        channel_names=channel_names,
-        description=str(meta.get("description", "")),
-        cases=cases,
-        json=meta,
-    )
+    ds = make_dataset(folder, meta, labels, cases)
     return ds, obj_cls
 
 
@@ -544,12 +454,19 @@ def train_detection(
     DetectionTrainResult
     """
     from .fingerprint import compute_fingerprint, plan
-    from .train import _augment, _bump_version, _pad_to, default_augmentation, split_items
+    from .train import (
+        _augment,
+        _check_init_fits,
+        _dataset_license,
+        _default_batch_size,
+        _make_child,
+        _pad_to,
+        default_augmentation,
+        split_items,
+    )
 
     out_dir = Path(out_dir)
-    time_budget = math.inf if time_budget is None else float(time_budget)
-    if not math.isfinite(time_budget) and not max_epochs:
-        raise ValueError("train_detection() needs a finite time_budget or max_epochs")
+    time_budget = resolve_budget(time_budget, max_epochs, "train_detection")
     if lr is None:
         lr = 1e-3 if init is not None else 3e-3
     ds, obj_cls = yield from load_detection_dataset(dataset_dir)
@@ -592,27 +509,15 @@ def train_detection(
         card = copy.deepcopy(loaded.card)
         if not is_box_detector(card):
             raise MedsegError(f"model {card.name!r} is not a box detector; cannot fine-tune it.")
-        if card.dims != ds.dims:
-            raise MedsegError(
-                f"model {card.name!r} is {card.dims}D but the dataset holds {ds.dims}D images."
-            )
-        if card.in_channels != ds.in_channels:
-            raise MedsegError(
-                f"model {card.name!r} takes {card.in_channels} channel(s) but the dataset "
-                f"images have {ds.in_channels}."
-            )
+        _check_init_fits(card, ds)
         old = [str(c["name"]) for c in class_list(card)]
         if old != fg_names and not (len(old) == len(fg_names) == 1):
             raise MedsegError(
                 f"model {card.name!r} detects {old} but the dataset has classes {fg_names}; "
                 "fine-tuning keeps the classes."
             )
-        card.parent = f"{card.name}@{card.version}"
-        card.version = _bump_version(card.version)
-        if name:
-            card.name = name
+        _make_child(card, name)
         parent_net = loaded.network
-        card.metrics, card.training = {}, {}
     else:
         card = plan(
             _with_classes(binary, ds.labels),
@@ -631,13 +536,12 @@ def train_detection(
         if num_res_units is not None:
             kw["num_res_units"] = int(num_res_units)
         card.postprocessing = {}
-        card.license = license or str(ds.json.get("licence") or ds.json.get("license") or "unknown")
+        card.license = _dataset_license(ds, license)
     spec = detector_spec(card)
     K = int(spec["n_classes"])
     patch = [int(p) for p in card.patch_size]
     if batch_size is None:
-        budget = 2 * 96**3 // 4 if card.dims == 3 else 8 * 128**2
-        batch_size = int(np.clip(budget // int(np.prod(patch)), 2, 16))
+        batch_size = _default_batch_size(card, patch)
     aug = default_augmentation(card.dims, card.modality)
     aug.update(augment or {})
     if box_labels:
@@ -676,34 +580,19 @@ def train_detection(
         init_heatmap_bias(net, head_channels(K, card.dims), K)
     net = net.to(dev).train()
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=3e-5)
+    loop = EpochLoop(lr, time_budget, max_epochs, iterations_per_epoch, "val_f1", "val box F1")
 
-    history: list[dict] = []
-    best: dict | None = None
-    best_state = None
-    best_epoch = 0
-    iteration = epoch = 0
-    last_val: float | None = None
-    train_start = time.monotonic()
-    epoch_cap = max(time_budget / 8.0, 1.0)
-    total_iters = (max_epochs or 0) * iterations_per_epoch
+    def sample() -> tuple[Any, dict]:
+        xs, ys, info = _sample(train_items, train_objs, patch, batch_size, rng)
+        x, y = _augment(torch.from_numpy(xs), torch.from_numpy(ys.astype(np.int64)), aug, gen)
+        tg = _targets(y.numpy(), info, K, spec)
+        return x, {k: torch.from_numpy(v) for k, v in tg.items()}
 
-    def elapsed() -> float:
-        return time.monotonic() - train_start
+    def batch_loss(batch: tuple[Any, dict]) -> Any:
+        x, tgt = batch
+        return centernet_loss(net(x.to(dev)), {k: v.to(dev) for k, v in tgt.items()}, K)[0]
 
-    def progress(msg: str, loss: float | None, phase: str) -> Progress:
-        info = {"epoch": epoch, "iteration": iteration, "loss": loss, "val_f1": last_val,
-                "phase": phase}  # fmt: skip
-        if max_epochs and not math.isfinite(time_budget):
-            return Progress(iteration, total_iters, msg, info)
-        return Progress(int(min(elapsed(), time_budget)), int(time_budget), msg, info)
-
-    def poly_lr() -> float:
-        frac = elapsed() / time_budget if math.isfinite(time_budget) else 0.0
-        if max_epochs:
-            frac = max(frac, iteration / max(total_iters, 1))
-        return lr * (1 - min(frac, 0.999)) ** 0.9
-
-    def validate() -> Generator[Progress, None, dict]:
+    def validate() -> Generator[Progress, None, Validation]:
         net.eval()
         preds, gts = [], []
         for v, ob in zip(val_items, val_objs):
@@ -717,109 +606,30 @@ def train_detection(
             keep = _scored_boxes(v, dec["boxes"])
             preds.append((dec["boxes"][keep], dec["scores"][keep]))
             gts.append(ob.boxes[_scored_boxes(v, ob.boxes)])
-            yield progress(f"validated {v.name}", None, "validation")
+            yield loop.progress(f"validated {v.name}", None, "validation")
         net.train()
-        return detection_scores(preds, gts, threshold=VAL_THRESHOLD, iou=0.5, distance=6.0)
+        scores = detection_scores(preds, gts, threshold=VAL_THRESHOLD, iou=0.5, distance=6.0)
+        f1 = scores["boxes_iou50"]["f1"]
+        return Validation({"val": scores}, f1, rank=(f1, scores["ap50"]), details=scores)
 
-    stop = False
-    val_time = 0.0
-    while not stop:
-        epoch += 1
-        net.train()
-        losses: list[float] = []
-        ep_start = time.monotonic()
-        for _ in range(iterations_per_epoch):
-            if (losses and elapsed() + val_time >= time_budget) or elapsed() >= time_budget:
-                stop = True
-                break
-            xs, ys, info = _sample(train_items, train_objs, patch, batch_size, rng)
-            x, y = _augment(torch.from_numpy(xs), torch.from_numpy(ys.astype(np.int64)), aug, gen)
-            tg = _targets(y.numpy(), info, K, spec)
-            tgt = {k: torch.from_numpy(v) for k, v in tg.items()}
-            for g in opt.param_groups:
-                g["lr"] = poly_lr()
-            opt.zero_grad(set_to_none=True)
-            loss, _ = centernet_loss(net(x.to(dev)), {k: v.to(dev) for k, v in tgt.items()}, K)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)
-            opt.step()
-            iteration += 1
-            losses.append(float(loss.detach()))
-            yield progress(
-                f"epoch {epoch} iteration {iteration} loss {losses[-1]:.3f}", losses[-1], "train"
-            )
-            if time.monotonic() - ep_start > epoch_cap:
-                break
-        if not losses:
-            epoch -= 1
-            break
-        if (max_epochs and epoch >= max_epochs) or elapsed() >= time_budget:
-            stop = True
-        rec: dict[str, Any] = {
-            "epoch": epoch,
-            "iterations": iteration,
-            "loss": round(float(np.mean(losses)), 4),
-            "lr": round(poly_lr(), 6),
-        }
-        if val_items:
-            v0 = time.monotonic()
-            scores = yield from validate()
-            val_time = time.monotonic() - v0
-            f1 = scores["boxes_iou50"]["f1"]
-            last_val = f1
-            rec["val"] = scores
-            key = (f1, scores["ap50"])
-            if best is None or key > (best["boxes_iou50"]["f1"], best["ap50"]):
-                best, best_epoch = scores, epoch
-                best_state = {k: t.detach().cpu().clone() for k, t in net.state_dict().items()}
-        rec["time"] = round(elapsed(), 1)
-        history.append(rec)
-        yield progress(
-            f"epoch {epoch} done: loss {rec['loss']:.3f}"
-            + (f", val box F1 {last_val:.3f}" if last_val is not None else ""),
-            rec["loss"],
-            "epoch",
-        )
-
-    if iteration == 0:
-        raise MedsegError("the time budget ended before the first training iteration.")
-    train_time = elapsed()
-    if best_state is not None:
-        net.load_state_dict(best_state)
-    net = net.cpu().eval()
-    card.training = {
-        "dataset": {
-            "path": str(Path(dataset_dir).resolve()),
-            "name": ds.name,
-            "description": ds.description,
-        },
-        "n_train_cases": len(split["train_cases"]),
-        "n_val_cases": len(split["val_cases"]),
-        "train_cases": split["train_cases"],
-        "val_cases": split["val_cases"],
-        "validation_split": split,
-        "recipe": {
-            "task": "detection (centre heatmap + log size + offset)",
-            "patch_size": patch,
-            "batch_size": batch_size,
-            "optimizer": "AdamW",
-            "lr": lr,
-            "lr_schedule": "poly 0.9 over the time budget",
-            "loss": "CenterNet focal heatmap loss (alpha 2, beta 4) + L1 log size + L1 offset",
-            "epochs": epoch,
-            "iterations": iteration,
-            "iterations_per_epoch": iterations_per_epoch,
-            "time_s": round(train_time, 1),
-            "time_budget_s": time_budget,
-            "object_centred_patches": OBJECT_FRACTION,
-            "augmentations": aug,
-            "seed": seed,
-            "device": str(dev),
-            "best_epoch": best_epoch,
-        },
-        "history": history,
-        "fine_tuned_from": str(init) if init is not None else None,
-    }
+    net = yield from loop.run(net, opt, sample, batch_loss, validate if val_items else None)
+    history = loop.history
+    card.training = training_block(
+        loop,
+        dataset_dir,
+        ds,
+        split,
+        head={"task": "detection (centre heatmap + log size + offset)"},
+        patch_size=patch,
+        batch_size=batch_size,
+        loss="CenterNet focal heatmap loss (alpha 2, beta 4) + L1 log size + L1 offset",
+        sampling={"object_centred_patches": OBJECT_FRACTION},
+        augmentations=aug,
+        seed=seed,
+        device=dev,
+        init=init,
+    )
+    best = None if loop.best is None else loop.best.details
     if best is not None:
         grid = "the model grid (card spacing, RAS axes)" if card.dims == 3 else "the image pixels"
         card.metrics = {
@@ -836,7 +646,7 @@ def train_detection(
         }
     else:
         card.metrics = {"held_out": split["held_out"]}
-    yield progress("saving the model", None, "save")
+    yield loop.progress("saving the model", None, "save")
     save_model(out_dir, card, net)
     return DetectionTrainResult(
         out_dir=out_dir,

@@ -9,10 +9,11 @@ Layers: ``<image>_detections`` (Points at object centres, ``features`` = id, cla
 area/volume, coloured by score, size ~ object diameter: the editable objects) and
 ``<image>_boxes`` (Shapes: a rectangle per object in 2D; in 3D a rectangle on every slice the
 box spans, along napari's slider axis). Both carry the image's transform, so they overlay the
-scan. A filter change is debounced (60 ms) and then only adds and removes the objects that
-entered or left the filtered table, so the slider stays fluid with thousands of objects and
-hand edits of the other objects stay. ``Export...`` saves what the Points layer shows now,
-edits included (deleted, added and moved points), as CSV or QuPath GeoJSON.
+scan; hovering an object shows its features as a tooltip. A filter change is debounced (60 ms)
+and then only adds and removes the objects that entered or left the filtered table, so the
+slider stays fluid with thousands of objects and hand edits of the other objects stay.
+``Export...`` saves what the Points layer shows now, edits included (deleted, added and
+moved points), as CSV or QuPath GeoJSON.
 """
 
 from __future__ import annotations
@@ -253,6 +254,9 @@ class DetectWidget(ImageInput, WorkerControls, Container):
         if not incremental:
             self._show_points(*self._point_rows(table))
             self._show_boxes(table)
+            # hovering an object shows its id, class, score and size as a tooltip (this
+            # session's viewer only; napari's saved preference is left alone)
+            self._viewer.tooltip.visible = True
         else:
             gone = self._shown_ids - set(ids.tolist())
             new = table[~np.isin(ids, list(self._shown_ids))]

@@ -48,6 +48,10 @@ def test_run_then_live_threshold_then_export_edits(make_napari_viewer, qtbot, tm
     n_all = len(points.data)
     assert n_all >= 10 and len(boxes.data) == n_all
     assert list(points.features.columns) == ["id", "class", "score", "area"]
+    # hovering a detection shows its features as a tooltip
+    assert viewer.tooltip.visible
+    status = points.get_status(points.data_to_world(points.data[0]), world=True)
+    assert "score" in str(status["value"]) and "nucleus" in str(status["value"])
     assert f"nucleus: {n_all}" in widget.counts.value
     # boxes enclose their centres
     for rect, c in zip(boxes.data[:5], points.data[:5]):

@@ -479,22 +479,11 @@ def open_result(out_zarr: str | Path) -> list:
     -------
     list of dask.array.Array
         ``(rows, cols)`` uint8, level 0 (slide full resolution) first; for a napari
-        multiscale Labels layer.
+        multiscale Labels layer (:func:`napari_medseg.io.raster.open_labels_zarr`).
     """
-    import dask.array as da
-    import zarr
+    from ..io.raster import open_labels_zarr
 
-    p = Path(out_zarr)
-    if not p.exists():
-        raise MedsegError(f"{p} does not exist")
-    try:
-        g = zarr.open_group(str(p), mode="r")
-        ms = g.attrs["ome"]["multiscales"][0]
-        return [da.from_zarr(g[d["path"]]) for d in ms["datasets"]]
-    except MedsegError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise MedsegError(f"{p.name} is not a whole-slide result written by napari-medseg") from exc
+    return open_labels_zarr(out_zarr)[0]
 
 
 # --------------------------------------------------------------------------- inference

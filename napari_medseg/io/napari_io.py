@@ -18,6 +18,7 @@ import numpy as np
 
 from .errors import ImageReadError
 from .geometry import layer_to_record_parts, record_to_layer_data
+from .raster import is_labels_zarr, open_labels_zarr
 from .readers import DICOM_EXT, SUPPORTED_EXTENSIONS, read_image, write_image
 from .record import ImageRecord
 from .volume import split_ext
@@ -35,6 +36,8 @@ def get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]] | None
 
 def _is_ours(p: str | os.PathLike) -> bool:
     path = Path(p)
+    if path.name.lower().endswith(".geojson"):
+        return True  # detections (QuPath's convention), e.g. saved beside a slide
     if path.is_dir():
         return True  # a DICOM folder; read_dicom says clearly when it holds no images
     _, ext = split_ext(path)
@@ -57,9 +60,64 @@ def read_layers(path: str | list[str]) -> list[LayerData]:
     paths = [path] if isinstance(path, str | os.PathLike) else list(path)
     out: list[LayerData] = []
     for p in paths:
-        for rec in read_image(p):
-            out.append(record_to_layer(rec))
+        if is_labels_zarr(p):
+            out.append(labels_zarr_layer(p))
+        elif str(p).lower().endswith(".geojson"):
+            out.append(detections_layer(p))
+        else:
+            out.extend(record_to_layer(rec) for rec in read_image(p))
     return out
+
+
+def labels_zarr_layer(path: str | os.PathLike) -> LayerData:
+    """A whole-slide labels result (OME-Zarr) as a lazy multiscale Labels layer.
+
+    Level 0 lies on the slide's full-resolution pixel grid (identity transform, like the slide
+    layer :func:`~napari_medseg.io.raster.read_slide` gives), so it overlays the slide.
+    """
+    levels, attrs = open_labels_zarr(path)
+    ours = attrs.get("medseg") or {}
+    p = Path(path)
+    meta = {
+        "medseg": {
+            "path": str(p),
+            "space": "pixel",
+            "class_names": ours.get("class_names", {}),
+            "complete": ours.get("complete"),
+            "provenance": ours.get("provenance", {}),
+        }
+    }
+    name = p.name[: -len(".zarr")] if p.name.lower().endswith(".zarr") else p.name
+    return levels, {"name": name, "multiscale": True, "opacity": 0.5, "metadata": meta}, "labels"
+
+
+def detections_layer(path: str | os.PathLike) -> LayerData:
+    """Detections in QuPath GeoJSON as a Points layer (centres in full-resolution pixels).
+
+    Features: ``id``, ``class``, ``score`` and ``area`` where the file has them; points are
+    coloured by score.
+    """
+    from .detections import read_detections
+
+    table = read_detections(path)
+    p = Path(path)
+    ndim = 3 if "z" in table.columns else 2
+    cols = ["z", "y", "x"] if ndim == 3 else ["y", "x"]
+    data = table[cols].to_numpy(float).reshape(-1, ndim)
+    feats = table[[c for c in ("id", "class", "score", "area") if c in table.columns]]
+    kwargs = {
+        "name": p.name[: -len(".geojson")],
+        "features": feats.reset_index(drop=True),
+        "size": 12,
+        "face_color": "transparent",
+        "border_color": "score" if "score" in feats.columns and len(feats) else "yellow",
+        "border_width": 0.15,
+        "metadata": {"medseg": {"path": str(p), "space": "pixel"}},
+    }
+    if kwargs["border_color"] == "score":
+        kwargs["border_colormap"] = "viridis"
+        kwargs["border_contrast_limits"] = (0.0, 1.0)
+    return data, kwargs, "points"
 
 
 def record_to_layer(rec: ImageRecord) -> LayerData:

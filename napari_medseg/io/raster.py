@@ -57,8 +57,10 @@ __all__ = [
     "SLIDE_SUFFIXES",
     "SafeLevel",
     "SlideFile",
+    "is_labels_zarr",
     "is_slide",
     "make_pyramidal_tiff",
+    "open_labels_zarr",
     "read_raster",
     "read_slide",
     "synthetic_slide_region",
@@ -846,3 +848,48 @@ def make_pyramidal_tiff(
         if tmp.exists():
             tmp.unlink()
     return p
+
+
+# --------------------------------------------------------------------------- results
+
+
+def is_labels_zarr(path: str | Path) -> bool:
+    """True for a folder holding napari-medseg's OME-Zarr multiscale labels (a slide result)."""
+    p = Path(path)
+    if not (p.is_dir() and p.name.lower().rstrip("/").endswith(".zarr")):
+        return False
+    try:
+        import json
+
+        attrs = json.loads((p / "zarr.json").read_text()).get("attributes", {})
+        return bool(attrs.get("ome", {}).get("multiscales"))
+    except (OSError, ValueError):
+        return False
+
+
+def open_labels_zarr(path: str | Path) -> tuple[list, dict]:
+    """The levels and attributes of OME-Zarr multiscale labels (a whole-slide result).
+
+    Returns
+    -------
+    levels : list of dask.array.Array
+        ``(rows, cols)`` integer labels, level 0 (the slide's full-resolution pixel grid)
+        first, each level half the previous; lazy (read chunk by chunk).
+    attrs : dict
+        The group attributes (``ome`` metadata, ``class_names``, ``complete``, provenance...).
+    """
+    import dask.array as da
+    import zarr
+
+    p = Path(path)
+    if not p.exists():
+        raise ImageReadError(f"{p} does not exist")
+    try:
+        g = zarr.open_group(str(p), mode="r")
+        attrs = dict(g.attrs)
+        ms = attrs["ome"]["multiscales"][0]
+        return [da.from_zarr(g[d["path"]]) for d in ms["datasets"]], attrs
+    except Exception as exc:  # noqa: BLE001
+        raise ImageReadError(
+            f"{p.name} is not a whole-slide result written by napari-medseg"
+        ) from exc

@@ -77,6 +77,10 @@ def test_whole_slide_then_cancel_a_second_run(make_napari_viewer, qtbot, tmp_pat
     tiles = full[:2560, :2048].reshape(10, 256, 8, 256).any(axis=(1, 3))
     assert tiles.any(axis=0).sum() >= 4 and not tiles.all()  # tissue across, glass skipped
     assert full[-256:, :].any()  # the last rows were covered
+    # File > Open on the saved result reopens it lazily, on the slide
+    (again,) = viewer.open(str(out), plugin="napari-medseg")
+    assert type(again).__name__ == "Labels" and again.multiscale
+    assert again.data[0].shape == (2600, 2100)
     attrs = json.loads((out / "zarr.json").read_text())["attributes"]
     medseg = attrs.get("medseg") or attrs
     assert medseg.get("complete") is True

@@ -510,13 +510,9 @@ def check_detector_inputs(record: ImageRecord, card: ModelCard) -> None:
             f"model {card.name!r} is a 2D detector and cannot run on the {nsp}D image "
             f"{record.name!r}; choose a 3D detector"
         )
-    n_ch = int(np.prod(shape[nsp:])) if len(shape) > nsp else 1
-    if n_ch != card.in_channels:
-        what = "RGB channels" if record.rgb else "channels (or time points)"
-        raise MedsegError(
-            f"model {card.name!r} expects {card.in_channels} input channel(s) but the image "
-            f"{record.name!r} has {n_ch} {what}"
-        )
+    from .segmentation import check_channels
+
+    check_channels(record, card)
 
 
 def to_source_boxes(

@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..io.record import ImageRecord
     from ..models.networks import LoadedModel
 
-__all__ = ["SegmentationResult", "check_inputs", "segment"]
+__all__ = ["SegmentationResult", "check_channels", "check_inputs", "segment"]
 
 LINEAR_MAX_CLASSES_GPU = 64
 LINEAR_MAX_WORK_CPU = 4e8
@@ -141,6 +141,13 @@ def check_inputs(record: ImageRecord, model: LoadedModel) -> None:
         )
     if card.dims == 2 and nsp not in (2, 3):
         raise MedsegError(f"model {card.name!r} is 2D and cannot run on a {nsp}D image")
+    check_channels(record, card)
+
+
+def check_channels(record: ImageRecord, card: Any) -> None:
+    """Raise :class:`MedsegError` when the image's channels (non-spatial axes, RGB included)
+    do not match the model card's ``in_channels``."""
+    shape, nsp = record.shape, record.spatial_ndim
     n_ch = int(np.prod(shape[nsp:])) if len(shape) > nsp else 1
     if n_ch != card.in_channels:
         what = "RGB channels" if record.rgb else "channels (or time points)"

@@ -6,7 +6,8 @@ size and NMS IoU only re-filter that table (:func:`~napari_medseg.core.detection
 filter_detections`), so moving the slider updates the layers live without running the model.
 
 Layers: ``<image>_detections`` (Points at object centres, ``features`` = id, class, score,
-area/volume, coloured by score, size ~ object diameter: the editable objects) and
+area/volume; a dot coloured by score, a third of the object's diameter, so the object stays
+visible under it: the editable objects) and
 ``<image>_boxes`` (Shapes: a rectangle per object in 2D; in 3D a rectangle on every slice the
 box spans, along napari's slider axis). Both carry the image's transform, so they overlay the
 scan; hovering an object shows its features as a tooltip. A filter change is debounced (60 ms)
@@ -283,7 +284,9 @@ class DetectWidget(ImageInput, WorkerControls, Container):
             lo = table[[f"{a}_min" for a in names]].to_numpy(float).reshape(-1, nd)
             hi = table[[f"{a}_max" for a in names]].to_numpy(float).reshape(-1, nd)
             diam = (hi - lo).max(axis=1) if len(table) else np.zeros(0)
-        return centres, features, np.clip(np.nan_to_num(diam, nan=3.0), 3, None)
+        # a dot (a third of the diameter, 3 to 12 px) that leaves the object visible around it;
+        # the boxes show the extent
+        return centres, features, np.clip(np.nan_to_num(diam, nan=9.0) / 3.0, 3.0, 12.0)
 
     def _show_points(self, centres: np.ndarray, features: Any, sizes: np.ndarray) -> None:
         name = f"{self._source_name}_detections"
@@ -304,8 +307,8 @@ class DetectWidget(ImageInput, WorkerControls, Container):
                 face_color="score",
                 face_colormap="viridis",
                 border_color="white",
-                border_width=0.05,
-                opacity=0.8,
+                border_width=0.1,
+                opacity=1.0,
                 **kw,
             )
         if not getattr(layer, "_medseg_hooked", False):

@@ -181,9 +181,17 @@ class CorrectWidget(ImageInput, Container):
         self._recount_timer.setSingleShot(True)
         self._recount_timer.setInterval(250)
         self._recount_timer.timeout.connect(self._check_recount)
-        self.native.layout().insertWidget(
-            self.native.layout().indexOf(self.train_info.native) + 1, self.train_plot
-        )
+        # the plot goes under the training progress bar (magicgui wraps each labelled widget
+        # in a row: find that row in the dock's layout)
+        row = self.train_info.native
+        while row.parentWidget() is not None and row.parentWidget() is not self.native:
+            row = row.parentWidget()
+        layout = self.native.layout()
+        layout.insertWidget(layout.indexOf(row) + 1, self.train_plot)
+        for table in (self.table, self.cases_table):
+            from qtpy.QtWidgets import QHeaderView
+
+            table.native.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
         self._on_layers_changed()
         for layer in list(viewer.layers):
             self._offer_recovery(layer)
@@ -257,6 +265,11 @@ class CorrectWidget(ImageInput, Container):
         layer.events.selected_label.connect(self._on_selected_label)
         self.label_id.value = max(1, int(layer.selected_label))
         self._recount()
+        current = self._current_model()  # fine-tune the model that made this mask by default
+        if current is not None:
+            self.model.reset_choices()
+            if current in [c[1] for c in self._model_choices()]:
+                self.model.value = current
         self.status.value = f"Correcting {layer.name}."
 
     def _layer_state(self, layer: Any) -> dict[str, Any]:
@@ -883,6 +896,8 @@ class CorrectWidget(ImageInput, Container):
         out = []
         for card in list_models():
             src = card.get("source")
+            if card.get("task", "segmentation") != "segmentation":
+                continue  # detectors and click models are not fine-tuned on masks
             if src and (Path(src) / "model.json").is_file():
                 parent = f", from {card['parent']}" if card.get("parent") else ""
                 out.append((f"{card['name']} v{card.get('version', '?')}{parent}", str(src)))

@@ -103,6 +103,9 @@ def test_each_tool_is_one_undo_step(make_napari_viewer, tmp_path):
 def test_volume_table_follows_edits_and_undo(make_napari_viewer, qtbot, tmp_path):
     viewer = make_napari_viewer()
     _, layer, w = _setup(viewer, tmp_path)
+    # only segmentation models can be fine-tuned on masks (not detectors or click models)
+    names = [label for label, _ in w._model_choices()]
+    assert names and not any("det_2d" in n or "click_refine" in n for n in names)
     n0 = int((np.asarray(layer.data) == 1).sum())
     vols = w.volumes()
     assert vols[1]["voxels"] == n0

@@ -180,7 +180,7 @@ def _load_detection_model(ref: str) -> Any:
     model = load_model(ref, device="cpu")
     if model.card.task not in ("segmentation", "detection"):
         raise MedsegError(
-            f"model {model.card.name!r} is a {model.card.task} model; detect needs a "
+            f"model {model.card.name!r} is a model for {model.card.task}; detect needs a "
             "segmentation or detection model"
         )
     return model

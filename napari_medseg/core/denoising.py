@@ -991,7 +991,7 @@ def load_denoiser(ref: str | Path | LoadedModel, device: Any = "cpu") -> Trained
         except (ValueError, TypeError) as e:
             raise ModelLoadError(f"{folder}/model.json is not a valid model card: {e}") from e
         if card.task != "denoising":
-            raise ModelLoadError(f"model {card.name!r} is a {card.task} model, not a denoiser")
+            raise ModelLoadError(f"model {card.name!r} is a model for {card.task}, not a denoiser")
         wpath = folder / card.weights
         if not wpath.is_file():
             raise ModelLoadError(f"model {card.name!r} has no weights: {wpath.name} is missing")
@@ -1017,7 +1017,7 @@ def load_denoiser(ref: str | Path | LoadedModel, device: Any = "cpu") -> Trained
                 f"weights of model {card.name!r} do not fit its architecture: {str(e)[:200]}"
             ) from e
     if card.task != "denoising":
-        raise ModelLoadError(f"model {card.name!r} is a {card.task} model, not a denoiser")
+        raise ModelLoadError(f"model {card.name!r} is a model for {card.task}, not a denoiser")
     net.eval().to(str(device))
     return TrainedDenoiser(
         network=net,

@@ -448,7 +448,7 @@ def detect(
         return result
     if card.task != "segmentation":
         raise MedsegError(
-            f"model {card.name!r} is a {card.task} model; detection needs a segmentation "
+            f"model {card.name!r} is a model for {card.task}; detection needs a segmentation "
             "model or a box detector"
         )
     seg = yield from segment(

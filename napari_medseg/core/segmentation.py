@@ -129,7 +129,7 @@ def check_inputs(record: ImageRecord, model: LoadedModel) -> None:
     """Raise :class:`MedsegError` (one sentence) when the image cannot go into the model."""
     card = model.card
     if card.task != "segmentation":
-        raise MedsegError(f"model {card.name!r} is a {card.task} model, not a segmentation model")
+        raise MedsegError(f"model {card.name!r} is a model for {card.task}, not segmentation")
     shape = record.shape
     if len(shape) == 0 or min(shape) < 1:
         raise MedsegError(f"the image {record.name!r} is empty (shape {shape})")

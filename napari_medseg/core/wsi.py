@@ -511,7 +511,7 @@ def _predict_batch(
 def _check_model(record: ImageRecord, model: LoadedModel) -> None:
     card = model.card
     if card.task != "segmentation":
-        raise MedsegError(f"model {card.name!r} is a {card.task} model, not a segmentation model")
+        raise MedsegError(f"model {card.name!r} is a model for {card.task}, not segmentation")
     if card.dims != 2:
         raise MedsegError(f"model {card.name!r} is {card.dims}D; slides need a 2D model")
     nch = record.data.shape[-1] if record.data.ndim == 3 else 1

@@ -572,7 +572,7 @@ def train(
         loaded = load_model_folder(init)
         card = copy.deepcopy(loaded.card)
         if card.task != "segmentation":
-            raise MedsegError(f"model {card.name!r} is a {card.task} model, not segmentation.")
+            raise MedsegError(f"model {card.name!r} is a model for {card.task}, not segmentation.")
         _check_init_fits(card, ds)
         if card.out_channels != len(ds.labels):
             raise MedsegError(

@@ -195,7 +195,7 @@ def test_errors_are_sentences(tiny_model):
         run_sync(segment(empty, tiny_model, device="cpu"))
     det = _threshold_model()
     det.card.task = "detection"
-    with pytest.raises(MedsegError, match="not a segmentation model"):
+    with pytest.raises(MedsegError, match="is a model for detection, not segmentation"):
         run_sync(segment(ImageRecord(np.zeros((8, 8, 8)), np.eye(4)), det, device="cpu"))
 
 

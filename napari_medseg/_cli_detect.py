@@ -52,7 +52,11 @@ def register(sub: Any) -> None:
         help="keep objects with area >= S pixels (2D) or volume >= S mm^3 (3D)",
     )
     p.add_argument(
-        "--nms-iou", type=float, default=None, help="drop boxes overlapping a better one above I"
+        "--nms-iou",
+        type=float,
+        default=0.5,
+        help="drop boxes overlapping a better one above I (default 0.5, as the Detect dock; "
+        "1 turns it off)",
     )
     p.add_argument(
         "--min-distance",

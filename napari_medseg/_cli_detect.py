@@ -67,7 +67,14 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--dark-objects",
         action="store_true",
-        help="classical: objects darker than the background (nuclei in bright-field H&E)",
+        help="classical: objects darker than the background (grey bright-field images)",
+    )
+    p.add_argument(
+        "--stain",
+        choices=["hematoxylin"],
+        default=None,
+        help="classical on RGB bright-field (H&E, IHC): nuclei from the haematoxylin channel "
+        "of a colour deconvolution, thresholded over the tissue (glass excluded)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.add_argument(
@@ -132,7 +139,10 @@ def run_detect(args: argparse.Namespace) -> int:
     bar = TextProgress(quiet=args.quiet)
     if args.model == "classical":
         gen = detect_classical(
-            record, min_distance=args.min_distance, dark_objects=args.dark_objects
+            record,
+            min_distance=args.min_distance,
+            dark_objects=args.dark_objects,
+            stain=args.stain,
         )
     else:
         model = _load_detection_model(args.model)
@@ -215,14 +225,18 @@ def _run_detect_slide(args: argparse.Namespace, src: Path, out: Path) -> int:
     bar = TextProgress(quiet=args.quiet)
     classical = args.model == "classical"
     if args.scheduler:
-        ref = ("classical-dark" if args.dark_objects else "classical") if classical else args.model
+        ref = args.model
+        if classical:
+            ref = "classical-he" if args.stain else "classical-dark" if args.dark_objects else ref
         if not classical:
             _load_detection_model(ref)  # fail here, in one sentence, not on the workers
         device = args.device if args.device != "auto" else "cpu"
         gen = detect_slide_dask(src, ref, scheduler=args.scheduler, device=device, **opts)
     else:
         if classical:
-            detector: Any = functools.partial(detect_classical, dark_objects=args.dark_objects)
+            detector: Any = functools.partial(
+                detect_classical, dark_objects=args.dark_objects, stain=args.stain
+            )
         else:
             detector = _load_detection_model(args.model)
         gen = detect_slide(read_slide(src), detector, device=args.device, **opts)

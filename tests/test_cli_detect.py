@@ -193,3 +193,17 @@ def test_detect_classical_dark_nuclei_on_an_he_slide(tmp_path):
     ref = run_sync(functools.partial(detect_classical, dark_objects=True)(rec)).table
     ref = ref[ref.score >= 0.5]
     assert len(ref) > 200 and 0.75 * 9 * len(ref) < n < 1.25 * 9 * len(ref)
+
+
+def test_detect_he_nuclei_on_a_slide_with_glass_by_haematoxylin(tmp_path):
+    """--stain hematoxylin on a slide with glass between tissue: nuclei, not tissue blobs."""
+    from napari_medseg.cli import main
+    from tests.slide_helpers import make_slide
+
+    slide = make_slide(tmp_path / "he.tif", (1200, 1200))  # 2 copies of the 300x500 tissue
+    out = tmp_path / "he.geojson"
+    argv = ["detect", str(slide), "-m", "classical", "--stain", "hematoxylin", "-o", str(out)]
+    assert main([*argv, "--tile", "512", "--quiet"]) == 0
+    t = read_detections(out)
+    # 318 nuclei on the tissue alone (tests/core/test_detection.py), twice here
+    assert 0.85 * 2 * 318 < len(t) < 1.15 * 2 * 318, len(t)

@@ -768,8 +768,9 @@ _WORKER_CACHE: dict = {}
 
 
 def load_detector(ref: str) -> Any:
-    """The detector for ``ref``: ``"classical"``, ``"classical-dark"`` (dark objects, e.g.
-    nuclei on H&E) or a model name/folder (loaded on the CPU), as :func:`detect_slide` takes it.
+    """The detector for ``ref``: ``"classical"`` (bright objects), ``"classical-dark"`` (dark
+    objects on grey bright-field), ``"classical-he"`` (nuclei from the haematoxylin channel of an
+    RGB H&E/IHC slide) or a model name/folder (loaded on the CPU), as :func:`detect_slide` takes.
     """
     import functools
 
@@ -779,6 +780,8 @@ def load_detector(ref: str) -> Any:
         return detect_classical
     if ref == "classical-dark":
         return functools.partial(detect_classical, dark_objects=True)
+    if ref == "classical-he":
+        return functools.partial(detect_classical, stain="hematoxylin")
     from ..models.registry import load_model
 
     return load_model(ref, device="cpu")

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 CLASSICAL = "classical"
+CLASSICAL_HE = "classical-he"
 #: Most box outlines drawn as Shapes (beyond, only the Points are shown: napari's Shapes
 #: layer needs about 0.3 ms per rectangle to build).
 MAX_BOXES = 10_000
@@ -52,6 +53,8 @@ def _detect_job(record: Any, model_ref: str, device: str) -> Any:
 
     if model_ref == CLASSICAL:
         return (yield from detect_classical(record))
+    if model_ref == CLASSICAL_HE:
+        return (yield from detect_classical(record, stain="hematoxylin"))
     from ..models.registry import load_model
 
     yield Progress(0, 0, f"loading model {model_ref}")
@@ -148,6 +151,11 @@ class DetectWidget(ImageInput, WorkerControls, Container):
             how = "box detector" if task == "detection" else "segmentation + watershed"
             choices.append(
                 (f"{card['name']} ({how}, {card.get('modality', '?')}, {d}D)", card["name"])
+            )
+        layer = self.image.value if hasattr(self, "image") else None
+        if layer is not None and getattr(layer, "rgb", False):
+            choices.append(
+                ("classical H&E nuclei (haematoxylin + Otsu + watershed)", CLASSICAL_HE)
             )
         choices.append(("classical (Otsu + watershed, no network)", CLASSICAL))
         return choices

@@ -55,8 +55,9 @@ def _slide_job(path: str, model_ref: str, out: str, options: dict) -> Any:
 
 TASKS = [("Segment (labels)", "segment"), ("Detect objects (points)", "detect")]
 CLASSICAL = [
-    ("classical: dark objects, e.g. nuclei on H&E (Otsu + watershed)", "classical-dark"),
+    ("classical: nuclei on H&E/IHC (haematoxylin channel, Otsu + watershed)", "classical-he"),
     ("classical: bright objects, e.g. fluorescence (Otsu + watershed)", "classical"),
+    ("classical: dark objects on grey bright-field (Otsu + watershed)", "classical-dark"),
 ]
 
 
@@ -90,7 +91,7 @@ class SlideWidget(Container):
         self._viewer = viewer
         self._worker: Any = None
         self._extra_models: dict[str, str] = {}
-        self._labels: Any = None
+        self._labels_layer: Any = None
         self._last_refresh = 0.0
         self._t0 = 0.0
         self._points: Any = None
@@ -247,7 +248,7 @@ class SlideWidget(Container):
         name = out.name.rsplit(".", 1)[0]
         if name in self._viewer.layers:
             self._viewer.layers.remove(name)
-        self._labels = None
+        self._labels_layer = None
         self._points = None
 
     # ------------------------------------------------------------------ detections
@@ -263,10 +264,10 @@ class SlideWidget(Container):
             name=out.name.rsplit(".", 1)[0],
             features=pd.DataFrame({"id": [], "class": [], "score": [], "area": []}),
             affine=layer.affine.affine_matrix[-3:, -3:],
-            size=12,
-            face_color="transparent",
-            border_color="yellow",
-            border_width=0.15,
+            size=8,
+            face_color="yellow",
+            border_color="white",
+            border_width=0.1,
             metadata={"medseg": {"path": str(out), "source": slide_path_of(layer)}},
         )
 
@@ -280,11 +281,12 @@ class SlideWidget(Container):
         self._points.data = table[["y", "x"]].to_numpy(float).reshape(-1, 2)
         self._points.features = table[cols].reset_index(drop=True)
         if len(table):
-            self._points.border_color = "score"
-            self._points.border_colormap = "viridis"
-            self._points.border_contrast_limits = (0.0, 1.0)
-            sizes = np.sqrt(table["area"].to_numpy(float) * 4 / np.pi) if "area" in cols else 12
-            self._points.size = np.clip(np.nan_to_num(sizes, nan=12.0), 6, None)
+            self._points.face_color = "score"
+            self._points.face_colormap = "viridis"
+            self._points.face_contrast_limits = (0.0, 1.0)
+            # a dot a third of the object's diameter (4-16 px): the nucleus stays visible
+            diam = np.sqrt(table["area"].to_numpy(float) * 4 / np.pi) if "area" in cols else 30
+            self._points.size = np.clip(np.nan_to_num(diam, nan=30.0) / 3.0, 4.0, 16.0)
 
     def _on_detect_progress(self, p: Progress) -> None:
         import pandas as pd
@@ -326,7 +328,7 @@ class SlideWidget(Container):
 
         name = out.name[: -len(".zarr")]
         levels = open_result(out)
-        self._labels = self._viewer.add_labels(
+        self._labels_layer = self._viewer.add_labels(
             levels,
             name=name,
             multiscale=True,
@@ -339,18 +341,18 @@ class SlideWidget(Container):
         if p.total:
             self.progress.value = int(100 * p.done / p.total)
         self.status.value = p.message
-        if p.total and self._labels is None and out.exists():
+        if p.total and self._labels_layer is None and out.exists():
             self._show(out, layer)
-        elif self._labels is not None and p.info.get("tiles"):
+        elif self._labels_layer is not None and p.info.get("tiles"):
             now = time.perf_counter()
             if now - self._last_refresh > 0.5:
-                self._labels.refresh()
+                self._labels_layer.refresh()
                 self._last_refresh = now
 
     def _on_result(self, result: Any, out: Path, layer: Any) -> None:
         self._remove_labels(out)
         self._show(out, layer)
-        self._labels.metadata["medseg"]["provenance"] = result.provenance
+        self._labels_layer.metadata["medseg"]["provenance"] = result.provenance
         self.progress.value = 100
         bad = f", {len(result.skipped)} unreadable tiles" if result.skipped else ""
         self.status.value = (
@@ -378,5 +380,5 @@ class SlideWidget(Container):
         self._worker = None
         self.view_button.enabled = self.run_button.enabled = True
         self.cancel_button.enabled = False
-        if self._labels is not None:
-            self._labels.refresh()
+        if self._labels_layer is not None:
+            self._labels_layer.refresh()

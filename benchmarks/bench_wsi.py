@@ -19,12 +19,12 @@ For each size, in a fresh subprocess:
 On the smallest size also a naive loop in its own subprocess: read the whole level 0 into a
 NumPy array, then run the same tiles from memory (peak RSS and time).
 
-``--detect``: instead, ``detect_slide`` with the classical detector (Gaussian + Otsu per tile,
-dark objects, distance watershed; no network) on tiles of 1024 + 64 margin, score >= 0.5,
-outlines kept, then the QuPath GeoJSON written: wall time of each, objects, peak RSS. The slide
-tiles the H&E tile *without* glass (all tissue, the worst case for the size of the table), and
-once with glass (``--detect-glass``: about 20% tissue; there, per-tile Otsu separates tissue
-from glass, not nuclei from tissue).
+``--detect``: instead, ``detect_slide`` with the classical H&E nuclei detector (haematoxylin
+channel of a colour deconvolution, Otsu over the tissue of each tile, distance watershed; no
+network; ``--dark`` for the older brightness-Otsu "dark objects" variant) on tiles of 1024 + 64
+margin, score >= 0.5, outlines kept, then the QuPath GeoJSON written: wall time of each,
+objects, peak RSS. The slide tiles the H&E tile *without* glass (all tissue, the worst case for
+the size of the table), and once with glass (``--detect-glass``: about 20% tissue).
 """
 
 from __future__ import annotations
@@ -138,8 +138,9 @@ def child(args: argparse.Namespace) -> dict:
         from napari_medseg.core.wsi_detect import detect_slide, write_slide_detections
 
         t = time.perf_counter()
-        dark = functools.partial(detect_classical, dark_objects=True)
-        r = run_sync(detect_slide(rec, dark, tile=1024, margin=64, threshold=0.5))
+        kw = {"dark_objects": True} if args.dark else {"stain": "hematoxylin"}
+        detector = functools.partial(detect_classical, **kw)
+        r = run_sync(detect_slide(rec, detector, tile=1024, margin=64, threshold=0.5))
         wall = time.perf_counter() - t
         t = time.perf_counter()
         gj = write_slide_detections(Path(args.work) / "detections.geojson", r, overwrite=True)
@@ -193,6 +194,7 @@ def main() -> None:
     ap.add_argument("--no-naive", action="store_true", help="skip the naive loop")
     ap.add_argument("--detect", action="store_true", help="benchmark detect_slide instead")
     ap.add_argument("--detect-glass", action="store_true", help="--detect on the glass slide")
+    ap.add_argument("--dark", action="store_true", help="--detect with brightness Otsu")
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--mode", default="pipeline")
     ap.add_argument("--slide")
@@ -260,6 +262,7 @@ def main() -> None:
                 args.device,
                 "--threads",
                 str(args.threads),
+                *(["--dark"] if args.dark else []),
             ]
             out = subprocess.run(cmd, capture_output=True, text=True, check=False)
             line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]

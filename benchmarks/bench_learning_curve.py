@@ -1,6 +1,7 @@
 """Learning curve of "Train on corrections": Dice after 0, 1, 2 and 4 corrected cases.
 
-Run: ``python benchmarks/bench_learning_curve.py [--budget 45] [--repeats 3] [--json OUT]``
+Run: ``python benchmarks/bench_learning_curve.py [--budget 45] [--repeats 3]
+[--corrections gt|clicks] [--clicks 5] [--json OUT]``
 (needs ../shared/data or ``$MEDSEG_DATA``; writes its datasets and models under ``--work``, a
 temporary folder by default, never into the repository). The whole run takes about
 ``(9 x repeats) x budget`` seconds plus about a minute (21 min with the defaults on 2 shared CPU
@@ -21,9 +22,20 @@ Cases (2D, real data, MANUAL ground truth):
   below the cut and 4 pool slices above it, no pool slice within 6 mm of an evaluation slice of
   either contrast (12 evaluation slices, a pool of 8).
 
-"Corrected" = the ground truth (what a perfect correction gives); the corrected cases are a
-nested random order of the pool (the 1-case set is inside the 2-case set, inside the 4-case
-set, as a user correcting one case after another), one order per repeat (seed).
+"Corrected" = the ground truth (what a perfect correction gives, ``--corrections gt``, the
+default), or with ``--corrections clicks`` what a user saves after ``--clicks N`` (default 5)
+clicks of click refinement, DeepEdit style (:func:`click_correction`): the CURRENT model's
+prediction of the case (:func:`napari_medseg.core.segmentation.segment`), then N rounds of
+:func:`napari_medseg.core.refine.simulate_click` (next click on the largest error) and
+:func:`napari_medseg.core.refine.refine_with_clicks` (2D random walker, the dock's default) with
+all clicks so far. The first corrected case starts from the curve's starting model (the
+untrained network or the fine-tune init), later cases from the model of the previous curve
+point (as in a session where the model improves); a saved correction is kept for the later
+points. The JSON then also holds each correction's Dice against the ground truth (start and
+after each click) and, per point, ``correction_dice`` / ``start_dice`` pooled over its
+corrected cases. The corrected cases are a nested random order of the pool (the 1-case set is
+inside the 2-case set, inside the 4-case set, as a user correcting one case after another), one
+order per repeat (seed).
 
 Curve points, each trained with :func:`napari_medseg.training.train.train` (the same call
 "Train on corrections" makes, with its defaults: 20% validation hold-out and best checkpoint by
@@ -298,6 +310,110 @@ def evaluate_model(model_dir: Path, dataset: Path, names: list[str]) -> dict:
     return _summarise(counts)
 
 
+def click_correction(
+    image: np.ndarray,
+    truth: np.ndarray,
+    start: np.ndarray,
+    n_clicks: int = 5,
+    spacing: tuple[float, ...] | None = None,
+    rng: np.random.Generator | None = None,
+) -> tuple[np.ndarray, dict]:
+    """The mask a user saves after ``n_clicks`` clicks of click refinement (2D random walker).
+
+    Each round places the next click on the largest error of the current mask
+    (:func:`napari_medseg.training.train_clicks.click_for`, which is
+    :func:`napari_medseg.core.refine.simulate_click` without ``rng``) and calls
+    :func:`napari_medseg.core.refine.refine_with_clicks` (the dock's defaults: random walker,
+    ``mode="2d"``) with all clicks so far, as :func:`~napari_medseg.core.refine.simulate_session`
+    does, but keeping the mask.
+
+    Parameters
+    ----------
+    image : (rows, cols) array
+        Intensities.
+    truth, start : (rows, cols) arrays
+        Ground truth and the starting mask (the model's prediction); nonzero = structure.
+    n_clicks : int
+        Clicks the user makes (fewer when no error is left).
+    spacing : (row, col) mm, optional
+        Pixel size (default 1).
+    rng : numpy.random.Generator, optional
+        With it, half the clicks land on a random point deep inside the error instead of its
+        deepest point (a less exact user); without it the clicks are deterministic.
+
+    Returns
+    -------
+    mask : (rows, cols) uint8
+        1 = structure after the clicks.
+    info : dict
+        ``dice`` (start, then after each click), ``clicks`` (row, col, positive) and
+        ``seconds`` of refinement.
+    """
+    from napari_medseg.core.refine import refine_with_clicks
+    from napari_medseg.training.train_clicks import click_for
+
+    truth = np.asarray(truth) > 0
+    cur = (np.asarray(start) > 0).astype(np.uint8)
+    pos: list[np.ndarray] = []
+    neg: list[np.ndarray] = []
+    clicks: list[list] = []
+    dice = [_dice(cur, truth)]
+    t0 = time.perf_counter()
+    for _ in range(n_clicks):
+        c = click_for(truth, cur == 1, rng)
+        if c is None:
+            break
+        (pos if c[1] else neg).append(np.asarray(c[0], float))
+        clicks.append([int(c[0][0]), int(c[0][1]), bool(c[1])])
+        cur = refine_with_clicks(image, cur, 1, pos, neg, spacing).apply(cur)
+        dice.append(_dice(cur, truth))
+    info = {"dice": dice, "clicks": clicks, "seconds": round(time.perf_counter() - t0, 2)}
+    return (cur == 1).astype(np.uint8), info
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    n, d = _dice_counts(a, b)
+    return round(n / d, 4) if d else 1.0
+
+
+def correct_case(model_dir: Path, dataset: Path, name: str, n_clicks: int) -> tuple:
+    """Click-correct one case starting from a model's prediction; returns ``(mask, info)``."""
+    from napari_medseg.core.progress import run_sync
+    from napari_medseg.core.segmentation import segment
+    from napari_medseg.io.readers import read_image
+    from napari_medseg.models.networks import load_model_folder
+
+    ip, lp = case_files(dataset, name)
+    rec = read_image(ip)[0]
+    truth = np.asarray(read_image(lp)[0].data)
+    pred = run_sync(segment(rec, load_model_folder(model_dir), device="cpu")).labels
+    aff = np.asarray(rec.affine, float)
+    spacing = tuple(float(v) for v in np.linalg.norm(aff[:-1, :-1], axis=0))
+    mask, info = click_correction(np.asarray(rec.data), truth, pred, n_clicks, spacing)
+    info.update(
+        name=name,
+        start_model=str(model_dir),
+        start_counts=_dice_counts(pred, truth),
+        counts=_dice_counts(mask, truth),
+    )
+    return mask, info
+
+
+def corrected_dataset(src: Path, corrections: dict[str, np.ndarray], dst: Path) -> Path:
+    """A dataset of the corrected cases: images linked from ``src``, labels = ``corrections``."""
+    import tifffile
+
+    dst = subset_dataset(src, list(corrections), dst)
+    for name, mask in corrections.items():
+        _, lab = case_files(src, name)
+        if lab.suffix not in (".tif", ".tiff"):
+            raise ValueError(f"{lab.name}: corrected labels are written as TIFF only")
+        out = dst / "labelsTr" / lab.name
+        out.unlink()  # the link to the ground truth
+        tifffile.imwrite(str(out), np.asarray(mask, np.uint8))
+    return dst
+
+
 def evaluate_classical(dataset: Path, names: list[str], dark: bool = False) -> dict:
     """Pooled foreground Dice of :func:`detect_classical` (Otsu + watershed) on ``names``."""
     from napari_medseg.core.detection import detect_classical
@@ -385,6 +501,8 @@ def _curve(
     budget: float,
     work: Path,
     val_fraction: float = 0.2,
+    corrections: str = "gt",
+    n_clicks: int = 5,
 ) -> dict:
     runs: dict[int, list[dict]] = {0: [], **{k: [] for k in N_CORRECTED}}
     for seed in seeds:
@@ -404,18 +522,46 @@ def _curve(
             r0 = dict(runs[0][0], seed=seed)
         runs[0].append(r0)
         order = corrected_order(pool, seed)
+        fixed: dict[str, np.ndarray] = {}  # click-corrected labels, kept once saved
+        fixed_info: dict[str, dict] = {}
+        current, prev_k = Path(m0), 0  # the model the user corrects with
         for k in N_CORRECTED:
             chosen = order[:k]
-            ds = subset_dataset(dataset, chosen, work / f"{label}_s{seed}_k{k}_data")
+            data_dir = work / f"{label}_s{seed}_k{k}_data"
+            if corrections == "clicks":
+                for n in chosen:
+                    if n not in fixed:  # a new case: corrected from the current model
+                        fixed[n], fixed_info[n] = correct_case(current, dataset, n, n_clicks)
+                        fixed_info[n]["model_point"] = prev_k
+                        print(
+                            f"    {n}: Dice vs truth {fixed_info[n]['dice'][0]:.3f} (model "
+                            f"after {prev_k} cases) -> {fixed_info[n]['dice'][-1]:.3f} after "
+                            f"{len(fixed_info[n]['clicks'])} clicks",
+                            flush=True,
+                        )
+                ds = corrected_dataset(dataset, {n: fixed[n] for n in chosen}, data_dir)
+            else:
+                ds = subset_dataset(dataset, chosen, data_dir)
             t = train_point(ds, work / f"{label}_s{seed}_k{k}", init, budget, seed, val_fraction)
             r = evaluate_model(Path(t["model_dir"]), dataset, eval_names)
             r.update(t, seed=seed, corrected=chosen)
+            if corrections == "clicks":
+                r["corrections"] = [fixed_info[n] for n in chosen]
+                # pooled over the corrected cases: the saved labels and the predictions the
+                # user started from, both against the ground truth
+                for key, c in (("correction_dice", "counts"), ("start_dice", "start_counts")):
+                    r[key] = _summarise({n: fixed_info[n][c] for n in chosen})["dice"]
             runs[k].append(r)
+            extra = (
+                f", corrections Dice {r['correction_dice']:.3f}" if corrections == "clicks" else ""
+            )
             print(
                 f"  {label} seed {seed} {k} cases {chosen}: Dice {r['dice']:.3f} "
-                f"({t['iterations']} it, {t['train_s']:.0f} s train, {t['wall_s']:.0f} s wall)",
+                f"({t['iterations']} it, {t['train_s']:.0f} s train, {t['wall_s']:.0f} s wall"
+                f"{extra})",
                 flush=True,
             )
+            current, prev_k = Path(t["model_dir"]), k
     summary = {}
     for k, rs in runs.items():
         d = [r["dice"] for r in rs]
@@ -426,6 +572,11 @@ def _curve(
             "train_s_mean": round(float(np.mean([r.get("train_s", 0.0) for r in rs])), 1),
             "iterations_mean": round(float(np.mean([r.get("iterations", 0) for r in rs])), 1),
         }
+        if k and corrections == "clicks":
+            for key in ("correction_dice", "start_dice"):
+                v = [r[key] for r in rs]
+                summary[str(k)][f"{key}_mean"] = round(float(np.mean(v)), 4)
+                summary[str(k)][f"{key}_min"] = round(float(np.min(v)), 4)
     return {"summary": summary, "runs": {str(k): v for k, v in runs.items()}}
 
 
@@ -460,6 +611,15 @@ def print_table(report: dict) -> None:
         print(
             f"{'  training time, iterations':{w}s} {'':>21s} " + " ".join(f"{c:>21s}" for c in secs)
         )
+        if "correction_dice_mean" in cur["summary"][str(N_CORRECTED[0])]:
+            cd = []
+            for k in N_CORRECTED:
+                s = cur["summary"][str(k)]
+                cd.append(f"{s['start_dice_mean']:.3f} -> {s['correction_dice_mean']:.3f}")
+            print(
+                f"{'  corrected cases: start -> saved':{w}s} {'':>21s} "
+                + " ".join(f"{c:>21s}" for c in cd)
+            )
     for key, b in report["baselines"].items():
         print(f"{'baseline ' + key:{w}s} {b['dice']:>21.3f}   (same evaluation cases)")
 
@@ -479,6 +639,16 @@ def main(argv: list[str] | None = None) -> int:
         help="train()'s validation hold-out (0.2 = what Train on corrections uses; 0 = train "
         "on every corrected case and keep the last epoch)",
     )
+    ap.add_argument(
+        "--corrections",
+        choices=["gt", "clicks"],
+        default="gt",
+        help="what a corrected case's label is: the ground truth (a perfect correction), or "
+        "the current model's prediction after --clicks simulated clicks of click refinement",
+    )
+    ap.add_argument(
+        "--clicks", type=int, default=5, help="clicks per case with --corrections clicks"
+    )
     ap.add_argument("--no-finetune", action="store_true", help="skip the fluo_nuclei_2d curve")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--json", default=None, help="write the full report to this JSON file")
@@ -491,13 +661,22 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="medseg_lc_"))
     work.mkdir(parents=True, exist_ok=True)
     seeds = list(range(args.repeats))
+    mode = {"corrections": args.corrections, "n_clicks": args.clicks}
     t_start = time.perf_counter()
     report: dict = {
         "machine": _machine(),
         "budget_s": args.budget,
         "val_fraction": args.val_fraction,
         "seeds": seeds,
-        "corrections": "ground truth (a perfect correction); no click simulation",
+        "corrections": (
+            "ground truth (a perfect correction); no click simulation"
+            if args.corrections == "gt"
+            else f"clicks: the current model's prediction after {args.clicks} simulated clicks "
+            "(simulate_click on the largest error, refine_with_clicks: 2D random walker, the "
+            "dock's defaults); the 1st case from the starting model, the later ones from the "
+            "model of the previous curve point"
+        ),
+        "n_clicks": args.clicks if args.corrections == "clicks" else None,
         "curves": {},
         "baselines": {},
         "cases": {},
@@ -512,7 +691,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nuclei: {len(ev)} evaluation tiles {ev}, pool of {len(pool)}", flush=True)
         report["baselines"]["nuclei (Otsu + watershed)"] = evaluate_classical(nds, ev)
         report["curves"]["nuclei scratch"] = _curve(
-            "nuclei_scratch", nds, ev, pool, None, seeds, args.budget, work, args.val_fraction
+            "nuclei_scratch",
+            nds,
+            ev,
+            pool,
+            None,
+            seeds,
+            args.budget,
+            work,
+            args.val_fraction,
+            **mode,
         )
         if not args.no_finetune:
             report["curves"][f"nuclei finetune {NUCLEI_MODEL}"] = _curve(
@@ -525,6 +713,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.budget,
                 work,
                 args.val_fraction,
+                **mode,
             )
     if args.only in (None, "cord"):
         ev_c, pool_c = cord_slices(DATA)
@@ -548,7 +737,16 @@ def main(argv: list[str] | None = None) -> int:
         report["baselines"]["cord (Otsu, bright)"] = evaluate_classical(cds, ev)
         report["baselines"]["cord (Otsu, dark)"] = evaluate_classical(cds, ev, dark=True)
         report["curves"]["cord scratch"] = _curve(
-            "cord_scratch", cds, ev, pool, None, seeds, args.budget, work, args.val_fraction
+            "cord_scratch",
+            cds,
+            ev,
+            pool,
+            None,
+            seeds,
+            args.budget,
+            work,
+            args.val_fraction,
+            **mode,
         )
     report["total_s"] = round(time.perf_counter() - t_start, 1)
     report["machine"]["load_avg_end"] = list(os.getloadavg())

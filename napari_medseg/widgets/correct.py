@@ -83,6 +83,15 @@ class CorrectWidget(ImageInput, Container):
         self.click_method = ComboBox(
             label="Click model", choices=CLICK_METHODS, value="random_walker"
         )
+        self.reach = FloatSpinBox(
+            label="Click reach (mm; px on 2D images)",
+            value=25.0,
+            min=1.0,
+            max=500.0,
+            step=1.0,
+            tooltip="Nothing farther than this from every click changes. Smaller suits small "
+            "objects (nuclei: 12 px was better for the random walker, docs/clicks.md).",
+        )
         self.refine_button = PushButton(text="Refine from clicks (R)")
         self.clear_clicks_button = PushButton(text="Clear clicks")
         self.table = Table(value={"data": [], "index": [], "columns": TABLE_COLUMNS})
@@ -125,6 +134,7 @@ class CorrectWidget(ImageInput, Container):
                 self.relabel_button,
                 self.click_sign,
                 self.click_method,
+                self.reach,
                 self.refine_button,
                 self.clear_clicks_button,
                 self.table,
@@ -595,6 +605,7 @@ class CorrectWidget(ImageInput, Container):
                 axis=self._slice_axis(lyr),
                 window=window,
                 method=method,
+                reach_mm=float(self.reach.value),
             ),
         )
 

@@ -328,6 +328,18 @@ def test_learned_click_model_from_the_dock_on_held_out_nuclei(make_napari_viewer
     before, after = dice(start, truth), dice(np.asarray(layer.data) == 1, truth)
     print(f"learned clicks in the dock: Dice {before:.3f} -> {after:.3f}")
     assert after > before + 0.05
+    # the reach set in the dock bounds the change: nothing farther than 6 px from the click
+    w.clear_clicks()
+    w.click_method.value = "random_walker"
+    w.reach.value = 6.0
+    cur = np.asarray(layer.data).copy()
+    c = simulate_click(truth, cur == 1)
+    if (w.click_sign.value == "positive") != c[1]:
+        w.toggle_sign()
+    pts.add(c[0].astype(float))
+    w.refine_button.native.click()
+    changed = np.argwhere(np.asarray(layer.data) != cur)
+    assert len(changed) and np.hypot(*(changed - c[0]).T).max() <= 6.0 + 1e-6
 
 
 def test_train_on_corrections_in_background_and_cancel(

@@ -47,6 +47,14 @@ def test_models_json_lists_builtin_cards(capsys):
         assert {"name", "task", "dims", "modality"} <= set(c)
 
 
+def test_models_table_shows_each_task_and_its_held_out_score(capsys):
+    assert main(["models"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "held-out Dice" in rows["fluo_nuclei_2d"]
+    assert "detection" in rows["fluo_nuclei_det_2d"] and "box F1" in rows["fluo_nuclei_det_2d"]
+    assert "interactive" in rows["click_refine_2d"] and "3 clicks" in rows["click_refine_2d"]
+
+
 @pytest.fixture
 def ct_crop(tmp_path):
     img = nib.load(str(data_path("ct/spleen/image.nii.gz")))

@@ -18,10 +18,11 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Generator, Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .cluster import dask_client
+from .cluster import as_finished, dask_client, worker_count
 from .progress import Progress, run_sync
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -199,30 +200,18 @@ def segment_batch(
             "a dask batch needs the model's name or folder (each worker loads it), "
             "not a loaded model"
         )
-    from distributed import as_completed
-
     yield Progress(0, total, "starting the dask cluster")
     with dask_client(scheduler, n_workers) as client:
-        n = max(1, len(client.scheduler_info().get("workers", {})))
-        futures = [
-            client.submit(_dask_job, str(s), str(d), str(model), opts, pure=False) for s, d in jobs
-        ]
-        index = {f.key: i for i, f in enumerate(futures)}
-        yield Progress(0, total, f"{total} jobs on {n} dask workers")
-        done = 0
-        try:
-            for fut in as_completed(futures):
-                i = index[fut.key]
-                out[i] = fut.result()
-                done += 1
+        yield Progress(0, total, f"{total} jobs on {worker_count(client)} dask workers")
+        argsets = [(str(s), str(d), str(model), opts) for s, d in jobs]
+        with closing(as_finished(client, _dask_job, argsets)) as finished:
+            for done, (i, prov) in enumerate(finished, start=1):
+                out[i] = prov
                 yield Progress(
                     done,
                     total,
                     f"{done}/{total} done ({time.perf_counter() - t0:.0f} s): "
                     f"{Path(jobs[i][1]).name}",
-                    {"job": str(jobs[i][0]), "provenance": out[i]},
+                    {"job": str(jobs[i][0]), "provenance": prov},
                 )
-        finally:
-            for f in futures:
-                f.cancel()
     return [p for p in out if p is not None]

@@ -709,14 +709,7 @@ def detect_boxes(
     prov = {
         "task": "detection",
         "method": "centre-heatmap box detector (CenterNet-style U-Net)",
-        "model": {
-            "name": card.name,
-            "version": card.version,
-            "source": model.source,
-            "kind": model.kind,
-            "weights_sha256": model.weights_sha256,
-            "license": card.license,
-        },
+        "model": model.provenance(),
         "parameters": {
             "peak_threshold": thr,
             "nms_radius_voxels": list(radius),

@@ -8,11 +8,11 @@ left open).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["connect", "dask_client"]
+__all__ = ["as_finished", "connect", "dask_client", "worker_count"]
 
 
 def connect(scheduler: Any = "local", n_workers: int = 2) -> tuple[Any, Callable[[], None]]:
@@ -45,6 +45,31 @@ def connect(scheduler: Any = "local", n_workers: int = 2) -> tuple[Any, Callable
         client = Client(scheduler)
         return client, client.close
     return scheduler, lambda: None
+
+
+def worker_count(client: Any) -> int:
+    """Workers the scheduler knows now (at least 1, for sizing tasks)."""
+    return max(1, len(client.scheduler_info().get("workers", {})))
+
+
+def as_finished(
+    client: Any, fn: Callable[..., Any], argsets: Sequence[tuple]
+) -> Iterator[tuple[int, Any]]:
+    """Submit ``fn(*args)`` for every ``args`` and yield ``(index, result)`` as tasks finish.
+
+    Tasks not finished when the caller stops iterating (Cancel closes the caller's progress
+    generator, or an error) are cancelled on the cluster.
+    """
+    from distributed import as_completed
+
+    futures = [client.submit(fn, *args, pure=False) for args in argsets]
+    index = {f.key: i for i, f in enumerate(futures)}
+    try:
+        for fut in as_completed(futures):
+            yield index[fut.key], fut.result()
+    finally:
+        for f in futures:
+            f.cancel()
 
 
 @contextmanager

@@ -344,15 +344,7 @@ def segment(
     ac = amp_dtype(final_dev, amp)
     provenance = {
         "task": "segmentation",
-        "model": {
-            "name": card.name,
-            "version": card.version,
-            "source": model.source,
-            "kind": model.kind,
-            "weights_sha256": model.weights_sha256,
-            "card_sha256": card.sha256,
-            "license": card.license,
-        },
+        "model": model.provenance(),
         "parameters": {
             "overlap": overlap,
             "batch_size": batch_size,

@@ -46,7 +46,7 @@ import math
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -662,13 +662,7 @@ def _provenance(record: ImageRecord, model: LoadedModel, plan: _Plan, params: di
     card = model.card
     return {
         "task": "segmentation (whole slide)",
-        "model": {
-            "name": card.name,
-            "version": card.version,
-            "source": model.source,
-            "kind": model.kind,
-            "weights_sha256": model.weights_sha256,
-        },
+        "model": model.provenance(),
         "parameters": {
             **params,
             "level": plan.level,
@@ -805,25 +799,33 @@ def segment_slide(
 _WORKER_CACHE: dict = {}
 
 
-def _dask_task(
-    slide_path: str, model_ref: str, out: str, tiles: list, opts: dict
-) -> tuple[int, list]:
-    """Worker side: open the slide and the model (cached per worker), compute ``tiles``."""
+def worker_slide(slide_path: str, ref: str, load: Callable[[str], Any]) -> tuple[ImageRecord, Any]:
+    """Dask worker side: the opened slide and ``load(ref)`` (a model or detector), kept
+    between the tasks of one run (keyed by the slide file's path, mtime and size, and ``ref``;
+    one entry per worker process)."""
     import os
 
     from ..io.raster import read_slide
-    from ..models.registry import load_model
-    from .engine import resolve_device
 
     st = os.stat(slide_path)
-    key = (slide_path, st.st_mtime_ns, st.st_size, model_ref)
+    key = (slide_path, st.st_mtime_ns, st.st_size, ref)
     if key not in _WORKER_CACHE:
         _WORKER_CACHE.clear()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             rec = read_slide(slide_path)
-        _WORKER_CACHE[key] = (rec, load_model(model_ref, device="cpu"))
-    rec, model = _WORKER_CACHE[key]
+        _WORKER_CACHE[key] = (rec, load(ref))
+    return _WORKER_CACHE[key]
+
+
+def _dask_task(
+    slide_path: str, model_ref: str, out: str, tiles: list, opts: dict
+) -> tuple[int, list]:
+    """Worker side: open the slide and the model (cached per worker), compute ``tiles``."""
+    from ..models.registry import load_model
+    from .engine import resolve_device
+
+    rec, model = worker_slide(slide_path, model_ref, lambda r: load_model(r, device="cpu"))
     plan = _Plan(**opts["plan"])
     dev = resolve_device(opts["device"])
     n_done, bad = 0, []
@@ -880,12 +882,11 @@ def segment_slide_dask(
     SlideResult
     """
     import dataclasses
-
-    from distributed import as_completed
+    from contextlib import closing
 
     from ..io.raster import read_slide
     from ..models.registry import load_model
-    from .cluster import connect
+    from .cluster import as_finished, connect, worker_count
 
     t0 = time.perf_counter()
     out = Path(out_zarr)
@@ -899,9 +900,8 @@ def segment_slide_dask(
 
     client, close_client = connect(scheduler)
     done, skipped, finished = 0, [], False
-    futures = []
     try:
-        n_workers = max(1, len(client.scheduler_info().get("workers", {})))
+        n_workers = worker_count(client)
         per = tiles_per_task or max(batch_size, math.ceil(total / (4 * n_workers)))
         per = int(math.ceil(per / batch_size) * batch_size)
         opts = {
@@ -910,26 +910,19 @@ def segment_slide_dask(
             "batch_size": batch_size,
         }
         chunks = [plan.tiles[i : i + per] for i in range(0, total, per)]
-        futures = [
-            client.submit(
-                _dask_task, str(record_path), str(model_ref), str(out), c, opts, pure=False
-            )
-            for c in chunks
-        ]
+        argsets = [(str(record_path), str(model_ref), str(out), c, opts) for c in chunks]
         yield Progress(0, total, f"{total} tiles in {len(chunks)} tasks on {n_workers} workers")
-        for fut in as_completed(futures):
-            n, bad = fut.result()
-            done += n
-            skipped += [tuple(b) for b in bad]
-            yield Progress(done, total, f"tile {done}/{total}")
+        with closing(as_finished(client, _dask_task, argsets)) as tasks:
+            for _, (n, bad) in tasks:
+                done += n
+                skipped += [tuple(b) for b in bad]
+                yield Progress(done, total, f"tile {done}/{total}")
         yield Progress(done, total, "building lower-resolution levels")
         yield from _build_pyramid(
             out, [tuple(v * plan.scale for v in t) for t in plan.tiles], plan.chunk0
         )
         finished = True
     finally:
-        for f in futures:
-            f.cancel()
         close_client()
         prov = _provenance(
             rec,

@@ -44,7 +44,6 @@ import math
 import os
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -764,8 +763,6 @@ def write_slide_detections(
 
 # --------------------------------------------------------------------------- dask scale-out
 
-_WORKER_CACHE: dict = {}
-
 
 def load_detector(ref: str) -> Any:
     """The detector for ``ref``: ``"classical"`` (bright objects), ``"classical-dark"`` (dark
@@ -789,17 +786,9 @@ def load_detector(ref: str) -> Any:
 
 def _dask_task(slide_path: str, ref: str, plan: dict, indices: list, opts: dict) -> list:
     """Worker side: open slide and detector (cached per worker), run ``indices``; tile outputs."""
-    from ..io.raster import read_slide
+    from .wsi import worker_slide
 
-    st = os.stat(slide_path)
-    key = (slide_path, st.st_mtime_ns, st.st_size, ref)
-    if key not in _WORKER_CACHE:
-        _WORKER_CACHE.clear()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            rec = read_slide(slide_path)
-        _WORKER_CACHE[key] = (rec, load_detector(ref))
-    rec, obj = _WORKER_CACHE[key]
+    rec, obj = worker_slide(slide_path, ref, load_detector)
     detector, _ = _as_detector(
         obj, opts["device"], opts["min_distance"], opts["batch_size"], opts["detect_kwargs"]
     )
@@ -860,10 +849,10 @@ def detect_slide_dask(
     -------
     SlideDetections
     """
-    from distributed import as_completed
+    from contextlib import closing
 
     from ..io.raster import read_slide
-    from .cluster import connect
+    from .cluster import as_finished, connect, worker_count
 
     t0 = time.perf_counter()
     rec = read_slide(slide_path)
@@ -876,9 +865,8 @@ def detect_slide_dask(
     client, close_client = connect(scheduler)
     col = _Collector()
     done = 0
-    futures = []
     try:
-        n_workers = max(1, len(client.scheduler_info().get("workers", {})))
+        n_workers = worker_count(client)
         per = int(tiles_per_task or max(1, math.ceil(total / (4 * n_workers))))
         opts = {
             "device": device,
@@ -890,20 +878,15 @@ def detect_slide_dask(
         }
         pd_plan = {**plan.__dict__}
         runs = [list(range(i, min(total, i + per))) for i in range(0, total, per)]
-        futures = [
-            client.submit(_dask_task, str(slide_path), str(model_ref), pd_plan, r, opts,
-                          pure=False)
-            for r in runs
-        ]  # fmt: skip
+        argsets = [(str(slide_path), str(model_ref), pd_plan, r, opts) for r in runs]
         yield Progress(0, total, f"{total} tiles in {len(runs)} tasks on {n_workers} workers")
-        for fut in as_completed(futures):
-            for item in fut.result():
-                col.add(item)
-                done += 1
-            yield Progress(done, total, f"tile {done}/{total}")
+        with closing(as_finished(client, _dask_task, argsets)) as tasks:
+            for _, items in tasks:
+                for item in items:
+                    col.add(item)
+                    done += 1
+                yield Progress(done, total, f"tile {done}/{total}")
     finally:
-        for f in futures:
-            f.cancel()
         close_client()
     return _finish(
         rec, plan, col, desc, done, border_iou, outlines, t0,

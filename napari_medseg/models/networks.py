@@ -99,6 +99,19 @@ class LoadedModel:
     kind: str = "folder"  # "folder", "torchscript" or "bundle"
     weights_sha256: str | None = None
 
+    def provenance(self) -> dict:
+        """The ``"model"`` block of a result's provenance: name, version, where it came from,
+        weights and card sha256, licence (one definition for every task)."""
+        return {
+            "name": self.card.name,
+            "version": self.card.version,
+            "source": self.source,
+            "kind": self.kind,
+            "weights_sha256": self.weights_sha256,
+            "card_sha256": self.card.sha256,
+            "license": self.card.license,
+        }
+
 
 def save_model(folder: str | Path, card: ModelCard, network: Any) -> Path:
     """Write a model folder: weights (safetensors) then ``model.json`` with their sha256."""

@@ -154,9 +154,7 @@ class DetectWidget(ImageInput, WorkerControls, Container):
             )
         layer = self.image.value if hasattr(self, "image") else None
         if layer is not None and getattr(layer, "rgb", False):
-            choices.append(
-                ("classical H&E nuclei (haematoxylin + Otsu + watershed)", CLASSICAL_HE)
-            )
+            choices.append(("classical H&E nuclei (haematoxylin + Otsu + watershed)", CLASSICAL_HE))
         choices.append(("classical (Otsu + watershed, no network)", CLASSICAL))
         return choices
 

@@ -170,7 +170,7 @@ class WindowPlan(Sequence):
     hundreds of MB for 10^5-10^6 windows, before the first batch could run or be cancelled).
 
     Behaves as a read-only list of tuples of slices in C order (``len``, indexing, slicing,
-    iteration, equality with a list).
+    iteration).
     """
 
     def __init__(self, starts_per_axis: Sequence[Sequence[int]], roi_size: Sequence[int]):
@@ -194,13 +194,6 @@ class WindowPlan(Sequence):
         if not 0 <= k < len(self):
             raise IndexError("window index out of range")
         return self._window(k)
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, WindowPlan):
-            return self._shape == other._shape and list(self) == list(other)
-        return isinstance(other, (list, tuple)) and list(self) == list(other)
-
-    __hash__ = None  # type: ignore[assignment]
 
 
 def importance_map(

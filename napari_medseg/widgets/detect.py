@@ -48,18 +48,15 @@ MAX_BOXES = 10_000
 
 
 def _detect_job(record: Any, model_ref: str, device: str) -> Any:
-    """Worker generator: load the model, then detect, yielding :class:`Progress`."""
-    from ..core.detection import detect, detect_classical
+    """Worker generator: load the detector (a model or a classical one), then detect."""
+    from ..core.detection import detect
+    from ..core.wsi_detect import load_detector
 
-    if model_ref == CLASSICAL:
-        return (yield from detect_classical(record))
-    if model_ref == CLASSICAL_HE:
-        return (yield from detect_classical(record, stain="hematoxylin"))
-    from ..models.registry import load_model
-
-    yield Progress(0, 0, f"loading model {model_ref}")
-    model = load_model(model_ref, device="cpu")
-    return (yield from detect(record, model, device=device))
+    yield Progress(0, 0, f"loading {model_ref}")
+    detector = load_detector(model_ref)  # "classical", "classical-he", or a model (CPU)
+    if callable(detector):
+        return (yield from detector(record))
+    return (yield from detect(record, detector, device=device))
 
 
 class DetectWidget(ImageInput, WorkerControls, Container):

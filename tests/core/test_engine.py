@@ -210,3 +210,22 @@ def test_resolve_device():
 def test_bad_window_dimension_is_an_error():
     with pytest.raises(MedsegError):
         _run(sliding_window(torch.zeros(1, 8, 8, 8), lambda t: t, (4, 4)))
+
+
+def test_window_plan_is_lazy_and_equals_the_product_of_axis_starts():
+    import itertools
+    import tracemalloc
+
+    plan = plan_windows((33, 34, 35), (16, 16, 16), 0.5)
+    starts = [[0, 8, 16, 17], [0, 8, 16, 18], [0, 8, 16, 19]]
+    want = [tuple(slice(s, s + 16) for s in st) for st in itertools.product(*starts)]
+    assert len(plan) == len(want) and list(plan) == want
+    assert plan[5] == want[5] and plan[-1] == want[-1] and plan[3:9] == want[3:9]
+    with pytest.raises(IndexError):
+        plan[len(want)]
+    tracemalloc.start()
+    big = plan_windows((170, 170, 30), (8, 8, 2), 0.75)  # 194,996 windows
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert len(big) == 194_996 and peak < 1_000_000  # not listed up front (as a list: 47 MB)
+    assert big[-1] == (slice(162, 170), slice(162, 170), slice(28, 30))

@@ -25,8 +25,8 @@ def main() -> int:
     import tifffile
     import torch
 
-    from napari_medseg.core.refine import simulate_session
-    from napari_medseg.training.train_clicks import imperfect_mask
+    from napari_medseg.core.correct.refine import simulate_session
+    from napari_medseg.training.clicks import imperfect_mask
 
     torch.set_num_threads(1)
     method = sys.argv[1] if len(sys.argv) > 1 else "random_walker"

@@ -1,7 +1,7 @@
 """Click-guided refinement (model-free random walker): Dice after 1-3 simulated clicks.
 
 Run: ``python benchmarks/bench_click_refine.py`` (needs ../shared/data). Clicks are simulated
-as a careful user would place them (:func:`napari_medseg.core.refine.simulate_click`: inside
+as a careful user would place them (:func:`napari_medseg.core.correct.refine.simulate_click`: inside
 the largest error, farthest from its edge), one at a time, each followed by a refinement of
 that slice.
 
@@ -18,7 +18,7 @@ Learned vs model-free (``--compare``, also run by default): the built-in click m
 slices the click model never saw in training: the three held-out DSB nuclei tiles, every third
 axial slice of the spinal-cord T2 MRI (the model trained on the T1w contrast) and every other
 axial slice of the MSD spleen CT (the model trained on another CT). Both start from the same
-imperfect masks (:data:`napari_medseg.training.train_clicks.EVAL_STARTS`: half the objects
+imperfect masks (:data:`napari_medseg.training.clicks.EVAL_STARTS`: half the objects
 missing, shrunk 2 px, grown 2 px, shifted 3 px, cut in half) and get the same simulated
 clicks policy; mean Dice of the slice after 0, 1, 3 and 5 clicks and time per click
 (``refine_with_clicks`` call, default reach 25 mm) are printed as a Markdown table.
@@ -46,8 +46,8 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 def ct() -> None:
     import nibabel as nib
 
-    from napari_medseg.core import corrections as C
-    from napari_medseg.core.refine import refine_with_clicks, simulate_click
+    from napari_medseg.core.correct import edits as C
+    from napari_medseg.core.correct.refine import refine_with_clicks, simulate_click
 
     img = np.asarray(nib.load(str(DATA / "ct/spleen/image.nii.gz")).dataobj).transpose(2, 1, 0)
     img = img.astype(np.float32)
@@ -96,7 +96,7 @@ def nuclei() -> None:
     import tifffile
     from scipy import ndimage as ndi
 
-    from napari_medseg.core.refine import refine_with_clicks
+    from napari_medseg.core.correct.refine import refine_with_clicks
 
     img = tifffile.imread(DATA / "microscopy/dsb2018_nuclei/image.tif").astype(np.float32)
     inst = tifffile.imread(DATA / "microscopy/dsb2018_nuclei/mask.tif")
@@ -129,9 +129,9 @@ def compare() -> None:
 
     import torch
 
-    from napari_medseg.core.progress import run_sync
-    from napari_medseg.core.refine import load_click_model
-    from napari_medseg.training.train_clicks import EVAL_STARTS, evaluate_clicks, shared_data_cases
+    from napari_medseg.core.correct.refine import load_click_model
+    from napari_medseg.progress import run_sync
+    from napari_medseg.training.clicks import EVAL_STARTS, evaluate_clicks, shared_data_cases
 
     torch.set_num_threads(1)
     _, held = shared_data_cases(DATA)

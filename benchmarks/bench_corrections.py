@@ -55,7 +55,7 @@ def main() -> int:
     if not (DATA / "ct/spleen/label.nii.gz").exists():
         print(f"needs the real data under {DATA}", file=sys.stderr)
         return 1
-    from napari_medseg.core import corrections as C
+    from napari_medseg.core.correct import edits as C
 
     for name, zoom in [("organ", (52 / 26, 1.0, 1.0)), ("huge", (150 / 26, 2.5, 2.5))]:
         vol = build(zoom)

@@ -42,7 +42,7 @@ CLASSICAL = ("nlmeans", "tv", "bilateral", "wavelet")
 def _scores(ref: np.ndarray, img: np.ndarray, mask: np.ndarray | None = None) -> tuple:
     from skimage.metrics import structural_similarity
 
-    from napari_medseg.core.denoising import psnr
+    from napari_medseg.core.denoise.denoising import psnr
 
     ref = np.asarray(ref, dtype=np.float64)
     img = np.asarray(img, dtype=np.float64)
@@ -66,8 +66,8 @@ def _scores(ref: np.ndarray, img: np.ndarray, mask: np.ndarray | None = None) ->
 
 
 def _run(record, method: str, **kw) -> tuple[np.ndarray, float, dict]:
-    from napari_medseg.core.denoising import denoise
-    from napari_medseg.core.progress import run_sync
+    from napari_medseg.core.denoise.denoising import denoise
+    from napari_medseg.progress import run_sync
 
     t = time.perf_counter()
     res = run_sync(denoise(record, method, device="cpu", **kw))
@@ -166,8 +166,8 @@ def main(argv=None) -> int:
 
         def all_frames(method: str, **kw):
             def go():
-                from napari_medseg.core.denoising import denoise
-                from napari_medseg.core.progress import run_sync
+                from napari_medseg.core.denoise.denoising import denoise
+                from napari_medseg.progress import run_sync
 
                 t = time.perf_counter()
                 res = run_sync(

@@ -30,9 +30,9 @@ def main() -> int:
     a = ap.parse_args()
     import napari
 
-    from napari_medseg.core.detection import DetectionResult, measure_instances
-    from napari_medseg.core.progress import run_sync
+    from napari_medseg.core.detect.detection import DetectionResult, measure_instances
     from napari_medseg.io.record import ImageRecord
+    from napari_medseg.progress import run_sync
     from napari_medseg.widgets.detect import DetectWidget
 
     side = int(np.ceil(np.sqrt(a.n)))

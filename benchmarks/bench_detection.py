@@ -81,7 +81,7 @@ def _match_points(pred: np.ndarray, gt: np.ndarray, dist: float = 6.0) -> int:
 def _match_boxes(pred: np.ndarray, gt: np.ndarray, thr: float = 0.5) -> int:
     from scipy.optimize import linear_sum_assignment
 
-    from napari_medseg.core.detection import box_iou
+    from napari_medseg.core.detect.detection import box_iou
 
     if len(pred) == 0 or len(gt) == 0:
         return 0
@@ -92,7 +92,7 @@ def _match_boxes(pred: np.ndarray, gt: np.ndarray, thr: float = 0.5) -> int:
 
 def _ap50(dets: list[tuple[float, int, np.ndarray]], gts: list[np.ndarray]) -> float:
     """dets: (score, tile index, box); gts: boxes per tile (VOC all-point AP at IoU 0.5)."""
-    from napari_medseg.core.boxdet import average_precision
+    from napari_medseg.core.detect.boxes import average_precision
 
     return average_precision(dets, gts, 0.5)
 
@@ -105,9 +105,9 @@ def _prf(tp: int, n_pred: int, n_gt: int) -> dict:
 
 
 def score_tiles(method, img, mask, tiles, threshold: float = 0.5) -> dict:
-    from napari_medseg.core.detection import boxes_of, filter_detections
-    from napari_medseg.core.progress import run_sync
+    from napari_medseg.core.detect.detection import boxes_of, filter_detections
     from napari_medseg.io.record import ImageRecord
+    from napari_medseg.progress import run_sync
 
     n_pred = n_gt = tp_pt = tp_box = 0
     dets, gts = [], []
@@ -135,8 +135,8 @@ def score_tiles(method, img, mask, tiles, threshold: float = 0.5) -> dict:
 
 
 def time_full(method, img, repeats: int) -> dict:
-    from napari_medseg.core.progress import run_sync
     from napari_medseg.io.record import ImageRecord
+    from napari_medseg.progress import run_sync
 
     rec = ImageRecord(data=img, affine=np.eye(3), space="pixel", name="dsb")
     run_sync(method(rec))  # warm-up (imports, first-call allocations)
@@ -235,7 +235,7 @@ def train_retinanet(img, mask, tiles, budget: float, seed: int = 0) -> tuple:
     from monai.networks.nets import resnet
     from monai.utils import optional_import
 
-    from napari_medseg.core.preprocess import normalize
+    from napari_medseg.core.engine.preprocess import normalize
 
     if not optional_import("torchvision")[1]:
         # the detector tests isinstance(matcher, torchvision Matcher) even with MONAI's own ATSS
@@ -318,10 +318,10 @@ def retinanet_method(det):
     """A detect()-like generator around a trained RetinaNet (whole image, one forward pass)."""
     import torch
 
-    from napari_medseg.core.boxdet import boxes_table
-    from napari_medseg.core.detection import DetectionResult
-    from napari_medseg.core.preprocess import normalize
-    from napari_medseg.core.progress import Progress
+    from napari_medseg.core.detect.boxes import boxes_table
+    from napari_medseg.core.detect.detection import DetectionResult
+    from napari_medseg.core.engine.preprocess import normalize
+    from napari_medseg.progress import Progress
 
     norm = {"scheme": "percentile", "lower": 0.5, "upper": 99.5}
 
@@ -360,7 +360,7 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from napari_medseg.core.detection import detect, detect_classical
+    from napari_medseg.core.detect.detection import detect, detect_classical
     from napari_medseg.models.registry import builtin_models_dir, load_model
 
     folder = DATA / "microscopy/dsb2018_nuclei"

@@ -25,9 +25,10 @@ Cases (2D, real data, MANUAL ground truth):
 "Corrected" = the ground truth (what a perfect correction gives, ``--corrections gt``, the
 default), or with ``--corrections clicks`` what a user saves after ``--clicks N`` (default 5)
 clicks of click refinement, DeepEdit style (:func:`click_correction`): the CURRENT model's
-prediction of the case (:func:`napari_medseg.core.segmentation.segment`), then N rounds of
-:func:`napari_medseg.core.refine.simulate_click` (next click on the largest error) and
-:func:`napari_medseg.core.refine.refine_with_clicks` (2D random walker, the dock's default) with
+prediction of the case (:func:`napari_medseg.core.segment.segment.segment`), then N rounds of
+:func:`napari_medseg.core.correct.refine.simulate_click` (next click on the largest error) and
+:func:`napari_medseg.core.correct.refine.refine_with_clicks` (2D random walker, the dock's default)
+with
 all clicks so far. The first corrected case starts from the curve's starting model (the
 untrained network or the fine-tune init), later cases from the model of the previous curve
 point (as in a session where the model improves); a saved correction is kept for the later
@@ -37,7 +38,7 @@ corrected cases. The corrected cases are a nested random order of the pool (the 
 inside the 2-case set, inside the 4-case set, as a user correcting one case after another), one
 order per repeat (seed).
 
-Curve points, each trained with :func:`napari_medseg.training.train.train` (the same call
+Curve points, each trained with :func:`napari_medseg.training.segment.train` (the same call
 "Train on corrections" makes, with its defaults: 20% validation hold-out and best checkpoint by
 validation Dice) for a fixed wall-clock ``--budget``:
 
@@ -50,8 +51,8 @@ validation Dice) for a fixed wall-clock ``--budget``:
   was also trained on these very volumes), so the cord curve is from scratch only.
 
 Scores: foreground Dice pooled over the evaluation cases (sum of overlaps / sum of sizes), each
-case segmented by the full inference pipeline (:func:`napari_medseg.core.segmentation.segment`
-on the source grid). Baseline in the same run: :func:`napari_medseg.core.detection.
+case segmented by the full inference pipeline (:func:`napari_medseg.core.segment.segment.segment`
+on the source grid). Baseline in the same run: :func:`napari_medseg.core.detect.detection.
 detect_classical` (Gaussian, Otsu, fill holes, watershed) foreground, bright objects (nuclei and
 cord), plus dark objects for the cord (in T2 the cord is darker than the CSF around it).
 """
@@ -294,10 +295,10 @@ def _summarise(counts: dict[str, tuple[int, int]]) -> dict:
 
 def evaluate_model(model_dir: Path, dataset: Path, names: list[str]) -> dict:
     """Pooled foreground Dice of a model folder on ``names`` (full :func:`segment` pipeline)."""
-    from napari_medseg.core.progress import run_sync
-    from napari_medseg.core.segmentation import segment
+    from napari_medseg.core.segment.segment import segment
     from napari_medseg.io.readers import read_image
     from napari_medseg.models.networks import load_model_folder
+    from napari_medseg.progress import run_sync
 
     model = load_model_folder(model_dir)
     counts = {}
@@ -321,10 +322,12 @@ def click_correction(
     """The mask a user saves after ``n_clicks`` clicks of click refinement (2D random walker).
 
     Each round places the next click on the largest error of the current mask
-    (:func:`napari_medseg.training.train_clicks.click_for`, which is
-    :func:`napari_medseg.core.refine.simulate_click` without ``rng``) and calls
-    :func:`napari_medseg.core.refine.refine_with_clicks` (the dock's defaults: random walker,
-    ``mode="2d"``) with all clicks so far, as :func:`~napari_medseg.core.refine.simulate_session`
+    (:func:`napari_medseg.training.clicks.click_for`, which is
+    :func:`napari_medseg.core.correct.refine.simulate_click` without ``rng``) and calls
+    :func:`napari_medseg.core.correct.refine.refine_with_clicks` (the dock's defaults: random
+    walker,
+    ``mode="2d"``) with all clicks so far, as
+    :func:`~napari_medseg.core.correct.refine.simulate_session`
     does, but keeping the mask.
 
     Parameters
@@ -349,8 +352,8 @@ def click_correction(
         ``dice`` (start, then after each click), ``clicks`` (row, col, positive) and
         ``seconds`` of refinement.
     """
-    from napari_medseg.core.refine import refine_with_clicks
-    from napari_medseg.training.train_clicks import click_for
+    from napari_medseg.core.correct.refine import refine_with_clicks
+    from napari_medseg.training.clicks import click_for
 
     truth = np.asarray(truth) > 0
     cur = (np.asarray(start) > 0).astype(np.uint8)
@@ -378,10 +381,10 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def correct_case(model_dir: Path, dataset: Path, name: str, n_clicks: int) -> tuple:
     """Click-correct one case starting from a model's prediction; returns ``(mask, info)``."""
-    from napari_medseg.core.progress import run_sync
-    from napari_medseg.core.segmentation import segment
+    from napari_medseg.core.segment.segment import segment
     from napari_medseg.io.readers import read_image
     from napari_medseg.models.networks import load_model_folder
+    from napari_medseg.progress import run_sync
 
     ip, lp = case_files(dataset, name)
     rec = read_image(ip)[0]
@@ -416,9 +419,9 @@ def corrected_dataset(src: Path, corrections: dict[str, np.ndarray], dst: Path) 
 
 def evaluate_classical(dataset: Path, names: list[str], dark: bool = False) -> dict:
     """Pooled foreground Dice of :func:`detect_classical` (Otsu + watershed) on ``names``."""
-    from napari_medseg.core.detection import detect_classical
-    from napari_medseg.core.progress import run_sync
+    from napari_medseg.core.detect.detection import detect_classical
     from napari_medseg.io.readers import read_image
+    from napari_medseg.progress import run_sync
 
     counts = {}
     t0 = time.perf_counter()
@@ -457,8 +460,8 @@ def train_point(
     val_fraction: float = 0.2,
 ) -> dict:
     """One ``train()`` call; returns the model folder and what the run cost."""
-    from napari_medseg.core.progress import run_sync
-    from napari_medseg.training.train import train
+    from napari_medseg.progress import run_sync
+    from napari_medseg.training.segment import train
 
     t0 = time.perf_counter()
     res = run_sync(

@@ -28,8 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 DATA = Path(os.environ.get("MEDSEG_DATA", REPO.parent / "shared" / "data"))
 
-from napari_medseg.core.progress import run_sync  # noqa: E402
-from napari_medseg.core.registration import (  # noqa: E402
+from napari_medseg.core.register.registration import (  # noqa: E402
     RegistrationOptions,
     RegistrationTransform,
     dice,
@@ -39,6 +38,7 @@ from napari_medseg.core.registration import (  # noqa: E402
 )
 from napari_medseg.io import read_image  # noqa: E402
 from napari_medseg.io.record import ImageRecord  # noqa: E402
+from napari_medseg.progress import run_sync  # noqa: E402
 
 ROWS: list[dict] = []
 

@@ -91,10 +91,10 @@ def make_model(tmp: Path, which: str) -> Path:
 
 
 def run_ours(image: str, model: str, out: str) -> dict:
-    from napari_medseg.core.progress import run_sync
-    from napari_medseg.core.segmentation import segment
+    from napari_medseg.core.segment.segment import segment
     from napari_medseg.io import ImageRecord, read_image, write_image
     from napari_medseg.models.registry import load_model
+    from napari_medseg.progress import run_sync
 
     m = load_model(model)
     t0 = time.perf_counter()

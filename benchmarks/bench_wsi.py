@@ -83,7 +83,7 @@ def _model_alone(rec, model, device: str, n: int = 96) -> float:
     """Tiles/s of normalise + forward + argmax on the first ``n`` tissue tiles held in memory."""
     import torch
 
-    from napari_medseg.core.wsi import _plan, _predict_batch, _read_with_margin, _TileReader
+    from napari_medseg.core.slides.wsi import _plan, _predict_batch, _read_with_margin, _TileReader
 
     plan = _plan(rec, model, 512, 64, 0, True, None)
     reader = _TileReader(rec, 0)
@@ -103,10 +103,10 @@ def _model_alone(rec, model, device: str, n: int = 96) -> float:
 def child(args: argparse.Namespace) -> dict:
     import torch
 
-    from napari_medseg.core.progress import run_sync
-    from napari_medseg.core.wsi import _predict_batch, segment_slide
+    from napari_medseg.core.slides.wsi import _predict_batch, segment_slide
     from napari_medseg.io.raster import read_slide
     from napari_medseg.models.registry import load_model
+    from napari_medseg.progress import run_sync
 
     torch.set_num_threads(args.threads)
     model = load_model(args.model, device="cpu")
@@ -134,8 +134,8 @@ def child(args: argparse.Namespace) -> dict:
     elif args.mode == "detect":
         import functools
 
-        from napari_medseg.core.detection import detect_classical
-        from napari_medseg.core.wsi_detect import detect_slide, write_slide_detections
+        from napari_medseg.core.detect.detection import detect_classical
+        from napari_medseg.core.slides.detect import detect_slide, write_slide_detections
 
         t = time.perf_counter()
         kw = {"dark_objects": True} if args.dark else {"stain": "hematoxylin"}
@@ -157,7 +157,7 @@ def child(args: argparse.Namespace) -> dict:
     elif args.mode == "model":
         res["model_alone_tiles_per_s"] = _model_alone(rec, model, args.device)
     else:  # naive: read everything, then infer the same tiles from memory
-        from napari_medseg.core.wsi import _plan
+        from napari_medseg.core.slides.wsi import _plan
 
         t = time.perf_counter()
         img = np.asarray(rec.data.compute())

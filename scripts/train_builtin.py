@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Train the built-in models with :func:`napari_medseg.training.train.train` (segmentation) and
-:func:`napari_medseg.training.train_detection.train_detection` (the box detector).
+"""Train the built-in models with :func:`napari_medseg.training.segment.train` (segmentation) and
+:func:`napari_medseg.training.detect.train_detection` (the box detector).
 
 Usage::
 
@@ -90,8 +90,8 @@ def train_one(
     import torch
 
     from napari_medseg.models.card import ModelCard
-    from napari_medseg.training.train import train
-    from napari_medseg.training.train_detection import train_detection
+    from napari_medseg.training.detect import train_detection
+    from napari_medseg.training.segment import train
 
     torch.set_num_threads(1)  # the CPU is shared: one thread is much faster than oversubscribed
     ds_name, kwargs, extras = RECIPES[name]
@@ -159,13 +159,14 @@ def main(argv: list[str] | None = None) -> int:
 
 # --------------------------------------------------------------------------- click model
 
-#: The learned click-refinement model (napari_medseg.core.refine, method="learned"). It reads
+#: The learned click-refinement model (napari_medseg.core.correct.refine, method="learned"). It
+#: reads
 #: the real data folder directly (../shared/data or $MEDSEG_DATA), not the datasets above.
 CLICK_MODEL = "click_refine_2d"
 
 
 def train_click_refine(out_root: Path, budget: float | None = None) -> dict:
-    """Train ``click_refine_2d`` with :func:`napari_medseg.training.train_clicks.train_clicks`.
+    """Train ``click_refine_2d`` with :func:`napari_medseg.training.clicks.train_clicks`.
 
     Training slices: DSB nuclei tiles (not the three ``fluo_nuclei_2d`` holds out), the T1w
     spinal-cord volume (slices along all axes) and the MT pair, TotalSegmentator's small CT and
@@ -176,7 +177,7 @@ def train_click_refine(out_root: Path, budget: float | None = None) -> dict:
 
     import torch
 
-    from napari_medseg.training.train_clicks import (
+    from napari_medseg.training.clicks import (
         DSB_HELD_OUT,
         shared_data_cases,
         train_clicks,

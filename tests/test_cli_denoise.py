@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from napari_medseg._cli_denoise import register
+from napari_medseg.cli.denoise import add_parser as register
+from napari_medseg.errors import MedsegError
 from napari_medseg.io import read_image, write_image
-from napari_medseg.io.errors import MedsegError
 from napari_medseg.io.record import ImageRecord
 from tests.conftest import data_path
 

@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from napari_medseg._cli_detect import register
+from napari_medseg.cli.detect import add_parser as register
+from napari_medseg.errors import MedsegError
 from napari_medseg.io import read_image, write_image
 from napari_medseg.io.detections import read_detections
-from napari_medseg.io.errors import MedsegError
 from napari_medseg.io.record import ImageRecord
 from tests.conftest import data_path
 
@@ -92,11 +92,8 @@ def test_csv_then_geojson_and_no_overwrite(nuclei_tif, tmp_path, capsys):
 
 
 def test_errors_are_one_line_and_exit_1(nuclei_tif, tmp_path, capsys, monkeypatch):
-    from napari_medseg import cli
-    from napari_medseg.cli import build_parser, main
+    from napari_medseg.cli import main
 
-    if "detect" not in build_parser().format_help():  # until cli.py hooks the subcommand
-        monkeypatch.setattr(cli, "_EXTRA_COMMANDS", [*cli._EXTRA_COMMANDS, register])
     assert (
         main(["detect", str(nuclei_tif), "-m", "ct_spleen_3d", "-o", str(tmp_path / "x.csv")]) == 1
     )
@@ -145,7 +142,7 @@ def test_detect_on_a_fluorescence_slide_with_the_box_detector(tmp_path):
     """The built-in box detector tile by tile on a slide: boxes (GeoJSON rectangles) in level-0
     pixels, about one per nucleus, none doubled at tile borders."""
     from napari_medseg.cli import main
-    from napari_medseg.core.detection import box_iou, boxes_of
+    from napari_medseg.core.detect.detection import box_iou, boxes_of
     from tests.slide_helpers import make_fluo_slide
 
     slide = make_fluo_slide(tmp_path / "fluo.tif", (640, 800))
@@ -160,10 +157,10 @@ def test_detect_on_a_fluorescence_slide_with_the_box_detector(tmp_path):
     assert t.y.between(0, 640).all() and t.x.between(0, 800).all()
     # tiles vs one pass over the whole (small) slide: the same objects, none lost or doubled
     # at the tile borders
-    from napari_medseg.core.detection import detect, filter_detections
-    from napari_medseg.core.progress import run_sync
+    from napari_medseg.core.detect.detection import detect, filter_detections
     from napari_medseg.io.raster import read_slide
     from napari_medseg.models.registry import load_model
+    from napari_medseg.progress import run_sync
 
     level0 = np.asarray(read_slide(slide).data)
     rec = ImageRecord(data=level0, affine=np.eye(3), space="pixel", name="whole")
@@ -180,8 +177,8 @@ def test_detect_classical_dark_nuclei_on_an_he_slide(tmp_path):
     import functools
 
     from napari_medseg.cli import main
-    from napari_medseg.core.detection import detect_classical
-    from napari_medseg.core.progress import run_sync
+    from napari_medseg.core.detect.detection import detect_classical
+    from napari_medseg.progress import run_sync
     from tests.slide_helpers import he_tissue, make_tissue_slide
 
     slide = make_tissue_slide(tmp_path / "he.tif", (900, 1500))  # 9 copies of the tile

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import pytest
 
-from napari_medseg import cli
-from napari_medseg._cli_register import register as add_register
+from napari_medseg.cli import main as cli_main
 from napari_medseg.io import read_image
 from tests.conftest import data_path
 
@@ -25,13 +22,9 @@ def _one_torch_thread():
 
 
 @pytest.fixture
-def main(monkeypatch):
-    """``cli.main`` with the register subcommand (hooked in here if cli.py does not yet)."""
-    parser = cli.build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    if "register" not in sub.choices:
-        monkeypatch.setattr(cli, "_EXTRA_COMMANDS", [*cli._EXTRA_COMMANDS, add_register])
-    return cli.main
+def main():
+    """The ``napari-medseg`` entry point."""
+    return cli_main
 
 
 def test_register_writes_warped_labels_points_and_transform(main, tmp_path, capsys):
@@ -67,7 +60,7 @@ def test_register_writes_warped_labels_points_and_transform(main, tmp_path, caps
     assert dice > 0.85  # 0.843 before registration
     for f in ("T.json", "T.tfm", "T_displacement.nii.gz", "jac.nii.gz"):
         assert (tmp_path / f).exists(), f
-    from napari_medseg.core.registration import load_transform, read_points_csv
+    from napari_medseg.core.register.registration import load_transform, read_points_csv
 
     moved = read_points_csv(tmp_path / "moved.csv")
     np.testing.assert_allclose(

@@ -7,9 +7,9 @@
 
 from __future__ import annotations
 
-from .errors import ImageReadError, ImageWriteError, MedsegError
-from .readers import SUPPORTED_EXTENSIONS, read_image, write_image
-from .record import ImageRecord
+from napari_medseg.errors import ImageReadError, ImageWriteError, MedsegError
+from napari_medseg.io.readers import SUPPORTED_EXTENSIONS, read_image, write_image
+from napari_medseg.io.record import ImageRecord
 
 __all__ = [
     "SUPPORTED_EXTENSIONS",

@@ -1,6 +1,6 @@
 """Detection tables to and from CSV and QuPath-style GeoJSON (atomic writes).
 
-The table is the one of :mod:`napari_medseg.core.detection` (columns ``id``, ``class``,
+The table is the one of :mod:`napari_medseg.core.detect.detection` (columns ``id``, ``class``,
 ``score``, centre ``y, x`` (2D) or ``z, y, x`` (3D) in array indices of the file's axis order,
 ``world_*``, boxes ``<axis>_min/_max``, ``area`` or ``volume_mm3``).
 
@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import ImageReadError, ImageWriteError
+from napari_medseg.errors import ImageReadError, ImageWriteError
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -85,7 +85,7 @@ def write_detections(
     path : path
         Output file; the suffix chooses the format.
     table : pandas.DataFrame
-        Detection table (see :mod:`napari_medseg.core.detection`).
+        Detection table (see :mod:`napari_medseg.core.detect.detection`).
     instances : int array, optional
         Instance map (file axis order) for GeoJSON outlines.
     affine : (3, 3) array, optional

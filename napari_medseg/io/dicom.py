@@ -40,10 +40,10 @@ from typing import Any
 
 import numpy as np
 
-from ..core.progress import Progress, ProgressGen, run_sync
-from .errors import ImageReadError
-from .geometry import affine_from_itk
-from .record import ImageRecord
+from napari_medseg.errors import ImageReadError
+from napari_medseg.io.geometry import affine_from_itk
+from napari_medseg.io.record import ImageRecord
+from napari_medseg.progress import Progress, ProgressGen, run_sync
 
 __all__ = ["is_dicom_path", "iter_read_dicom", "read_dicom"]
 

@@ -346,7 +346,7 @@ def layer_to_record(data: Any, attrs: dict, name: str | None = None) -> Any:
         Layer state: ``affine``, ``scale``, ``translate``, ``rotate``, ``shear``, ``metadata``,
         ``rgb``, ``name``.
     """
-    from .record import ImageRecord
+    from napari_medseg.io.record import ImageRecord
 
     arr, affine, space, meta = layer_to_record_parts(data, attrs)
     src = meta.get("source", {}) if meta else {}

@@ -16,12 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ImageReadError
-from .geometry import layer_to_record_parts, record_to_layer_data
-from .raster import is_labels_zarr, open_labels_zarr
-from .readers import DICOM_EXT, SUPPORTED_EXTENSIONS, read_image, write_image
-from .record import ImageRecord
-from .volume import split_ext
+from napari_medseg.errors import ImageReadError
+from napari_medseg.io.geometry import layer_to_record_parts, record_to_layer_data
+from napari_medseg.io.raster import is_labels_zarr, open_labels_zarr
+from napari_medseg.io.readers import DICOM_EXT, SUPPORTED_EXTENSIONS, read_image, write_image
+from napari_medseg.io.record import ImageRecord
+from napari_medseg.io.volume import split_ext
 
 LayerData = tuple[Any, dict, str]
 
@@ -44,7 +44,7 @@ def _is_ours(p: str | os.PathLike) -> bool:
     if ext in SUPPORTED_EXTENSIONS:
         return True
     if ext == "":
-        from .dicom import is_dicom_path
+        from napari_medseg.io.dicom import is_dicom_path
 
         return is_dicom_path(path)
     return ext in DICOM_EXT
@@ -97,7 +97,7 @@ def detections_layer(path: str | os.PathLike) -> LayerData:
     Features: ``id``, ``class``, ``score`` and ``area`` where the file has them; points are
     coloured by score.
     """
-    from .detections import read_detections
+    from napari_medseg.io.detections import read_detections
 
     table = read_detections(path)
     p = Path(path)

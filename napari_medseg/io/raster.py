@@ -29,7 +29,7 @@ resolution when a low level is first shown: slower the first time; a warning say
 
 A tile that fails to decode does not stop the viewer: it is returned as zeros and ONE warning
 names its region (per tile). Files that cannot be opened raise
-:class:`~napari_medseg.io.errors.ImageReadError`.
+:class:`~napari_medseg.errors.ImageReadError`.
 
 :func:`make_pyramidal_tiff` writes test and benchmark slides by tiling a real image, one tile at
 a time (the full-resolution image is never in memory).
@@ -50,8 +50,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ImageReadError
-from .record import ImageRecord
+from napari_medseg.errors import ImageReadError
+from napari_medseg.io.record import ImageRecord
 
 __all__ = [
     "SLIDE_SUFFIXES",
@@ -327,7 +327,7 @@ def _read_tiff(p: Path) -> ImageRecord:
     sx = (sx_um or 1e3) / 1e3
     sy = (sy_um or 1e3) / 1e3
     sz = (sz_um or 1e3) / 1e3
-    from .geometry import affine_from_itk
+    from napari_medseg.io.geometry import affine_from_itk
 
     # ITK direction for voxel axes (x, y, z) = identity; our file axes are (z, y, x)
     lps_cols = np.array([[0.0, 0, 1], [0, 1, 0], [1, 0, 0]]).T  # columns: z -> S, y -> P, x -> L

@@ -7,9 +7,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ImageReadError, ImageWriteError
-from .record import ImageRecord
-from .volume import ITK_EXT, NIFTI_EXT, WRITE_EXT, read_itk, read_nifti, split_ext, write_volume
+from napari_medseg.errors import ImageReadError, ImageWriteError
+from napari_medseg.io.record import ImageRecord
+from napari_medseg.io.volume import (
+    ITK_EXT,
+    NIFTI_EXT,
+    WRITE_EXT,
+    read_itk,
+    read_nifti,
+    split_ext,
+    write_volume,
+)
 
 RASTER_EXT = (".png", ".jpg", ".jpeg", ".bmp")
 TIFF_EXT = (".tif", ".tiff", ".ome.tif", ".ome.tiff", ".svs", ".ndpi", ".scn", ".btf")
@@ -40,7 +48,7 @@ def read_image(path: str | os.PathLike) -> list[ImageRecord]:
     if not p.exists():
         raise ImageReadError(f"{p} does not exist.")
     if p.is_dir():
-        from .dicom import read_dicom
+        from napari_medseg.io.dicom import read_dicom
 
         return read_dicom(p)
     if not os.access(p, os.R_OK):
@@ -51,14 +59,14 @@ def read_image(path: str | os.PathLike) -> list[ImageRecord]:
     if ext in ITK_EXT:
         return [read_itk(p)]
     if ext in TIFF_EXT:
-        from .raster import is_slide, read_raster, read_slide
+        from napari_medseg.io.raster import is_slide, read_raster, read_slide
 
         return [read_slide(p) if is_slide(p) else read_raster(p)]
     if ext in RASTER_EXT:
-        from .raster import read_raster
+        from napari_medseg.io.raster import read_raster
 
         return [read_raster(p)]
-    from .dicom import is_dicom_path, read_dicom
+    from napari_medseg.io.dicom import is_dicom_path, read_dicom
 
     if ext in DICOM_EXT or is_dicom_path(p):
         return read_dicom(p)
@@ -118,7 +126,7 @@ def write_image(
 def _write_raster(path: Path, record: ImageRecord, is_label: bool, overwrite: bool) -> Path:
     import tifffile
 
-    from .volume import atomic_target, label_dtype
+    from napari_medseg.io.volume import atomic_target, label_dtype
 
     if path.exists() and not overwrite:
         raise ImageWriteError(f"{path} exists; pass --overwrite to replace it.")

@@ -96,6 +96,6 @@ class ImageRecord:
         """Orientation codes of the file axes, e.g. ``"RAS"`` or ``"LPS"`` ('' for 2D images)."""
         if self.space != "RAS":
             return ""
-        from .geometry import orientation_codes
+        from napari_medseg.io.geometry import orientation_codes
 
         return orientation_codes(self.affine)

@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ImageReadError, ImageWriteError
-from .geometry import affine_from_itk, itk_from_affine
-from .modality import guess_modality
-from .record import ImageRecord
+from napari_medseg.errors import ImageReadError, ImageWriteError
+from napari_medseg.io.geometry import affine_from_itk, itk_from_affine
+from napari_medseg.io.modality import guess_modality
+from napari_medseg.io.record import ImageRecord
 
 NIFTI_EXT = (".nii", ".nii.gz")
 ITK_EXT = (".nrrd", ".nhdr", ".mha", ".mhd")

@@ -21,11 +21,11 @@ Example ``model.json``::
       "training": {...}, "metrics": {...}
     }
 
-A box detector (:mod:`napari_medseg.core.boxdet`) has ``"task": "detection"`` and a
+A box detector (:mod:`napari_medseg.core.detect.boxes`) has ``"task": "detection"`` and a
 ``"detection"`` block naming its head (``{"head": "centernet", "n_classes": K, ...}``); its
 network outputs ``K`` centre heatmaps, ``dims`` log box sizes and ``dims`` centre offsets.
 
-Normalisation schemes (:mod:`napari_medseg.core.preprocess` implements them):
+Normalisation schemes (:mod:`napari_medseg.core.engine.preprocess` implements them):
 
 * ``{"scheme": "ct", "window": [lo, hi]}``: clip HU to the window, scale to [0, 1].
 * ``{"scheme": "zscore", "foreground_only": true}``: (x - mean) / std, statistics over voxels
@@ -101,7 +101,7 @@ class ModelCard:
     #: box detectors only (``task == "detection"``): the output head, e.g.
     #: ``{"head": "centernet", "n_classes": 1, "size_encoding": "log", "offsets": true,
     #: "min_sigma": 1.0, "peak_threshold": 0.05, "nms_radius": 3}`` (see
-    #: :mod:`napari_medseg.core.boxdet`); empty for every other model
+    #: :mod:`napari_medseg.core.detect.boxes`); empty for every other model
     detection: dict = field(default_factory=dict)
 
     @property

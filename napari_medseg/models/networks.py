@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..io.errors import MedsegError
-from .card import ModelCard, sha256_file
+from napari_medseg.errors import MedsegError
+from napari_medseg.models.card import ModelCard, sha256_file
 
 
 class ModelLoadError(MedsegError, ValueError):

@@ -27,8 +27,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .card import CARD_NAME, ModelCard, sha256_file
-from .networks import LoadedModel, ModelLoadError, load_model_folder
+from napari_medseg.models.card import CARD_NAME, ModelCard, sha256_file
+from napari_medseg.models.networks import LoadedModel, ModelLoadError, load_model_folder
 
 __all__ = [
     "BUILTIN_DIR",
@@ -210,7 +210,7 @@ def load_model(
         Where the network is put (``"cpu"``, ``"cuda"``, ...).
     trust_bundle : bool
         Allow a MONAI bundle config to run its ``$`` expressions (passed to
-        :func:`napari_medseg.models.bundle.load_bundle`).
+        :func:`napari_medseg.models.loaders.bundle.load_bundle`).
 
     Raises
     ------
@@ -241,7 +241,9 @@ def load_model(
             return _load_torchscript(wpath, card, path / CARD_NAME, device)
         return load_model_folder(path, device=device)
     if is_bundle(path):
-        from .bundle import load_bundle  # written separately; ImportError propagates
+        from napari_medseg.models.loaders.bundle import (
+            load_bundle,  # written separately; ImportError propagates
+        )
 
         return load_bundle(path, device=device, trust=trust_bundle)
     raise ModelLoadError(

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io.errors import MedsegError
+from napari_medseg.errors import MedsegError
 
 VOLUME_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha")
 IMAGE2D_ENDINGS = (".png", ".tif", ".tiff")
@@ -266,7 +266,7 @@ def _read(path: Path) -> tuple[np.ndarray, np.ndarray, str, bool]:
     Uses :func:`napari_medseg.io.readers.read_image` (NIfTI with nibabel, NRRD/MetaImage with
     SimpleITK and LPS->RAS geometry, PNG/TIFF 2D images); data stay in the file's axis order.
     """
-    from ..io.readers import read_image
+    from napari_medseg.io.readers import read_image
 
     rec = read_image(path)[0]
     data = np.asarray(rec.data)

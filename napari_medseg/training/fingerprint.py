@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from ..models.card import PALETTE, ModelCard
-from .dataset import Case, TrainingDataset
+from napari_medseg.models.card import PALETTE, ModelCard
+from napari_medseg.training.dataset import Case, TrainingDataset
 
 #: Default patch budget in voxels (3D) and pixels (2D) for CPU training.
 VOXEL_BUDGET_3D = 96**3
@@ -217,7 +217,8 @@ def plan_normalization(dataset: TrainingDataset, fp: Fingerprint) -> dict:
     ``"ct"``: window = foreground percentiles 0.5-99.5 (nnU-Net's CTNormalization clips to the
     same window; here the clipped values are scaled to [0, 1] as the card's ``ct`` scheme says).
     ``"rgb"``: per-channel mean/std of the images in [0, 1] (8-bit values / 255, as
-    :func:`napari_medseg.core.preprocess.normalize` scales them). ``"zscore"``: per image, over
+    :func:`napari_medseg.core.engine.preprocess.normalize` scales them). ``"zscore"``: per image,
+    over
     the body (foreground_only). ``"percentile"``: per image, 0.5-99.5 percentiles to [0, 1].
     """
     rgb = bool(dataset.cases and dataset.cases[0].rgb)
@@ -361,7 +362,7 @@ def plan(
     ModelCard
         Task ``segmentation``, with classes, spacing, orientation, patch size, normalisation,
         architecture and ``extra["fingerprint"]``; ``training``/``metrics`` are left for
-        :func:`napari_medseg.training.train.train`.
+        :func:`napari_medseg.training.segment.train`.
     """
     fp = fingerprint or compute_fingerprint(dataset)
     dims = fp.dims

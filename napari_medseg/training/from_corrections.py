@@ -1,15 +1,16 @@
 """Fine-tune the current model on the cases a clinician corrected (a progress generator).
 
 :func:`finetune_from_corrections` exports the corrected cases of a worklist
-(:class:`napari_medseg.core.worklist.Worklist`) as an nnU-Net dataset, fine-tunes the model with
-:func:`napari_medseg.training.train.train` (``init=`` the current model, so the architecture,
+(:class:`napari_medseg.core.correct.worklist.Worklist`) as an nnU-Net dataset, fine-tunes the model
+with
+:func:`napari_medseg.training.segment.train` (``init=`` the current model, so the architecture,
 spacing, normalisation and classes are kept) and writes a *new* model folder, by default in the
 user models directory next to the earlier versions (which stay, so the user can switch back in the
 Segment dock). The new card records its parent (``name@version``), the cases used and the scores.
 
 With three or more corrected cases whole cases are held out for validation, and both the parent
 model and the fine-tuned one are run on them with the full inference pipeline
-(:func:`napari_medseg.core.segmentation.segment`): Dice on the source grid, before and after, in
+(:func:`napari_medseg.core.segment.segment.segment`): Dice on the source grid, before and after, in
 ``card.metrics["before_after"]``. With fewer cases :func:`train` holds out a block of slices of
 every case and only its validation Dice is reported.
 """
@@ -23,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from ..core.progress import Progress
-from .train import TrainResult
+from napari_medseg.progress import Progress
+from napari_medseg.training.segment import TrainResult
 
 __all__ = ["finetune_from_corrections"]
 
@@ -61,7 +62,7 @@ def finetune_from_corrections(
     out_dir : path-like, optional
         New model folder (default: ``<user models dir>/<name>-ft<timestamp>``).
     time_budget : float or None
-        Seconds of training (see :func:`napari_medseg.training.train.train`).
+        Seconds of training (see :func:`napari_medseg.training.segment.train`).
     statuses : iterable of str
         Which cases count as corrected.
     device : str
@@ -74,18 +75,18 @@ def finetune_from_corrections(
         better model (docs/learning_curve.md: cord slices, 4 cases, Dice 0.836 on every case
         against 0.682 with one case held out), but its gain is then unmeasured.
     **train_kwargs
-        Passed on to :func:`~napari_medseg.training.train.train` (``max_epochs``, ``seed``,
+        Passed on to :func:`~napari_medseg.training.segment.train` (``max_epochs``, ``seed``,
         ``batch_size``, ``patch_size``, ...).
     """
-    from ..core.worklist import Worklist
-    from ..models.card import ModelCard
-    from ..models.registry import resolve_model, user_models_dir
-    from .train import train
+    from napari_medseg.core.correct.worklist import Worklist
+    from napari_medseg.models.card import ModelCard
+    from napari_medseg.models.registry import resolve_model, user_models_dir
+    from napari_medseg.training.segment import train
 
     wl = worklist if isinstance(worklist, Worklist) else Worklist(worklist)
     init_path = resolve_model(init)
     if not (init_path / "model.json").is_file():
-        from ..io.errors import MedsegError
+        from napari_medseg.errors import MedsegError
 
         raise MedsegError(
             f"{init_path.name} cannot be fine-tuned here: only model folders (model.json + "
@@ -134,9 +135,9 @@ def _before_after(
     wl: Any, val_cases: list[str], parent_path: Path, new_path: Path, device: str
 ) -> Generator[Progress, None, dict]:
     """Dice of the parent and the fine-tuned model on held-out corrected cases (source grid)."""
-    from ..core.segmentation import segment
-    from ..io import read_image
-    from ..models.registry import load_model
+    from napari_medseg.core.segment.segment import segment
+    from napari_medseg.io import read_image
+    from napari_medseg.models.registry import load_model
 
     dev = "cpu" if device == "auto" else device
     models = {

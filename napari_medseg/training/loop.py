@@ -6,8 +6,8 @@ decays as ``lr * (1 - f) ** 0.9`` where ``f`` is the larger of the spent fractio
 budget and of the iteration cap (capped at 0.999). :meth:`Schedule.step` is one optimiser step
 (learning rate set, gradients clipped to norm 12).
 
-:class:`EpochLoop` adds the epochs of :func:`napari_medseg.training.train.train` and
-:func:`napari_medseg.training.train_detection.train_detection`: an epoch is
+:class:`EpochLoop` adds the epochs of :func:`napari_medseg.training.segment.train` and
+:func:`napari_medseg.training.detect.train_detection`: an epoch is
 ``iterations_per_epoch`` iterations or ``max(time_budget / 8, 1)`` seconds, whichever ends
 first; it ends with a validation (a task's generator returning a :class:`Validation`) and the
 network state of the best validation so far is kept and loaded at the end. The epoch rule leaves
@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from ..core.progress import Progress
-from ..io.errors import MedsegError
+from napari_medseg.errors import MedsegError
+from napari_medseg.progress import Progress
 
 #: Gradient norm clip of every trainer.
 GRAD_CLIP = 12.0

@@ -6,13 +6,13 @@ from typing import Any
 
 import numpy as np
 
-from ..io.geometry import (
+from napari_medseg.io.geometry import (
     META_KEY,
     RADIOLOGICAL_ORIENTATION2D,
     layer_to_record,
     record_to_layer_data,
 )
-from ..io.record import ImageRecord
+from napari_medseg.io.record import ImageRecord
 
 
 def layer_state(layer: Any) -> dict:
@@ -32,7 +32,7 @@ def layer_state(layer: Any) -> dict:
 def record_from_layer(layer: Any) -> ImageRecord:
     """An :class:`ImageRecord` in the source file's axis order and geometry for an Image layer."""
     if getattr(layer, "multiscale", False):
-        from ..io.errors import MedsegError
+        from napari_medseg.errors import MedsegError
 
         raise MedsegError(
             f"{layer.name} is a multiscale slide; run whole-slide tools on it, or crop a region "
@@ -78,7 +78,7 @@ def is_volume_layer(layer: Any) -> bool:
 
 def find_source_layer(viewer: Any, data: Any, attrs: dict) -> Any | None:
     """The Image layer a hand-made Labels layer was drawn on: same grid, carries our metadata."""
-    from ..io.geometry import compose_layer_transform
+    from napari_medseg.io.geometry import compose_layer_transform
 
     shape = tuple(np.shape(data))
     target = compose_layer_transform(attrs)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ..core.progress import Progress
+from napari_medseg.progress import Progress
 
 
 class WorkerControls:
@@ -107,7 +107,7 @@ class ImageInput:
         """``(layer, record)`` of the chosen image, or None after telling the user why."""
         from napari.utils.notifications import show_error
 
-        from ._layers import record_from_layer
+        from napari_medseg.widgets._layers import record_from_layer
 
         layer = self.image.value
         if layer is None:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..io.geometry import META_KEY
-from ..io.napari_io import write_image_layer, write_labels
+from napari_medseg.io.geometry import META_KEY
+from napari_medseg.io.napari_io import write_image_layer, write_labels
 
 
 def _with_source(data: Any, attributes: dict) -> dict:
@@ -25,7 +25,7 @@ def _with_source(data: Any, attributes: dict) -> dict:
         viewer = None
     if viewer is None:
         return attributes
-    from ._layers import find_source_layer
+    from napari_medseg.widgets._layers import find_source_layer
 
     src = find_source_layer(viewer, data, attributes)
     if src is None:

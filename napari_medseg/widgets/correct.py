@@ -1,8 +1,8 @@
 """The "Correct & Train" dock widget: correction tools, live volumes, safe saving, recovery.
 
-Thin (DESIGN.md rule 3): the maths is in :mod:`napari_medseg.core.corrections` and the saving
-in :mod:`napari_medseg.core.mask_store`. Each tool computes an
-:class:`~napari_medseg.core.corrections.Edit` on the Labels layer's data and writes only the
+Thin (DESIGN.md rule 3): the maths is in :mod:`napari_medseg.core.correct.edits` and the saving
+in :mod:`napari_medseg.core.correct.mask_store`. Each tool computes an
+:class:`~napari_medseg.core.correct.edits.Edit` on the Labels layer's data and writes only the
 changed voxels with ``layer.data_setitem`` inside ``layer.block_history()``: one entry in
 napari's labels history, so one Ctrl+Z undoes it, exactly like a brush stroke.
 
@@ -30,11 +30,11 @@ from magicgui.widgets import (
     Table,
 )
 
-from ..core import corrections as C
-from ..io.geometry import META_KEY, compose_layer_transform, layer_to_record
-from ._layers import find_source_layer, layer_state
-from ._plot import TrainingPlot
-from ._task import ImageInput
+from napari_medseg.core.correct import edits as C
+from napari_medseg.io.geometry import META_KEY, compose_layer_transform, layer_to_record
+from napari_medseg.widgets._layers import find_source_layer, layer_state
+from napari_medseg.widgets._plot import TrainingPlot
+from napari_medseg.widgets._task import ImageInput
 
 if TYPE_CHECKING:
     import napari
@@ -562,7 +562,7 @@ class CorrectWidget(ImageInput, Container):
         """
         from napari.utils.notifications import show_error
 
-        from ..core.refine import refine_with_clicks
+        from napari_medseg.core.correct.refine import refine_with_clicks
 
         target = self._target()
         if target is None:
@@ -655,8 +655,12 @@ class CorrectWidget(ImageInput, Container):
         """Save the bound layer as the next version with provenance; returns the file."""
         from napari.utils.notifications import show_error, show_info
 
-        from ..core.mask_store import build_provenance, clear_recovery, save_mask_version
-        from ..io.errors import MedsegError
+        from napari_medseg.core.correct.mask_store import (
+            build_provenance,
+            clear_recovery,
+            save_mask_version,
+        )
+        from napari_medseg.errors import MedsegError
 
         target = self._target()
         if target is None:
@@ -703,7 +707,7 @@ class CorrectWidget(ImageInput, Container):
 
     def autosave(self) -> Path | None:
         """Autosave the bound layer when it changed since the last autosave (timer slot)."""
-        from ..core.mask_store import Autosaver
+        from napari_medseg.core.correct.mask_store import Autosaver
 
         layer = self._bound
         if layer is None:
@@ -729,7 +733,7 @@ class CorrectWidget(ImageInput, Container):
     def _offer_recovery(self, layer: Any) -> None:
         from napari.layers import Image
 
-        from ..core.mask_store import find_recovery
+        from napari_medseg.core.correct.mask_store import find_recovery
 
         if not isinstance(layer, Image):
             return
@@ -784,7 +788,7 @@ class CorrectWidget(ImageInput, Container):
         """Use a worklist project folder (images/, predictions/, corrected/, status.json)."""
         from napari.utils.notifications import show_error
 
-        from ..core.worklist import Worklist, WorklistError
+        from napari_medseg.core.correct.worklist import Worklist, WorklistError
 
         try:
             self._worklist = Worklist(folder)
@@ -846,8 +850,8 @@ class CorrectWidget(ImageInput, Container):
         return case.name
 
     def _open_case(self, case: Any) -> tuple[Any, Any]:
-        from ..io import read_image
-        from ..io.geometry import record_to_layer_data
+        from napari_medseg.io import read_image
+        from napari_medseg.io.geometry import record_to_layer_data
 
         (img,) = self._viewer.open(str(case.image), plugin="napari-medseg")[:1]
         name = f"{img.name}_seg"
@@ -902,7 +906,7 @@ class CorrectWidget(ImageInput, Container):
     # ------------------------------------------------------------------ fine-tuning
 
     def _model_choices(self, _w: Any = None) -> list[tuple[str, str]]:
-        from ..models.registry import list_models
+        from napari_medseg.models.registry import list_models
 
         out = []
         for card in list_models():
@@ -928,7 +932,7 @@ class CorrectWidget(ImageInput, Container):
         from napari.qt.threading import create_worker
         from napari.utils.notifications import show_error
 
-        from ..training.from_corrections import finetune_from_corrections
+        from napari_medseg.training.from_corrections import finetune_from_corrections
 
         if self._worklist is None:
             show_error("Open a worklist with corrected cases first.")
@@ -1017,7 +1021,7 @@ def _provenance_beside(path: Path | None) -> dict:
 
     if path is None:
         return {}
-    from ..core.mask_store import _split_ext
+    from napari_medseg.core.correct.mask_store import _split_ext
 
     stem, _ = _split_ext(path.name)
     p = path.with_name(f"{stem}.provenance.json")

@@ -1,6 +1,7 @@
 """The "Denoise" dock widget: pick an image and a method, press Run, get ``<image>_denoised``.
 
-Thin (DESIGN.md rule 3): it reads its inputs, runs :func:`napari_medseg.core.denoising.denoise`
+Thin (DESIGN.md rule 3): it reads its inputs, runs
+:func:`napari_medseg.core.denoise.denoising.denoise`
 in a napari worker (progress bar, live training loss, Cancel via ``worker.quit()``, which stops
 the generator between two training steps) and turns the result into an Image layer on the
 source image's geometry with the source's contrast limits and colormap. "Show denoised" is the
@@ -25,10 +26,10 @@ from magicgui.widgets import (
     PushButton,
 )
 
-from ..core.denoising import DEFAULT_TIME_BUDGET, METHODS, N2V_METHODS
-from ..core.progress import Progress
-from ._plot import TrainingPlot
-from ._task import ImageInput, WorkerControls
+from napari_medseg.core.denoise.denoising import DEFAULT_TIME_BUDGET, METHODS, N2V_METHODS
+from napari_medseg.progress import Progress
+from napari_medseg.widgets._plot import TrainingPlot
+from napari_medseg.widgets._task import ImageInput, WorkerControls
 
 if TYPE_CHECKING:
     import napari
@@ -46,7 +47,7 @@ MODEL_PREFIX = "model:"
 
 def _denoise_job(record: Any, options: dict) -> Any:
     """Worker generator: denoise, yielding :class:`Progress`."""
-    from ..core.denoising import denoise
+    from napari_medseg.core.denoise.denoising import denoise
 
     result = yield from denoise(record, **options)
     return result
@@ -136,7 +137,7 @@ class DenoiseWidget(ImageInput, WorkerControls, Container):
 
     def add_model_path(self, path: str | Path) -> None:
         """Offer a saved denoiser (model folder) in the method list and select it."""
-        from ..core.denoising import load_denoiser
+        from napari_medseg.core.denoise.denoising import load_denoiser
 
         load_denoiser(path)  # fail now, with a clear sentence, if it is not a denoiser
         label = Path(path).name
@@ -199,8 +200,8 @@ class DenoiseWidget(ImageInput, WorkerControls, Container):
             self.loss_plot.add(float(p.info["loss"]))
 
     def _on_result(self, source_layer: Any, record: Any, result: Any) -> None:
-        from ..io.geometry import META_KEY, record_to_layer_data
-        from ..io.record import ImageRecord
+        from napari_medseg.io.geometry import META_KEY, record_to_layer_data
+        from napari_medseg.io.record import ImageRecord
 
         name = f"{source_layer.name}_denoised"
         rec = ImageRecord(
@@ -267,8 +268,8 @@ class DenoiseWidget(ImageInput, WorkerControls, Container):
 
     def save_model(self, folder: str | Path) -> Path:
         """Save the denoiser trained by the last run as a model folder."""
-        from ..core.denoising import save_denoiser
-        from ..io.errors import MedsegError
+        from napari_medseg.core.denoise.denoising import save_denoiser
+        from napari_medseg.errors import MedsegError
 
         if self.last_result is None or self.last_result.model is None:
             raise MedsegError("Train a Noise2Void denoiser first (Run with N2V or N2V2).")

@@ -1,8 +1,8 @@
 """The "Detect" dock widget: image + model -> editable Points (centres) and Shapes (boxes).
 
-Thin (DESIGN.md rule 3): :func:`napari_medseg.core.detection.detect` (or the classical
+Thin (DESIGN.md rule 3): :func:`napari_medseg.core.detect.detection.detect` (or the classical
 baseline) runs in a napari worker; its full table is kept, and the score threshold, minimum
-size and NMS IoU only re-filter that table (:func:`~napari_medseg.core.detection.
+size and NMS IoU only re-filter that table (:func:`~napari_medseg.core.detect.detection.
 filter_detections`), so moving the slider updates the layers live without running the model.
 
 Layers: ``<image>_detections`` (Points at object centres, ``features`` = id, class, score,
@@ -33,8 +33,8 @@ from magicgui.widgets import (
     PushButton,
 )
 
-from ..core.progress import Progress
-from ._task import ImageInput, WorkerControls
+from napari_medseg.progress import Progress
+from napari_medseg.widgets._task import ImageInput, WorkerControls
 
 if TYPE_CHECKING:
     import napari
@@ -49,8 +49,8 @@ MAX_BOXES = 10_000
 
 def _detect_job(record: Any, model_ref: str, device: str) -> Any:
     """Worker generator: load the detector (a model or a classical one), then detect."""
-    from ..core.detection import detect
-    from ..core.wsi_detect import load_detector
+    from napari_medseg.core.detect.detection import detect
+    from napari_medseg.core.slides.detect import load_detector
 
     yield Progress(0, 0, f"loading {model_ref}")
     detector = load_detector(model_ref)  # "classical", "classical-he", or a model (CPU)
@@ -133,7 +133,7 @@ class DetectWidget(ImageInput, WorkerControls, Container):
         return layer.ndim - (1 if getattr(layer, "rgb", False) else 0)
 
     def _model_choices(self, _w: Any = None) -> list[tuple[str, str]]:
-        from ..models.registry import list_models
+        from napari_medseg.models.registry import list_models
 
         dims = self._image_dims()
         choices: list[tuple[str, str]] = []
@@ -181,8 +181,8 @@ class DetectWidget(ImageInput, WorkerControls, Container):
         )
 
     def _on_result(self, source_layer: Any, record: Any, result: Any) -> None:
-        from ..io.geometry import record_to_layer_data
-        from ..io.record import ImageRecord
+        from napari_medseg.io.geometry import record_to_layer_data
+        from napari_medseg.io.record import ImageRecord
 
         # the image's layer transform and axis permutation, without touching its voxels
         ghost = ImageRecord(
@@ -215,7 +215,7 @@ class DetectWidget(ImageInput, WorkerControls, Container):
         """
         if self._result is None:
             return None
-        from ..core.detection import filter_detections
+        from napari_medseg.core.detect.detection import filter_detections
 
         key = (id(self._result), float(self.min_size.value), float(self.nms_iou.value))
         if self._nms_key != key:
@@ -274,7 +274,7 @@ class DetectWidget(ImageInput, WorkerControls, Container):
 
     def _point_rows(self, table: Any) -> tuple[np.ndarray, Any, np.ndarray]:
         """Centres (layer axis order), features and sizes of the Points for ``table`` rows."""
-        from ..core.detection import axis_names
+        from napari_medseg.core.detect.detection import axis_names
 
         nd = self._result.ndim
         names = axis_names(nd)
@@ -366,7 +366,7 @@ class DetectWidget(ImageInput, WorkerControls, Container):
         file axis shown as napari's first (slider) axis; the rectangles of one object share its
         ``id``. Box edges lie on voxel borders (centre - 0.5).
         """
-        from ..core.detection import axis_names
+        from napari_medseg.core.detect.detection import axis_names
 
         nd = self._result.ndim
         names = axis_names(nd)
@@ -452,7 +452,7 @@ class DetectWidget(ImageInput, WorkerControls, Container):
         """
         import pandas as pd
 
-        from ..core.detection import axis_names, world_names
+        from napari_medseg.core.detect.detection import axis_names, world_names
 
         layer = self._viewer.layers[f"{self._source_name}_detections"]
         nd = self._result.ndim
@@ -489,7 +489,7 @@ class DetectWidget(ImageInput, WorkerControls, Container):
 
     def export(self, path: str) -> Any:
         """Write :meth:`edited_table` to ``path`` (.csv or .geojson), replacing it."""
-        from ..io.detections import write_detections
+        from napari_medseg.io.detections import write_detections
 
         res = self._result
         return write_detections(

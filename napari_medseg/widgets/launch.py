@@ -31,8 +31,8 @@ def launch(
     """
     import napari
 
-    from ._layers import use_radiological_view
-    from .segment import SegmentWidget
+    from napari_medseg.widgets._layers import use_radiological_view
+    from napari_medseg.widgets.segment import SegmentWidget
 
     viewer = napari.Viewer(title="napari-medseg")
     widget = SegmentWidget(viewer)

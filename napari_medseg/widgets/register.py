@@ -1,7 +1,8 @@
 """The "Register" dock widget: align a moving image to a fixed image and carry labels over.
 
 Thin (DESIGN.md rule 3): it reads its inputs, runs
-:func:`napari_medseg.core.registration.register` in a napari worker (progress bar with the loss,
+:func:`napari_medseg.core.register.registration.register` in a napari worker (progress bar with the
+loss,
 Cancel via ``worker.quit()``) and turns the result into layers on the FIXED image's geometry:
 
 * ``<moving>_registered`` (Image): the moving image warped onto the fixed grid;
@@ -33,9 +34,9 @@ from magicgui.widgets import (
     SpinBox,
 )
 
-from ..core.progress import Progress
-from ._layers import labels_layer_data, record_from_layer
-from ._task import ImageInput, WorkerControls
+from napari_medseg.progress import Progress
+from napari_medseg.widgets._layers import labels_layer_data, record_from_layer
+from napari_medseg.widgets._task import ImageInput, WorkerControls
 
 if TYPE_CHECKING:
     import napari
@@ -45,7 +46,7 @@ SIMILARITY_NAMES = {"lncc": "LNCC", "mi": "MI", "mse": "-MSE"}
 
 def _register_job(fixed: Any, moving: Any, options: Any, labels: Any, points_moving: Any) -> Any:
     """Worker generator: register, then carry moving points into the fixed world."""
-    from ..core.registration import register
+    from napari_medseg.core.register.registration import register
 
     result = yield from register(fixed, moving, options, moving_labels=labels)
     if points_moving is not None and len(points_moving):
@@ -167,7 +168,7 @@ class RegisterWidget(ImageInput, WorkerControls, Container):
     # ------------------------------------------------------------------ run
 
     def _options(self) -> Any:
-        from ..core.registration import RegistrationOptions
+        from napari_medseg.core.register.registration import RegistrationOptions
 
         return RegistrationOptions(
             mode=self.mode.value,
@@ -229,8 +230,8 @@ class RegisterWidget(ImageInput, WorkerControls, Container):
         return self._viewer.add_image(data, **kwargs)
 
     def _on_fixed_grid(self, fixed: Any, data: np.ndarray, modality: str, name: str) -> tuple:
-        from ..io.geometry import record_to_layer_data
-        from ..io.record import ImageRecord
+        from napari_medseg.io.geometry import record_to_layer_data
+        from napari_medseg.io.record import ImageRecord
 
         rec = ImageRecord(
             data=data,
@@ -333,9 +334,9 @@ class RegisterWidget(ImageInput, WorkerControls, Container):
         if not self._last:
             self.status.value = "Run a registration first; the checkerboard compares its result."
             return
-        from ..core.registration import checkerboard
-        from ..io.geometry import layer_to_record_parts
-        from ._layers import layer_state
+        from napari_medseg.core.register.registration import checkerboard
+        from napari_medseg.io.geometry import layer_to_record_parts
+        from napari_medseg.widgets._layers import layer_state
 
         fixed_layer = self._last["fixed_layer"]
         fixed_arr, _, _, _ = layer_to_record_parts(

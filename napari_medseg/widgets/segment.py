@@ -1,7 +1,7 @@
 """The "Segment" dock widget: pick an image and a model, press Run, get a Labels layer.
 
 The widget is thin (DESIGN.md rule 3): it reads its inputs, runs
-:func:`napari_medseg.core.segmentation.segment` in a napari worker (progress bar, Cancel via
+:func:`napari_medseg.core.segment.segment.segment` in a napari worker (progress bar, Cancel via
 ``worker.quit()``, which stops the generator between two batches) and turns the result into a
 Labels layer ``<image>_seg`` on the image's geometry. Running again updates that layer.
 """
@@ -22,9 +22,9 @@ from magicgui.widgets import (
     PushButton,
 )
 
-from ..core.progress import Progress
-from ._layers import is_volume_layer, labels_layer_data, use_radiological_view
-from ._task import ImageInput, WorkerControls
+from napari_medseg.progress import Progress
+from napari_medseg.widgets._layers import is_volume_layer, labels_layer_data, use_radiological_view
+from napari_medseg.widgets._task import ImageInput, WorkerControls
 
 if TYPE_CHECKING:
     import napari
@@ -38,13 +38,13 @@ def _warm_up() -> None:
     import monai.networks.nets  # noqa: F401
     import torch  # noqa: F401
 
-    from ..core import segmentation  # noqa: F401
+    from napari_medseg.core.segment import segment as segmentation  # noqa: F401
 
 
 def _segment_job(record: Any, model_ref: str, options: dict, trust: bool) -> Any:
     """Worker generator: load the model, then segment, yielding :class:`Progress`."""
-    from ..core.segmentation import segment
-    from ..models.registry import load_model
+    from napari_medseg.core.segment.segment import segment
+    from napari_medseg.models.registry import load_model
 
     yield Progress(0, 0, f"loading model {model_ref}")
     model = load_model(model_ref, device="cpu", trust_bundle=trust)
@@ -112,7 +112,7 @@ class SegmentWidget(ImageInput, WorkerControls, Container):
     # ------------------------------------------------------------------ choices
 
     def _model_choices(self, _w: Any = None) -> list[tuple[str, str]]:
-        from ..models.registry import list_models
+        from napari_medseg.models.registry import list_models
 
         choices: list[tuple[str, str]] = []
         for card in list_models():
@@ -142,7 +142,7 @@ class SegmentWidget(ImageInput, WorkerControls, Container):
         if not ref:
             self.model_info.value = "No model installed: use Load model..."
             return
-        from ..models.registry import list_models
+        from napari_medseg.models.registry import list_models
 
         for card in list_models():
             if card["name"] == ref:
@@ -270,8 +270,8 @@ class SegmentWidget(ImageInput, WorkerControls, Container):
         self._viewer.layers.selection.active = layer
 
     def _show_probabilities(self, source_layer: Any, record: Any, result: Any) -> None:
-        from ..io.geometry import record_to_layer_data
-        from ..io.record import ImageRecord
+        from napari_medseg.io.geometry import record_to_layer_data
+        from napari_medseg.io.record import ImageRecord
 
         probs = np.asarray(result.probabilities)[1:]  # foreground classes
         prob_rec = ImageRecord(

@@ -3,11 +3,13 @@
 Thin (DESIGN.md rule 3): it reads the slide layer's file path and the chosen model and runs,
 in a napari worker (progress, ``Cancel`` = ``worker.quit()`` between two tiles or batches):
 
-* **Segment**: :func:`napari_medseg.core.wsi.segment_slide`, shown as a lazy multiscale Labels
-  layer read from the Zarr (:func:`napari_medseg.core.wsi.open_result`), refreshed while tiles
+* **Segment**: :func:`napari_medseg.core.slides.wsi.segment_slide`, shown as a lazy multiscale
+Labels
+  layer read from the Zarr (:func:`napari_medseg.core.slides.wsi.open_result`), refreshed while
+  tiles
   arrive. Saved beside the slide: ``<slide>_<model>_view.zarr`` ("Run on current view") and
   ``<slide>_<model>_seg.zarr`` ("Run on whole slide").
-* **Detect**: :func:`napari_medseg.core.wsi_detect.detect_slide` (a model, or the classical
+* **Detect**: :func:`napari_medseg.core.slides.detect.detect_slide` (a model, or the classical
   Otsu + watershed detector for bright or dark objects), shown as a Points layer at object
   centres (features: id, class, score, area in level-0 pixels; coloured by score) that grows
   while tiles arrive and is replaced by the final, border-de-duplicated table at the end; the
@@ -33,7 +35,7 @@ from magicgui.widgets import (
     SpinBox,
 )
 
-from ..core.progress import Progress
+from napari_medseg.progress import Progress
 
 if TYPE_CHECKING:
     import napari
@@ -41,9 +43,9 @@ if TYPE_CHECKING:
 
 def _slide_job(path: str, model_ref: str, out: str, options: dict) -> Any:
     """Worker generator: open slide and model, then :func:`segment_slide`."""
-    from ..core.wsi import segment_slide
-    from ..io.raster import read_slide
-    from ..models.registry import load_model
+    from napari_medseg.core.slides.wsi import segment_slide
+    from napari_medseg.io.raster import read_slide
+    from napari_medseg.models.registry import load_model
 
     yield Progress(0, 0, f"loading model {model_ref}")
     model = load_model(model_ref, device="cpu")
@@ -63,8 +65,12 @@ CLASSICAL = [
 
 def _detect_slide_job(path: str, model_ref: str, out: str, options: dict) -> Any:
     """Worker generator: open slide and detector, :func:`detect_slide`, save GeoJSON."""
-    from ..core.wsi_detect import detect_slide, load_detector, write_slide_detections
-    from ..io.raster import read_slide
+    from napari_medseg.core.slides.detect import (
+        detect_slide,
+        load_detector,
+        write_slide_detections,
+    )
+    from napari_medseg.io.raster import read_slide
 
     yield Progress(0, 0, f"loading {model_ref}")
     detector = load_detector(model_ref)
@@ -141,7 +147,7 @@ class SlideWidget(Container):
         return [ly for ly in self._viewer.layers if isinstance(ly, Image) and slide_path_of(ly)]
 
     def _model_choices(self, _w: Any = None) -> list[tuple[str, str]]:
-        from ..models.registry import list_models
+        from napari_medseg.models.registry import list_models
 
         detect = getattr(self, "task", None) is not None and self.task.value == "detect"
         tasks = ("segmentation", "detection") if detect else ("segmentation",)
@@ -324,7 +330,7 @@ class SlideWidget(Container):
         self._show_table(table[table["score"] >= float(self.threshold.value)])
 
     def _show(self, out: Path, layer: Any) -> None:
-        from ..core.wsi import open_result
+        from napari_medseg.core.slides.wsi import open_result
 
         name = out.name[: -len(".zarr")]
         levels = open_result(out)

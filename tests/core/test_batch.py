@@ -53,8 +53,8 @@ def test_cli_folder_in_process_and_on_dask_give_identical_outputs(nuclei_folder,
 
 
 def test_dask_batch_needs_a_model_reference(nuclei_folder, tmp_path):
-    from napari_medseg.core.batch import segment_batch
-    from napari_medseg.io.errors import MedsegError
+    from napari_medseg.core.segment.batch import segment_batch
+    from napari_medseg.errors import MedsegError
     from napari_medseg.models.registry import load_model
 
     gen = segment_batch(

@@ -5,23 +5,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_medseg.core.boxdet import (
+from napari_medseg.core.detect.boxes import (
     decode,
     detection_scores,
     encode_targets,
     head_channels,
     to_source_boxes,
 )
-from napari_medseg.core.detection import (
+from napari_medseg.core.detect.detection import (
     axis_names,
     boxes_of,
     detect,
     detect_classical,
     filter_detections,
 )
-from napari_medseg.core.progress import run_sync
-from napari_medseg.io.errors import MedsegError
+from napari_medseg.errors import MedsegError
 from napari_medseg.io.record import ImageRecord
+from napari_medseg.progress import run_sync
 from tests.conftest import data_path
 
 torch = pytest.importorskip("torch")
@@ -140,7 +140,7 @@ def test_model_grid_boxes_map_back_to_source_lps_volume():
     """A box found on the RAS model grid of an LPS volume maps back to the file's indices."""
     from scipy import ndimage as ndi
 
-    from napari_medseg.core.preprocess import to_model_grid
+    from napari_medseg.core.engine.preprocess import to_model_grid
 
     vol = np.zeros((33, 34, 35), np.float32)
     box = (slice(4, 11), slice(20, 31), slice(7, 9))
@@ -234,7 +234,7 @@ def test_builtin_large_image_tiles_give_no_duplicates(builtin):
     res = run_sync(detect(rec, builtin, device="cpu", overlap=0.5))
     kept = filter_detections(res.table, score_threshold=0.5)
     b = boxes_of(kept)
-    from napari_medseg.core.detection import box_iou
+    from napari_medseg.core.detect.detection import box_iou
 
     iou = box_iou(b, b)
     np.fill_diagonal(iou, 0)

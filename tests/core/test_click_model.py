@@ -13,16 +13,16 @@ import time
 import numpy as np
 import pytest
 
-from napari_medseg.core.refine import (
+from napari_medseg.core.correct.refine import (
     click_maps,
     click_model_input,
     load_click_model,
     refine_with_clicks,
     simulate_session,
 )
-from napari_medseg.io.errors import MedsegError
+from napari_medseg.errors import MedsegError
 from napari_medseg.models.registry import builtin_models_dir
-from napari_medseg.training.train_clicks import (
+from napari_medseg.training.clicks import (
     DSB_HELD_OUT,
     ClickCase,
     imperfect_mask,
@@ -205,7 +205,7 @@ def test_tiny_training_lowers_the_loss_and_writes_a_loadable_model(tmp_path, nuc
         num_res_units=0,
         lr=1e-2,
     )
-    from napari_medseg.core.progress import run_sync
+    from napari_medseg.progress import run_sync
 
     res = run_sync(gen)
     print(f"tiny training: {time.monotonic() - t0:.1f} s")

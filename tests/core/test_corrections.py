@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from napari_medseg.core import corrections as C
+from napari_medseg.core.correct import edits as C
 from tests.conftest import data_path
 
 

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from napari_medseg.core.denoising import (
+from napari_medseg.core.denoise.denoising import (
     CLASSICAL_METHODS,
     _blind_spot_batch,
     denoise,
@@ -17,10 +17,10 @@ from napari_medseg.core.denoising import (
     save_denoiser,
     train_n2v,
 )
-from napari_medseg.core.progress import Progress, run_sync
+from napari_medseg.errors import MedsegError
 from napari_medseg.io import read_image
-from napari_medseg.io.errors import MedsegError
 from napari_medseg.io.record import ImageRecord
+from napari_medseg.progress import Progress, run_sync
 from tests.conftest import data_path
 
 RNG = np.random.default_rng(0)

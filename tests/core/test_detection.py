@@ -7,16 +7,16 @@ import json
 import numpy as np
 import pytest
 
-from napari_medseg.core.detection import (
+from napari_medseg.core.detect.detection import (
     detect,
     detect_classical,
     filter_detections,
     instances_from_mask,
 )
-from napari_medseg.core.progress import Progress, run_sync
+from napari_medseg.errors import ImageWriteError, MedsegError
 from napari_medseg.io.detections import read_detections, write_detections
-from napari_medseg.io.errors import ImageWriteError, MedsegError
 from napari_medseg.io.record import ImageRecord
+from napari_medseg.progress import Progress, run_sync
 from tests.conftest import data_path
 
 # awkward size, inside the model's held-out tiles r000_c256 / r000_c384 (rows 0-127, cols 256-511)

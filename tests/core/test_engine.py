@@ -9,14 +9,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from napari_medseg.core.engine import (  # noqa: E402
+from napari_medseg.core.engine.windows import (  # noqa: E402
     importance_map,
     plan_windows,
     resolve_device,
     sliding_window,
 )
-from napari_medseg.core.progress import run_sync  # noqa: E402
-from napari_medseg.io.errors import MedsegError  # noqa: E402
+from napari_medseg.errors import MedsegError  # noqa: E402
+from napari_medseg.progress import run_sync  # noqa: E402
 
 
 def _run(gen):

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_medseg.core import mask_store as M
+from napari_medseg.core.correct import mask_store as M
 from napari_medseg.io import ImageWriteError, read_image
 from napari_medseg.io.record import ImageRecord
 from tests.conftest import data_path
@@ -123,7 +123,7 @@ _CHILD = textwrap.dedent(
     """
     import sys, time
     import numpy as np
-    from napari_medseg.core.mask_store import Autosaver
+    from napari_medseg.core.correct.mask_store import Autosaver
     src, root, interval = sys.argv[1], sys.argv[2], float(sys.argv[3])
     saver = Autosaver(src, root=root)
     lab = np.zeros((64, 128, 128), np.uint8)

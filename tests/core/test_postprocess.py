@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_medseg.core.postprocess import (
+from napari_medseg.core.engine.postprocess import (
     apply_postprocessing,
     argmax,
     fill_holes,
@@ -93,7 +93,7 @@ def test_real_spleen_mask_is_one_component():
 
 def test_channel_argmax_equals_argmax_numpy_and_torch():
     torch = pytest.importorskip("torch")
-    from napari_medseg.core.postprocess import channel_argmax
+    from napari_medseg.core.engine.postprocess import channel_argmax
 
     rng = np.random.default_rng(3)
     p = rng.integers(0, 4, size=(5, 9, 10, 11)).astype(np.float32)  # many ties

@@ -12,8 +12,8 @@ import pytest
 torch = pytest.importorskip("torch")
 nib = pytest.importorskip("nibabel")
 
-from napari_medseg.core.preprocess import normalize, slice_axis_of, to_model_grid  # noqa: E402
-from napari_medseg.io.errors import MedsegError  # noqa: E402
+from napari_medseg.core.engine.preprocess import normalize, slice_axis_of, to_model_grid  # noqa: E402
+from napari_medseg.errors import MedsegError  # noqa: E402
 from napari_medseg.io.record import ImageRecord  # noqa: E402
 from napari_medseg.models.card import ModelCard  # noqa: E402
 

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from napari_medseg.core.refine import refine_with_clicks, simulate_click
+from napari_medseg.core.correct.refine import refine_with_clicks, simulate_click
 from tests.conftest import data_path
 
 SPACING = (0.795, 0.795, 5.0)

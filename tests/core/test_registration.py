@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_medseg.core.progress import run_sync
-from napari_medseg.core.registration import (
+from napari_medseg.core.register.registration import (
     RegistrationError,
     RegistrationOptions,
     RegistrationTransform,
@@ -18,6 +17,7 @@ from napari_medseg.core.registration import (
 )
 from napari_medseg.io import read_image
 from napari_medseg.io.record import ImageRecord
+from napari_medseg.progress import run_sync
 from tests.conftest import data_path
 
 LPS = np.array([-1.0, -1.0, 1.0])

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from napari_medseg.core.progress import run_sync
-from napari_medseg.core.segmentation import SegmentationResult, segment
-from napari_medseg.io.errors import MedsegError
+from napari_medseg.core.segment.segment import SegmentationResult, segment
+from napari_medseg.errors import MedsegError
 from napari_medseg.io.record import ImageRecord
 from napari_medseg.models.card import ModelCard, sha256_file
 from napari_medseg.models.networks import LoadedModel, build_network, save_model
 from napari_medseg.models.registry import load_model
+from napari_medseg.progress import run_sync
 from tests.helpers import tiny_unet_card
 
 DATA = Path(
@@ -251,7 +251,7 @@ def test_2d_model_on_real_2d_images():
 
 
 def test_too_large_for_memory_is_one_sentence(tiny_model, monkeypatch):
-    from napari_medseg.core import segmentation as seg_mod
+    from napari_medseg.core.segment import segment as seg_mod
 
     rec = ImageRecord(data=np.zeros((64, 64, 32), np.int16), affine=np.eye(4), modality="CT")
     need = seg_mod.estimate_memory(rec, tiny_model)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from napari_medseg.core.worklist import Worklist, WorklistError
+from napari_medseg.core.correct.worklist import Worklist, WorklistError
 from napari_medseg.io import read_image
 from tests.conftest import data_path
 

@@ -5,17 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_medseg.core.progress import run_sync
-from napari_medseg.core.wsi import (
+from napari_medseg.core.slides.wsi import (
     _predict_batch,
     open_result,
     plan_tiles,
     segment_slide,
     tissue_mask,
 )
-from napari_medseg.io.errors import MedsegError
+from napari_medseg.errors import MedsegError
 from napari_medseg.io.raster import make_pyramidal_tiff, read_slide
 from napari_medseg.io.record import ImageRecord
+from napari_medseg.progress import run_sync
 from tests.slide_helpers import he_tile_with_glass, make_slide, save_rgb_model
 
 
@@ -85,7 +85,7 @@ def test_tiles_are_seam_free_against_one_whole_image_pass(tmp_path, model):
     """Away from the slide border the tiled result equals one forward pass on the whole image
     exactly (the margin covers the receptive field); against the Gaussian sliding window of
     ``segment`` (different windows, blended) agreement is measured at 0.998."""
-    from napari_medseg.core.segmentation import segment
+    from napari_medseg.core.segment.segment import segment
 
     path = make_slide(tmp_path / "small.tif", (700, 900))
     rec = read_slide(path)

@@ -7,10 +7,10 @@ import pytest
 
 pytest.importorskip("distributed", reason="dask.distributed is not installed")
 
-from napari_medseg.core.progress import run_sync  # noqa: E402
-from napari_medseg.core.wsi import open_result, segment_slide, segment_slide_dask  # noqa: E402
+from napari_medseg.core.slides.wsi import open_result, segment_slide, segment_slide_dask  # noqa: E402
 from napari_medseg.io.raster import read_slide  # noqa: E402
 from napari_medseg.models.registry import load_model  # noqa: E402
+from napari_medseg.progress import run_sync  # noqa: E402
 from tests.slide_helpers import make_slide, save_rgb_model  # noqa: E402
 
 

@@ -11,12 +11,12 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from napari_medseg.core.detection import filter_detections
-from napari_medseg.core.progress import run_sync
-from napari_medseg.core.wsi_detect import detect_slide, write_slide_detections
+from napari_medseg.core.detect.detection import filter_detections
+from napari_medseg.core.slides.detect import detect_slide, write_slide_detections
 from napari_medseg.io.detections import read_detections
 from napari_medseg.io.raster import read_slide
 from napari_medseg.io.record import ImageRecord
+from napari_medseg.progress import run_sync
 from tests.slide_helpers import (
     dark_components,
     make_fluo_slide,
@@ -101,7 +101,7 @@ def test_real_model_through_detect_geojson_outlines_and_cancel(tmp_path):
     the whole image in memory; the GeoJSON has outlines around the centres and reads back."""
     import torch
 
-    from napari_medseg.core.detection import detect
+    from napari_medseg.core.detect.detection import detect
     from napari_medseg.models.registry import load_model
 
     torch.set_num_threads(1)

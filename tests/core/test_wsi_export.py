@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_medseg.core.progress import run_sync
-from napari_medseg.core.wsi import export_labels_ome_tiff, open_result, segment_slide
-from napari_medseg.io.errors import MedsegError
+from napari_medseg.core.slides.wsi import export_labels_ome_tiff, open_result, segment_slide
+from napari_medseg.errors import MedsegError
 from napari_medseg.io.raster import read_slide
+from napari_medseg.progress import run_sync
 from tests.slide_helpers import make_slide, save_rgb_model
 
 

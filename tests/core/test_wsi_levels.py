@@ -6,10 +6,10 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from napari_medseg.core.progress import run_sync
-from napari_medseg.core.wsi import _model_level, level_for_mpp, open_result, segment_slide
+from napari_medseg.core.slides.wsi import _model_level, level_for_mpp, open_result, segment_slide
 from napari_medseg.io.raster import read_slide
 from napari_medseg.io.record import ImageRecord
+from napari_medseg.progress import run_sync
 from tests.slide_helpers import make_slide, save_rgb_model
 
 
@@ -58,7 +58,7 @@ def test_tissue_mask_of_a_slide_that_is_all_tissue():
     after. The glass slide of tests/core/test_wsi.py keeps its Otsu mask."""
     import dask.array as da
 
-    from napari_medseg.core.wsi import tissue_mask
+    from napari_medseg.core.slides.wsi import tissue_mask
     from tests.slide_helpers import he_tissue
 
     low = np.tile(he_tissue()[::8, ::8], (34, 20, 1))[:1250, :1250]  # the tile at 1/8

@@ -15,8 +15,8 @@ pydicom = pytest.importorskip("pydicom")
 from pydicom.data import get_testdata_file  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
 
+from napari_medseg.errors import ImageReadError  # noqa: E402
 from napari_medseg.io.dicom import is_dicom_path, iter_read_dicom, read_dicom  # noqa: E402
-from napari_medseg.io.errors import ImageReadError  # noqa: E402
 
 DATA = Path(
     os.environ.get("MEDSEG_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data")

@@ -9,11 +9,11 @@ from tests.slide_helpers import make_slide, save_rgb_model
 
 
 def test_slide_labels_zarr_reopen_as_lazy_multiscale_labels(tmp_path):
-    from napari_medseg.core.progress import run_sync
-    from napari_medseg.core.wsi import segment_slide
+    from napari_medseg.core.slides.wsi import segment_slide
     from napari_medseg.io.napari_io import get_reader
     from napari_medseg.io.raster import read_slide
     from napari_medseg.models.registry import load_model
+    from napari_medseg.progress import run_sync
 
     slide = make_slide(tmp_path / "s.tif", (1300, 1100))
     out = tmp_path / "s_tiny_seg.zarr"

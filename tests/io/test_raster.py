@@ -13,8 +13,8 @@ tifffile = pytest.importorskip("tifffile")
 da = pytest.importorskip("dask.array")
 from PIL import Image  # noqa: E402
 
+from napari_medseg.errors import ImageReadError  # noqa: E402
 from napari_medseg.io import raster  # noqa: E402
-from napari_medseg.io.errors import ImageReadError  # noqa: E402
 from napari_medseg.io.raster import (  # noqa: E402
     is_slide,
     make_pyramidal_tiff,

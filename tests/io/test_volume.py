@@ -10,8 +10,8 @@ import pytest
 import SimpleITK as sitk
 
 from napari_medseg.cli import main
+from napari_medseg.errors import ImageWriteError
 from napari_medseg.io import ImageRecord, read_image, write_image
-from napari_medseg.io.errors import ImageWriteError
 from napari_medseg.io.geometry import affine_from_itk, itk_from_affine
 from tests.conftest import data_path
 

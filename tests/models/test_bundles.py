@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_medseg.models.bundle import (
+from napari_medseg.models.card import PALETTE, sha256_file
+from napari_medseg.models.loaders.bundle import (
     TRUST_HINT,
     BundleTrustError,
     bundle_task,
     is_bundle,
     load_bundle,
 )
-from napari_medseg.models.card import PALETTE, sha256_file
 from napari_medseg.models.networks import ModelLoadError
 
 DATA = Path(

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_medseg.core.progress import run_sync
-from napari_medseg.core.worklist import Worklist
+from napari_medseg.core.correct.worklist import Worklist
 from napari_medseg.io import read_image
+from napari_medseg.progress import run_sync
 from tests.conftest import data_path
 
 
@@ -108,7 +108,7 @@ def test_finetune_on_every_case_without_hold_out(tmp_path, monkeypatch):
 
 
 def test_finetune_needs_corrected_cases(tmp_path):
-    from napari_medseg.core.worklist import WorklistError
+    from napari_medseg.core.correct.worklist import WorklistError
     from napari_medseg.training.from_corrections import finetune_from_corrections
 
     parent = tiny_cord_model(tmp_path / "tiny_cord")

@@ -151,8 +151,8 @@ def test_click_correction_improves_and_is_deterministic(bench, tmp_path):
     of the 2D random walker (no training). Closer to the truth, same result twice."""
     import tifffile
 
+    from napari_medseg.training.clicks import imperfect_mask
     from napari_medseg.training.dataset import load_dataset
-    from napari_medseg.training.train_clicks import imperfect_mask
 
     ds = bench.nuclei_dataset(DATA, tmp_path)
     name = "dsb_r000_c256"  # a tile fluo_nuclei_2d held out

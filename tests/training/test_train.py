@@ -128,7 +128,7 @@ def test_reorientation_is_exact(ct_dataset):
     """spl_b is stored LPS; on the model grid (RAS) it must equal the RAS crop voxel for voxel."""
     from napari_medseg.training.dataset import load_dataset
     from napari_medseg.training.fingerprint import plan
-    from napari_medseg.training.train import case_to_model_grid
+    from napari_medseg.training.segment import case_to_model_grid
 
     ds = load_dataset(ct_dataset)
     card = plan(ds, width=4)
@@ -145,7 +145,7 @@ def test_reorientation_is_exact(ct_dataset):
 def test_resampling_keeps_world_geometry(ct_dataset):
     from napari_medseg.training.dataset import load_dataset
     from napari_medseg.training.fingerprint import plan
-    from napari_medseg.training.train import case_to_model_grid
+    from napari_medseg.training.segment import case_to_model_grid
 
     ds = load_dataset(ct_dataset)
     card = plan(ds, width=4)
@@ -261,7 +261,7 @@ def test_plan_rgb_png_gives_three_channels(tmp_path):
 
 
 def test_block_split_never_overlaps():
-    from napari_medseg.training.train import split_items
+    from napari_medseg.training.segment import split_items
 
     lab = np.zeros((20, 21, 30), dtype=np.int64)
     lab[5:15, 5:15, 4:26] = 1
@@ -313,7 +313,7 @@ def _drive(gen):
 
 @pytest.fixture(scope="module")
 def trained_ct(ct_dataset, tmp_path_factory):
-    from napari_medseg.training.train import train
+    from napari_medseg.training.segment import train
 
     out = tmp_path_factory.mktemp("models") / "spleen_tiny"
     gen = train(
@@ -331,7 +331,7 @@ def trained_ct(ct_dataset, tmp_path_factory):
 
 def test_train_3d_writes_loadable_model(trained_ct):
     from napari_medseg.models.networks import load_model_folder
-    from napari_medseg.training.train import TrainResult
+    from napari_medseg.training.segment import TrainResult
 
     result, seen, gap = trained_ct
     assert isinstance(result, TrainResult)
@@ -367,7 +367,7 @@ def test_train_3d_writes_loadable_model(trained_ct):
 
 def test_finetune_keeps_architecture_and_sets_parent(trained_ct, ct_dataset, tmp_path):
     from napari_medseg.models.card import ModelCard
-    from napari_medseg.training.train import train
+    from napari_medseg.training.segment import train
 
     result, _, _ = trained_ct
     out = tmp_path / "spleen_ft"
@@ -392,7 +392,7 @@ def test_train_2d_nuclei_single_image_holds_out_rows(nuclei_dataset, tmp_path):
     import shutil
 
     from napari_medseg.models.networks import load_model_folder
-    from napari_medseg.training.train import train
+    from napari_medseg.training.segment import train
 
     one = tmp_path / "one"
     shutil.copytree(nuclei_dataset, one)
@@ -431,7 +431,7 @@ def test_train_2d_nuclei_single_image_holds_out_rows(nuclei_dataset, tmp_path):
 
 
 def test_train_cancel_leaves_no_model(ct_dataset, tmp_path):
-    from napari_medseg.training.train import train
+    from napari_medseg.training.segment import train
 
     out = tmp_path / "cancelled"
     gen = train(ct_dataset, out, time_budget=60.0, width=4, patch_size=[32, 32, 8], device="cpu")
@@ -444,7 +444,7 @@ def test_train_cancel_leaves_no_model(ct_dataset, tmp_path):
 
 def test_train_dims_mismatch(nuclei_dataset, tmp_path):
     from napari_medseg.training.dataset import DatasetError
-    from napari_medseg.training.train import train
+    from napari_medseg.training.segment import train
 
     with pytest.raises(DatasetError, match="2D"):
         _drive(train(nuclei_dataset, tmp_path / "x", dims=3))

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from napari_medseg.core.progress import run_sync
+from napari_medseg.progress import run_sync
 from napari_medseg.training.dataset import DatasetError
-from napari_medseg.training.train_detection import (
+from napari_medseg.training.detect import (
     load_detection_dataset,
     read_box_labels,
     train_detection,
@@ -65,8 +65,8 @@ def _dataset(root, kind: str = "mask"):
 
 def _heldout_loss(net, card, image: np.ndarray, mask: np.ndarray) -> float:
     """CenterNet loss of a network on a held-out crop (normalised like inference)."""
-    from napari_medseg.core.boxdet import centernet_loss, encode_targets
-    from napari_medseg.core.preprocess import to_model_grid
+    from napari_medseg.core.detect.boxes import centernet_loss, encode_targets
+    from napari_medseg.core.engine.preprocess import to_model_grid
     from napari_medseg.io.record import ImageRecord
 
     rec = ImageRecord(data=image, affine=np.eye(3), space="pixel")
@@ -79,7 +79,7 @@ def _heldout_loss(net, card, image: np.ndarray, mask: np.ndarray) -> float:
 
 
 def test_tiny_training_on_real_crops_improves_over_untrained(tmp_path):
-    from napari_medseg.core.boxdet import head_channels, init_heatmap_bias
+    from napari_medseg.core.detect.boxes import head_channels, init_heatmap_bias
     from napari_medseg.models.networks import build_network, load_model_folder
 
     ds = _dataset(tmp_path)
@@ -206,7 +206,7 @@ def test_3d_detector_trains_and_detects_on_awkward_ct_crops(tmp_path):
     """The 3D path end to end: NIfTI crops (awkward sizes), the spleen as the object."""
     import nibabel as nib
 
-    from napari_medseg.core.detection import detect
+    from napari_medseg.core.detect.detection import detect
     from napari_medseg.io.readers import read_image
     from napari_medseg.models.networks import load_model_folder
 

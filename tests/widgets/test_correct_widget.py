@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from napari_medseg.core import corrections as C
+from napari_medseg.core.correct import edits as C
 from tests.conftest import data_path
 
 pytestmark = pytest.mark.gui
@@ -173,7 +173,7 @@ def test_save_twice_gives_two_versions_with_provenance(make_napari_viewer, tmp_p
 
 
 def test_autosave_then_reopen_offers_restore(make_napari_viewer, tmp_path, monkeypatch):
-    from napari_medseg.core.mask_store import find_recovery
+    from napari_medseg.core.correct.mask_store import find_recovery
 
     viewer = make_napari_viewer()
     image, layer, w = _setup(viewer, tmp_path)
@@ -197,7 +197,7 @@ def test_autosave_then_reopen_offers_restore(make_napari_viewer, tmp_path, monke
 
 
 def test_worklist_next_case_save_and_approve(make_napari_viewer, tmp_path):
-    from napari_medseg.core.worklist import Worklist
+    from napari_medseg.core.correct.worklist import Worklist
     from napari_medseg.widgets.correct import CorrectWidget
 
     sc = "mri/spinal_cord/"
@@ -257,7 +257,7 @@ def test_clicks_refine_as_one_undo_step_with_shortcuts(make_napari_viewer, tmp_p
     pts = w.clicks_layer()
     assert pts.ndim == 3 and KeyBinding.from_str("T") in pts.keymap
     assert KeyBinding.from_str("R") in pts.keymap
-    from napari_medseg.core.refine import simulate_click
+    from napari_medseg.core.correct.refine import simulate_click
 
     assert w.toggle_sign() == "negative" and pts.feature_defaults["sign"][0] == "negative"
     w.toggle_sign()
@@ -294,7 +294,7 @@ def test_learned_click_model_from_the_dock_on_held_out_nuclei(make_napari_viewer
     """The learned click model, chosen in the dock, on a DSB crop it never saw in training."""
     import tifffile
 
-    from napari_medseg.core.refine import simulate_click
+    from napari_medseg.core.correct.refine import simulate_click
     from napari_medseg.widgets.correct import CorrectWidget
 
     img = tifffile.imread(data_path("microscopy/dsb2018_nuclei/image.tif"))[5:122, 260:361]
@@ -438,7 +438,7 @@ def test_kill_9_napari_mid_edit_loses_at_most_one_autosave(tmp_path):
     import time
     from pathlib import Path
 
-    from napari_medseg.core.mask_store import find_recovery
+    from napari_medseg.core.correct.mask_store import find_recovery
     from napari_medseg.io.napari_io import sample_ct
 
     repo = Path(__file__).resolve().parents[2]

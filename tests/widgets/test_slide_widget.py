@@ -44,7 +44,7 @@ def test_whole_slide_then_cancel_a_second_run(make_napari_viewer, qtbot, tmp_pat
     import json
     import time
 
-    from napari_medseg.core.wsi import open_result
+    from napari_medseg.core.slides.wsi import open_result
     from napari_medseg.widgets.slide import SlideWidget
 
     slide = make_slide(tmp_path / "slide.tif", (2600, 2100))
@@ -63,10 +63,10 @@ def test_whole_slide_then_cancel_a_second_run(make_napari_viewer, qtbot, tmp_pat
     assert labels.multiscale and labels.data[0].shape == (2600, 2100)
     # the same labels as the engine run directly on the whole slide: every tissue tile done,
     # glass-only tiles skipped (0), nothing left out at the far edges
-    from napari_medseg.core.progress import run_sync
-    from napari_medseg.core.wsi import segment_slide
+    from napari_medseg.core.slides.wsi import segment_slide
     from napari_medseg.io.raster import read_slide
     from napari_medseg.models.registry import load_model
+    from napari_medseg.progress import run_sync
 
     ref = tmp_path / "ref.zarr"
     run_sync(

@@ -1,0 +1,7 @@
+"""``python -m napari_medseg.cli``: the same as the ``napari-medseg`` command."""
+
+import sys
+
+from napari_medseg.cli import main
+
+sys.exit(main())

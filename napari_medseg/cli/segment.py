@@ -1,0 +1,142 @@
+"""The ``napari-medseg segment`` subcommand: one image, a folder of images, or a slide."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from napari_medseg.cli._common import add_common, check_output, user_path
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "segment",
+        help="segment an image (or a folder of images) with a model",
+        description="Write OUT on IMAGE's own voxel grid and geometry (same shape and affine), "
+        "and OUT's provenance as JSON beside it (OUT stem + .provenance.json). IMAGE may be a "
+        "folder of images: OUT is then a folder and each output is named <image>_seg.nii.gz "
+        "(<image>_seg.tif for 2D PNG/JPEG/TIFF images); --scheduler runs such a batch on dask.",
+    )
+    p.add_argument("image", help="image file, DICOM folder, or folder of images (batch)")
+    p.add_argument(
+        "-m",
+        "--model",
+        required=True,
+        help="model name, model folder, TorchScript file or MONAI bundle folder",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="output labels file (.nii.gz, .nrrd, .mha; .png/.tif for 2D) or folder in batch mode",
+    )
+    p.add_argument(
+        "--overlap",
+        type=float,
+        default=None,
+        help="sliding-window overlap 0..0.9 (default: the model card's)",
+    )
+    p.add_argument("--batch-size", type=int, default=4, help="windows per batch")
+    p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
+    p.add_argument(
+        "--probabilities",
+        metavar="FILE",
+        help="also write class probabilities (float32, one volume per class, 4D NIfTI)",
+    )
+    p.add_argument(
+        "--trust-bundle",
+        action="store_true",
+        help="allow a MONAI bundle's config to run its Python expressions",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    add_common(p)
+    from napari_medseg.cli.slides import add_options as _add_slide_options
+
+    _add_slide_options(p)
+    p.set_defaults(func=_segment)
+
+
+def _segment(args: argparse.Namespace) -> int:
+    from napari_medseg.core.segment.batch import segment_file
+    from napari_medseg.errors import MedsegError
+    from napari_medseg.io.readers import SUPPORTED_EXTENSIONS
+    from napari_medseg.io.volume import split_ext
+    from napari_medseg.models.registry import load_model
+    from napari_medseg.progress import TextProgress, run_sync
+
+    src = user_path(args.image)
+    out = user_path(args.output)
+    from napari_medseg.cli.slides import is_slide_job, run_segment_slide
+
+    if is_slide_job(src, out):
+        return run_segment_slide(args)
+    batch = src.is_dir() and any(
+        split_ext(f)[1] in SUPPORTED_EXTENSIONS and split_ext(f)[1] not in (".dcm", ".ima")
+        for f in src.iterdir()
+    )
+    if batch:
+        out.mkdir(parents=True, exist_ok=True)
+        inputs = sorted(
+            f for f in src.iterdir() if f.is_file() and split_ext(f)[1] in SUPPORTED_EXTENSIONS
+        )
+        raster = (".png", ".jpg", ".jpeg", ".tif", ".tiff")  # 2D images: labels as TIFF
+        jobs = [
+            (f, out / f"{split_ext(f)[0]}_seg{'.tif' if split_ext(f)[1] in raster else '.nii.gz'}")
+            for f in inputs
+        ]
+    else:
+        jobs = [(src, out)]
+    for _, dest in jobs:
+        check_output(dest, args.overwrite)
+    from napari_medseg.core.engine.windows import resolve_device
+    from napari_medseg.core.segment.batch import segment_batch
+
+    opts = dict(
+        device=args.device,
+        overlap=args.overlap,
+        batch_size=args.batch_size,
+        tta=args.tta,
+        trust_bundle=args.trust_bundle,
+    )
+    if args.scheduler and len(jobs) > 1:
+        if args.probabilities:
+            raise MedsegError("--probabilities writes one file: it needs a single input image")
+        load_model(args.model, device="cpu", trust_bundle=args.trust_bundle)  # fail early
+        provs = run_sync(
+            segment_batch(jobs, args.model, scheduler=args.scheduler, **opts),
+            TextProgress(quiet=args.quiet),
+        )
+    else:
+        model = load_model(
+            args.model, device=str(resolve_device(args.device)), trust_bundle=args.trust_bundle
+        )
+        provs = []
+        for image_path, dest in jobs:
+            prov = run_sync(
+                segment_file(
+                    image_path,
+                    dest,
+                    model,
+                    probabilities=user_path(args.probabilities) if args.probabilities else None,
+                    **opts,
+                ),
+                TextProgress(quiet=args.quiet),
+            )
+            provs.append(prov)
+    for prov in provs:
+        if not args.quiet:
+            if prov.get("series_note"):
+                print(f"napari-medseg: {prov['input']}: {prov['series_note']}", file=sys.stderr)
+            voxels = prov.get("class_voxels") or {}
+            counts = (
+                ", ".join(f"{k}={v}" for k, v in voxels.items()) + " voxels"
+                if voxels
+                else "no foreground found"
+            )
+            print(
+                f"wrote {prov['output']} ({counts}) and {Path(prov['provenance_file']).name}",
+                file=sys.stderr,
+            )
+    return 0

@@ -1,0 +1,154 @@
+"""Whole-slide branch of ``napari-medseg segment`` (called from :mod:`napari_medseg.cli.segment`).
+
+``napari-medseg segment SLIDE -m MODEL -o OUT.zarr|OUT.ome.tif [--tile N] [--margin M]
+[--all-tiles] [--level L] [--export-ome-tiff FILE] [--scheduler local|tcp://host:port]
+[--batch-size B] [--device ...] [--overwrite] [--quiet]``
+
+Used when SLIDE is a pyramidal/large tiled TIFF (:func:`napari_medseg.io.raster.is_slide`) or
+OUT ends with ``.zarr``. Writes OME-Zarr multiscale labels (level 0 on the slide's full
+resolution grid, see :mod:`napari_medseg.core.slides.wsi`) and ``OUT.provenance.json`` beside it.
+With ``-o OUT.ome.tif`` (or ``.tif``/``.tiff``) the labels go to a temporary Zarr beside OUT,
+are exported as a tiled, pyramidal OME-TIFF (:func:`napari_medseg.core.slides.wsi.
+export_labels_ome_tiff`) and the Zarr is removed; ``--export-ome-tiff FILE`` keeps the Zarr
+and also writes FILE.
+Without ``--scheduler`` the run is in this process; ``--scheduler local`` starts a dask
+LocalCluster (2 workers), ``--scheduler tcp://...`` uses an existing dask scheduler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_options", "is_slide_job", "run_segment_slide"]
+
+_TIFF_SUFFIXES = (".ome.tif", ".ome.tiff", ".tif", ".tiff")
+
+
+def _is_tiff(path: Path) -> bool:
+    return str(path).lower().endswith(_TIFF_SUFFIXES)
+
+
+def _stem(path: Path) -> str:
+    low = path.name.lower()
+    for ext in (".zarr", *_TIFF_SUFFIXES):
+        if low.endswith(ext):
+            return path.name[: -len(ext)]
+    return path.name
+
+
+def add_options(p: argparse.ArgumentParser) -> None:
+    """Slide options of ``segment`` (ignored for ordinary images)."""
+    g = p.add_argument_group("whole slides (SLIDE is a pyramidal TIFF or OUT ends with .zarr)")
+    g.add_argument("--tile", type=int, default=512, help="output tile side in pixels (512)")
+    g.add_argument("--margin", type=int, default=64, help="context around each tile (64)")
+    g.add_argument("--all-tiles", action="store_true", help="also run on background (glass)")
+    g.add_argument(
+        "--level",
+        type=int,
+        default=None,
+        help="pyramid level to run on (default: from the model's spacing and the slide's mpp)",
+    )
+    g.add_argument(
+        "--export-ome-tiff",
+        metavar="FILE",
+        default=None,
+        help="also write the labels as a tiled, pyramidal OME-TIFF (with OUT.zarr)",
+    )
+    g.add_argument(
+        "--scheduler",
+        default=None,
+        help="run on dask.distributed: 'local' (LocalCluster, 2 workers) or tcp://host:port",
+    )
+
+
+def is_slide_job(src: Path, out: Path) -> bool:
+    """True when ``segment`` should take the whole-slide path."""
+    from napari_medseg.io.raster import is_slide
+
+    return str(out).lower().rstrip("/").endswith(".zarr") or (src.is_file() and is_slide(src))
+
+
+def run_segment_slide(args: argparse.Namespace) -> int:
+    """Run the whole-slide segmentation for parsed ``segment`` arguments; returns 0."""
+    from napari_medseg.core.slides.wsi import (
+        export_labels_ome_tiff,
+        segment_slide,
+        segment_slide_dask,
+    )
+    from napari_medseg.errors import MedsegError
+    from napari_medseg.io.raster import read_slide
+    from napari_medseg.progress import TextProgress, run_sync
+
+    src, out = Path(args.image), Path(args.output)
+    tiff_out = out if _is_tiff(out) else None
+    if tiff_out is None and not str(out).lower().rstrip("/").endswith(".zarr"):
+        raise MedsegError(
+            f"{src.name} is a slide: its labels are written as OME-Zarr or OME-TIFF; "
+            "give an output ending with .zarr or .ome.tif"
+        )
+    extra = Path(args.export_ome_tiff) if getattr(args, "export_ome_tiff", None) else None
+    if extra is not None and tiff_out is not None:
+        raise MedsegError("--export-ome-tiff goes with a .zarr output; OUT is already a TIFF")
+    for p in (out, extra):
+        if p is not None and p.exists() and not args.overwrite:
+            raise MedsegError(f"{p} exists; pass --overwrite to replace it")
+    zarr_out = out.with_name(f".{out.name}.zarr") if tiff_out is not None else out
+    opts: dict[str, Any] = dict(
+        tile=args.tile,
+        margin=args.margin,
+        batch_size=args.batch_size,
+        tissue_only=not args.all_tiles,
+        level=getattr(args, "level", None),
+        overwrite=args.overwrite or tiff_out is not None,
+    )
+    bar = TextProgress(quiet=args.quiet)
+    try:
+        if args.scheduler:
+            gen = segment_slide_dask(
+                src,
+                args.model,
+                zarr_out,
+                scheduler=args.scheduler,
+                device=args.device if args.device != "auto" else "cpu",
+                **opts,
+            )
+        else:
+            from napari_medseg.models.registry import load_model
+
+            model = load_model(args.model, device="cpu", trust_bundle=args.trust_bundle)
+            gen = segment_slide(read_slide(src), model, zarr_out, device=args.device, **opts)
+        result = run_sync(gen, bar)
+        tif = tiff_out or extra
+        if tif is not None:
+            run_sync(export_labels_ome_tiff(zarr_out, tif, overwrite=True), bar)
+    finally:
+        if tiff_out is not None and zarr_out.exists():
+            import shutil
+
+            shutil.rmtree(zarr_out, ignore_errors=True)
+    prov = dict(result.provenance)
+    prov.update(
+        input=str(src),
+        output=str(out),
+        tiles_done=result.tiles_done,
+        tiles_total=result.tiles_total,
+        skipped=result.skipped,
+    )
+    if extra is not None:
+        prov["ome_tiff"] = str(extra)
+    prov_path = out.with_name(f"{_stem(out)}.provenance.json")
+    tmp = prov_path.with_name(prov_path.name + ".tmp")
+    tmp.write_text(json.dumps(prov, indent=2, default=str) + "\n")
+    tmp.replace(prov_path)
+    if not args.quiet:
+        also = f", {extra}" if extra is not None else ""
+        print(
+            f"wrote {out}{also} ({result.tiles_done} tiles, {len(result.levels)} levels, "
+            f"{len(result.skipped)} unreadable) and {prov_path.name}",
+            file=sys.stderr,
+        )
+    return 0

@@ -1,0 +1,299 @@
+"""A case list (worklist): a project folder of scans to segment, correct and approve.
+
+::
+
+    PROJECT/
+      images/        CASE.nii.gz (.nii, .nrrd, .mha, .png, .tif) or CASE/ (a DICOM folder)
+      predictions/   CASE.nii.gz (or CASE_seg.nii.gz): the model's mask, on the image's grid
+      corrected/     CASE.v001.nii.gz, CASE.v001.provenance.json, CASE.v002...: saved versions
+      status.json    {"cases": {"CASE": {"status": "to do" | "corrected" | "approved", ...}}}
+
+The status file is rewritten atomically on every change. A case without an entry is "to do";
+saving a correction with :meth:`Worklist.save_corrected` marks it "corrected"; a reviewer marks
+it "approved". :meth:`Worklist.export_dataset` turns the corrected cases into an nnU-Net-layout
+dataset for fine-tuning (:func:`napari_medseg.training.segment.train`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from napari_medseg.core.correct.mask_store import (
+    _atomic_write_bytes,
+    _user,
+    list_versions,
+    save_mask_version,
+)
+from napari_medseg.errors import MedsegError
+
+__all__ = ["STATUSES", "Case", "Worklist", "WorklistError"]
+
+STATUSES = ("to do", "corrected", "approved")
+IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".tif", ".tiff")
+
+
+class WorklistError(MedsegError):
+    """A worklist folder or case that cannot be used (one sentence for a person)."""
+
+
+def _split(name: str) -> tuple[str, str] | None:
+    low = name.lower()
+    for e in IMAGE_ENDINGS:
+        if low.endswith(e):
+            return name[: -len(e)], name[-len(e) :]
+    return None
+
+
+@dataclass
+class Case:
+    """One scan of a worklist.
+
+    Attributes
+    ----------
+    name : str
+        Case id (the image file name without extension).
+    image : pathlib.Path
+    prediction : pathlib.Path or None
+    corrected : list of pathlib.Path
+        Saved corrected versions, oldest first.
+    status : str
+        One of :data:`STATUSES`.
+    info : dict
+        The case's entry in ``status.json`` (who changed it and when, notes).
+    """
+
+    name: str
+    image: Path
+    prediction: Path | None
+    corrected: list[Path] = field(default_factory=list)
+    status: str = "to do"
+    info: dict = field(default_factory=dict)
+
+    @property
+    def latest(self) -> Path | None:
+        """The newest corrected version, else the prediction, else None."""
+        return self.corrected[-1] if self.corrected else self.prediction
+
+
+class Worklist:
+    """A project folder of cases (see module docstring).
+
+    Parameters
+    ----------
+    folder : path-like
+        The project folder; it must contain ``images/``.
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        if not (self.folder / "images").is_dir():
+            raise WorklistError(
+                f"{self.folder} is not a worklist: it needs an images/ folder "
+                "(with predictions/ and corrected/ beside it)."
+            )
+        (self.folder / "corrected").mkdir(exist_ok=True)
+
+    @classmethod
+    def create(
+        cls,
+        folder: str | os.PathLike,
+        images: Iterable[str | os.PathLike] = (),
+        predictions: Mapping[str, str | os.PathLike] | None = None,
+        link: bool = True,
+    ) -> Worklist:
+        """Make a project folder from image files (linked, or copied where links fail).
+
+        ``predictions`` maps case names to mask files put into ``predictions/``.
+        """
+        root = Path(folder)
+        for sub in ("images", "predictions", "corrected"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        for img in images:
+            _place(Path(img), root / "images" / Path(img).name, link)
+        for case, pred in (predictions or {}).items():
+            parts = _split(Path(pred).name)
+            ext = parts[1] if parts else ".nii.gz"
+            _place(Path(pred), root / "predictions" / f"{case}{ext}", link)
+        return cls(root)
+
+    # ------------------------------------------------------------------ status file
+
+    @property
+    def status_path(self) -> Path:
+        return self.folder / "status.json"
+
+    def _read_status(self) -> dict[str, dict]:
+        if not self.status_path.exists():
+            return {}
+        try:
+            data = json.loads(self.status_path.read_text())
+        except (OSError, ValueError) as e:
+            raise WorklistError(f"{self.status_path} is damaged ({e}).") from e
+        return dict(data.get("cases") or {})
+
+    def _write_status(self, cases: dict[str, dict]) -> None:
+        body = {"format": "napari-medseg worklist", "cases": cases}
+        _atomic_write_bytes(self.status_path, json.dumps(body, indent=2, sort_keys=True).encode())
+
+    # ------------------------------------------------------------------ cases
+
+    def cases(self) -> list[Case]:
+        """All cases, sorted by name."""
+        status = self._read_status()
+        out = []
+        for p in sorted((self.folder / "images").iterdir()):
+            if p.name.startswith("."):
+                continue
+            if p.is_dir():
+                name = p.name
+            else:
+                parts = _split(p.name)
+                if parts is None:
+                    continue
+                name = parts[0]
+            info = dict(status.get(name) or {})
+            out.append(
+                Case(
+                    name=name,
+                    image=p,
+                    prediction=self._prediction(name),
+                    corrected=list_versions(self.folder / "corrected", name),
+                    status=info.get("status", "to do"),
+                    info=info,
+                )
+            )
+        return out
+
+    def _prediction(self, name: str) -> Path | None:
+        pdir = self.folder / "predictions"
+        if not pdir.is_dir():
+            return None
+        for stem in (name, f"{name}_seg"):
+            for e in IMAGE_ENDINGS:
+                p = pdir / f"{stem}{e}"
+                if p.exists():
+                    return p
+        return None
+
+    def case(self, name: str) -> Case:
+        for c in self.cases():
+            if c.name == name:
+                return c
+        raise WorklistError(f"case {name!r} is not in the worklist {self.folder.name}.")
+
+    def next_case(
+        self, after: str | None = None, statuses: Iterable[str] = ("to do",)
+    ) -> Case | None:
+        """The next case (after ``after``, wrapping around) whose status is in ``statuses``."""
+        want = set(statuses)
+        cases = self.cases()
+        names = [c.name for c in cases]
+        start = names.index(after) + 1 if after in names else 0
+        for c in cases[start:] + cases[:start]:
+            if c.status in want and c.name != after:
+                return c
+        return None
+
+    def set_status(self, name: str, status: str, note: str | None = None) -> None:
+        """Set a case's status (``"to do"``, ``"corrected"`` or ``"approved"``)."""
+        if status not in STATUSES:
+            raise WorklistError(f"status must be one of {', '.join(STATUSES)}, not {status!r}.")
+        self.case(name)  # raises for an unknown case
+        cases = self._read_status()
+        entry = dict(cases.get(name) or {})
+        entry.update(
+            status=status,
+            updated=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            user=_user(),
+        )
+        if note is not None:
+            entry["note"] = note
+        cases[name] = entry
+        self._write_status(cases)
+
+    def summary(self) -> dict[str, int]:
+        """Number of cases per status."""
+        out = dict.fromkeys(STATUSES, 0)
+        for c in self.cases():
+            out[c.status] = out.get(c.status, 0) + 1
+        return out
+
+    def save_corrected(
+        self, name: str, labels_record: Any, provenance: Mapping[str, Any] | None = None
+    ) -> Path:
+        """Save a corrected mask as the case's next version and mark the case "corrected"."""
+        self.case(name)
+        path = save_mask_version(labels_record, self.folder / "corrected", provenance, name=name)
+        current = self.case(name).status
+        if current != "approved":
+            self.set_status(name, "corrected")
+        return path
+
+    # ------------------------------------------------------------------ training data
+
+    def export_dataset(
+        self,
+        out_dir: str | os.PathLike,
+        statuses: Iterable[str] = ("corrected", "approved"),
+        class_names: Mapping[int, str] | None = None,
+        link: bool = True,
+    ) -> Path:
+        """Write an nnU-Net-layout dataset (imagesTr/labelsTr) of the corrected cases.
+
+        Each case contributes its image (``CASE_0000``) and its newest corrected version.
+
+        Returns
+        -------
+        pathlib.Path
+            ``out_dir``.
+        """
+        want = set(statuses)
+        chosen = [c for c in self.cases() if c.status in want and c.corrected]
+        if not chosen:
+            raise WorklistError("no corrected cases yet: save a corrected mask first.")
+        out = Path(out_dir)
+        (out / "imagesTr").mkdir(parents=True, exist_ok=True)
+        (out / "labelsTr").mkdir(parents=True, exist_ok=True)
+        for c in chosen:
+            if c.image.is_dir():
+                raise WorklistError(
+                    f"case {c.name} is a DICOM folder; convert it to NIfTI to train on it."
+                )
+            parts = _split(c.image.name)
+            assert parts is not None
+            _place(c.image, out / "imagesTr" / f"{c.name}_0000{parts[1]}", link)
+            lab = c.corrected[-1]
+            lparts = _split(lab.name)
+            _place(lab, out / "labelsTr" / f"{c.name}{lparts[1] if lparts else '.nii.gz'}", link)
+        meta: dict[str, Any] = {
+            "name": self.folder.name,
+            "description": "corrected cases exported from a napari-medseg worklist",
+            "numTraining": len(chosen),
+            "cases": [c.name for c in chosen],
+        }
+        if class_names:
+            meta["labels"] = {str(v): int(k) for k, v in sorted(class_names.items())}
+        _atomic_write_bytes(out / "dataset.json", json.dumps(meta, indent=2).encode())
+        return out
+
+
+def _place(src: Path, dst: Path, link: bool) -> None:
+    if dst.exists() or dst.is_symlink():
+        dst.unlink()
+    if link:
+        try:
+            os.symlink(src.resolve(), dst, target_is_directory=src.is_dir())
+            return
+        except OSError:
+            pass
+    if src.is_dir():
+        shutil.copytree(src, dst)
+    else:
+        shutil.copy2(src, dst)

@@ -1,0 +1,394 @@
+"""Semantic segmentation of one image with a loaded model (a progress generator).
+
+Pipeline: checks -> normalise + reorient + resample onto the model grid (on the device) ->
+sliding-window softmax probabilities (:mod:`napari_medseg.core.engine.windows`) -> back onto the
+source file grid -> argmax -> postprocessing -> :class:`SegmentationResult`.
+
+Going back to the source grid (``label_resampling``):
+
+* no resampling (only a reorientation, or none): argmax on the model grid, then transpose/flip
+  back. Exact and cheap.
+* ``"linear"``: probabilities are interpolated (trilinear) onto the source grid one class at a
+  time, keeping the running argmax (smooth boundaries; memory for two float maps).
+* ``"nearest"``: argmax on the model grid, then nearest neighbour (fast, blocky when the
+  model grid is coarser than the source).
+* ``"auto"`` (default): ``"linear"`` on a GPU (up to 64 classes) and on the CPU while the
+  interpolation work stays small (``passes x source voxels <= 4e8``, where ``passes`` is 1 for
+  two classes, else ``K``; a 512x512x300 CT with 2 classes takes about 1.3 s on 2 cores),
+  otherwise ``"nearest"``.
+
+Measured on the real spleen CT label (0.8x0.8x5 mm) taken to a 1.5x1.5x2 mm model grid as soft
+probabilities and back: Dice vs the original 0.998 (linear) vs 0.986 (nearest); at
+1.6x1.6x5 mm 0.996 vs 0.985. That difference is why linear is the default where affordable.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import time
+import warnings
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from napari_medseg.core.correct.mask_store import software_versions
+from napari_medseg.errors import MedsegError
+from napari_medseg.progress import Progress
+
+if TYPE_CHECKING:  # pragma: no cover
+    from napari_medseg.io.record import ImageRecord
+    from napari_medseg.models.networks import LoadedModel
+
+__all__ = ["SegmentationResult", "check_channels", "check_inputs", "segment"]
+
+LINEAR_MAX_CLASSES_GPU = 64
+LINEAR_MAX_WORK_CPU = 4e8
+
+
+@dataclass
+class SegmentationResult:
+    """A label map on the source image's grid, with what it needs to be shown and trusted.
+
+    Attributes
+    ----------
+    labels : numpy.ndarray
+        uint8 (uint16 above 256 class ids) class ids, shape ``record.spatial_shape``, file axis
+        order: it lies voxel for voxel on the source image.
+    probabilities : numpy.ndarray or None
+        float32 ``(K, *record.spatial_shape)`` class probabilities (channel ``k`` is the
+        card's ``classes[k]``), when asked for.
+    affine : numpy.ndarray
+        The source record's affine, unchanged.
+    class_names, class_colors : dict
+        ``{class id: name}``, ``{class id: "#rrggbb"}``.
+    provenance : dict
+        Model (name, version, source, kind, weights sha256), parameters, library versions,
+        device, elapsed seconds, UTC timestamp, input description and notes.
+    """
+
+    labels: np.ndarray
+    affine: np.ndarray
+    class_names: dict[int, str]
+    class_colors: dict[int, str]
+    provenance: dict = field(default_factory=dict)
+    probabilities: np.ndarray | None = None
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to this process (None when it cannot be told)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # noqa: BLE001 - psutil missing or unsupported platform
+        pass
+    try:
+        import os
+
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def estimate_memory(record: ImageRecord, model: LoadedModel, probabilities: bool = False) -> int:
+    """Rough peak bytes of :func:`segment` on the CPU.
+
+    float32 input on the source grid and on the model grid, the accumulated class
+    probabilities and the blending weights on the model grid, and the labels (and, if asked,
+    the probabilities) on the source grid.
+    """
+    card = model.card
+    n_src = float(np.prod(record.spatial_shape))
+    channels = max(1, int(np.prod(record.shape[record.spatial_ndim :])))
+    n_model = n_src
+    if card.spacing is not None and record.space == "RAS" and card.dims == 3:
+        src_vox = float(np.prod(record.spacing))
+        n_model = n_src * src_vox / float(np.prod(card.spacing[:3]))
+    K = card.out_channels
+    total = 4 * (channels * n_src + channels * n_model + (K + 1) * n_model) + 2 * n_src
+    if probabilities:
+        total += 4 * K * n_src
+    return int(total)
+
+
+def check_memory(record: ImageRecord, model: LoadedModel, probabilities: bool = False) -> None:
+    """Say so, in one sentence, before starting work that cannot fit in memory."""
+    need = estimate_memory(record, model, probabilities)
+    have = available_memory()
+    if have is not None and need > have:
+        raise MedsegError(
+            f"segmenting {record.name!r} (shape {record.shape}) with {model.card.name!r} needs "
+            f"about {need / 2**30:.1f} GB of memory but {have / 2**30:.1f} GB is free; crop the "
+            "image to the region of interest, or use a model with a coarser spacing"
+        )
+
+
+def check_inputs(record: ImageRecord, model: LoadedModel) -> None:
+    """Raise :class:`MedsegError` (one sentence) when the image cannot go into the model."""
+    card = model.card
+    if card.task != "segmentation":
+        raise MedsegError(f"model {card.name!r} is a model for {card.task}, not segmentation")
+    shape = record.shape
+    if len(shape) == 0 or min(shape) < 1:
+        raise MedsegError(f"the image {record.name!r} is empty (shape {shape})")
+    nsp = record.spatial_ndim
+    if card.dims == 3 and nsp == 2:
+        raise MedsegError(
+            f"model {card.name!r} is a 3D model and cannot run on the 2D image {record.name!r}; "
+            "choose a 2D model"
+        )
+    if card.dims == 2 and nsp not in (2, 3):
+        raise MedsegError(f"model {card.name!r} is 2D and cannot run on a {nsp}D image")
+    check_channels(record, card)
+
+
+def check_channels(record: ImageRecord, card: Any) -> None:
+    """Raise :class:`MedsegError` when the image's channels (non-spatial axes, RGB included)
+    do not match the model card's ``in_channels``."""
+    shape, nsp = record.shape, record.spatial_ndim
+    n_ch = int(np.prod(shape[nsp:])) if len(shape) > nsp else 1
+    if n_ch != card.in_channels:
+        what = "RGB channels" if record.rgb else "channels (or time points)"
+        raise MedsegError(
+            f"model {card.name!r} expects {card.in_channels} input channel(s) but the image "
+            f"{record.name!r} has {n_ch} {what}"
+        )
+
+
+def segment(
+    record: ImageRecord,
+    model: LoadedModel,
+    *,
+    device: Any = "auto",
+    overlap: float | None = None,
+    batch_size: int = 4,
+    tta: bool = False,
+    return_probabilities: bool = False,
+    postprocessing: dict | None = None,
+    amp: bool | str = "auto",
+    label_resampling: str = "auto",
+) -> Generator[Progress, None, SegmentationResult]:
+    """Segment one image; a generator that yields :class:`Progress` and returns the result.
+
+    Parameters
+    ----------
+    record : ImageRecord
+        The image (file axis order, affine to RAS mm or pixels).
+    model : LoadedModel
+        A segmentation model (:func:`napari_medseg.models.registry.load_model`). Its network is
+        moved to ``device``.
+    device : str
+        ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"mps"``.
+    overlap : float, optional
+        Window overlap (default: the card's ``overlap``).
+    batch_size : int
+        Windows per forward pass (halved automatically on GPU out-of-memory).
+    tta : bool
+        Flip test-time augmentation: 4x (2D) or 8x (3D) the network time.
+    return_probabilities : bool
+        Also return float32 probabilities on the source grid (``K`` x the label memory x 4).
+    postprocessing : dict, optional
+        Steps for :func:`napari_medseg.core.engine.postprocess.apply_postprocessing`; default: the
+        card's ``postprocessing``; ``{}`` turns it off.
+    amp : bool or "auto"
+        Mixed precision (bf16 autocast on CUDA with ``"auto"``).
+    label_resampling : {"auto", "linear", "nearest"}
+        How labels go back to the source grid when the model grid differs (module docstring).
+
+    Returns
+    -------
+    SegmentationResult
+        Labels on ``record``'s own grid (shape ``record.spatial_shape``).
+    """
+    import torch
+
+    from napari_medseg.core.engine import postprocess as pp
+    from napari_medseg.core.engine.preprocess import to_model_grid
+    from napari_medseg.core.engine.windows import (
+        amp_dtype,
+        plan_windows,
+        resolve_device,
+        slicewise,
+        sliding_window,
+    )
+
+    t0 = time.perf_counter()
+    check_inputs(record, model)
+    card = model.card
+    dev = resolve_device(device)
+    notes: list[str] = []
+    overlap = float(card.overlap if overlap is None else overlap)
+    K = card.out_channels
+    card_pp = dict(card.postprocessing or {})
+    # output keys (from MONAI bundles): how channels become labels, not clean-up steps
+    activation = str(card_pp.pop("activation", "softmax"))
+    card_pp.pop("argmax", None)
+    threshold = float(card_pp.pop("threshold", 0.5))
+    if activation not in ("softmax", "sigmoid"):
+        raise MedsegError(f"model {card.name!r} asks for an unknown activation {activation!r}")
+
+    check_memory(record, model, return_probabilities)
+    yield Progress(0, 0, "preparing the image for the model")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        image, grid = to_model_grid(record, card, device=dev)
+    n_bad = int(grid.info.get("nonfinite_replaced", 0))
+    if n_bad:
+        msg = (
+            f"the image has {n_bad} NaN/Inf voxels; they were replaced by the smallest finite value"
+        )
+        notes.append(msg)
+        warnings.warn(f"napari-medseg: {msg}", RuntimeWarning, stacklevel=2)
+    for w in caught:
+        if "NaN/Inf" not in str(w.message):
+            warnings.warn(w.message, w.category, stacklevel=2)
+
+    roi = [int(v) for v in card.patch_size]
+    net = model.network
+    if card.dims == 2 and len(grid.model_shape) == 3:
+        roi = [*roi[:2], 1]
+        predictor = slicewise(net)
+    else:
+        predictor = net
+    if len(roi) != image.ndim - 1:
+        raise MedsegError(
+            f"model {card.name!r} has a {len(card.patch_size)}D patch size {card.patch_size} "
+            f"that does not fit its {card.dims}D card"
+        )
+    if hasattr(predictor, "to"):
+        predictor.to(dev)
+    if hasattr(predictor, "eval"):
+        predictor.eval()
+
+    padded = [max(s, r) for s, r in zip(image.shape[1:], roi)]
+    n_passes = len(plan_windows(padded, roi, overlap)) * (2 ** len(roi) if tta else 1)
+    total = n_passes + 3
+    yield Progress(1, total, f"running {card.name} on {dev.type} ({n_passes} windows)")
+
+    gen = sliding_window(
+        image,
+        predictor,
+        roi,
+        overlap=overlap,
+        batch_size=batch_size,
+        mode="gaussian",
+        device=dev,
+        amp=amp,
+        tta_flips=tta,
+        activation=activation,
+    )
+    try:
+        while True:
+            try:
+                p = next(gen)
+            except StopIteration as stop:
+                probs = stop.value
+                break
+            if "CPU" in p.message and "CPU" not in " ".join(notes):
+                notes.append(p.message.split("(", 1)[-1].rstrip(")"))
+            yield Progress(1 + p.done, total, p.message)
+    finally:
+        gen.close()
+    if probs.shape[0] != K:
+        raise MedsegError(
+            f"model {card.name!r} produced {probs.shape[0]} output channels but its card lists "
+            f"{K} classes"
+        )
+    final_dev = probs.device
+    del image
+
+    yield Progress(total - 2, total, "bringing the result back onto the image grid")
+    ldt = pp.label_dtype(max(int(c["id"]) for c in card.classes) + 1)
+    method = label_resampling
+    if method == "auto":
+        if final_dev.type == "cpu":
+            passes = 1 if K == 2 else K
+            cheap = passes * float(np.prod(record.spatial_shape)) <= LINEAR_MAX_WORK_CPU
+        else:
+            cheap = K <= LINEAR_MAX_CLASSES_GPU
+        method = "linear" if cheap else "nearest"
+    if method not in ("linear", "nearest"):
+        raise MedsegError(f"label_resampling must be auto, linear or nearest, not {method!r}")
+    grid.device = str(final_dev)
+    class_names, class_colors = card.class_names, card.class_colors
+    if activation == "sigmoid":
+        # independent (possibly nested) channels: channel k -> label k + 1 where its
+        # probability passes the threshold; larger regions are painted first so nested
+        # structures (e.g. tumour core inside whole tumour) stay visible
+        ldt = pp.label_dtype(K + 1)
+        masks = [grid.probs_to_source(probs[k : k + 1])[0] > threshold for k in range(K)]
+        labels = np.zeros(record.spatial_shape, dtype=ldt)
+        for k in sorted(range(K), key=lambda k: -int(masks[k].sum())):
+            labels[masks[k]] = k + 1
+        del masks
+        names = [c["name"] for c in card.classes]
+        colors = [class_colors[int(c["id"])] for c in card.classes]
+        class_names = {0: "background", **{k + 1: names[k] for k in range(K)}}
+        class_colors = {0: "#000000", **{k + 1: colors[k] for k in range(K)}}
+        method = "linear, per channel (sigmoid)"
+    elif grid.resampled and method == "linear":
+        labels = grid.argmax_to_source(probs, dtype=ldt)
+    else:
+        labels = grid.labels_to_source(pp.argmax(probs).astype(ldt, copy=False))
+    probabilities = grid.probs_to_source(probs) if return_probabilities else None
+    del probs
+
+    ids = [int(c["id"]) for c in card.classes]
+    if activation == "softmax" and ids != list(range(K)):  # channel k is class classes[k]["id"]
+        lut = np.asarray(ids, dtype=ldt)
+        labels = lut[labels]
+
+    pp_cfg = card_pp if postprocessing is None else postprocessing
+    if pp_cfg:
+        yield Progress(total - 1, total, "cleaning up the label map")
+        labels = pp.apply_postprocessing(labels, pp_cfg, spacing=record.spacing)
+    labels = np.ascontiguousarray(labels, dtype=ldt)
+
+    elapsed = time.perf_counter() - t0
+    ac = amp_dtype(final_dev, amp)
+    provenance = {
+        "task": "segmentation",
+        "model": model.provenance(),
+        "parameters": {
+            "overlap": overlap,
+            "batch_size": batch_size,
+            "tta": bool(tta),
+            "roi_size": roi,
+            "blend": f"gaussian, {activation} probabilities",
+            "threshold": threshold if activation == "sigmoid" else None,
+            "amp": str(ac).replace("torch.", "") if ac is not None else "none",
+            "postprocessing": pp_cfg or {},
+            "label_resampling": method if grid.resampled else "none (exact)",
+            "model_spacing": list(grid.model_spacing),
+            "model_grid_shape": list(grid.model_shape),
+            "orientation": card.orientation if card.dims == 3 else None,
+            "normalization": card.normalization,
+        },
+        "input": {
+            "name": record.name,
+            "path": record.path,
+            "shape": list(record.shape),
+            "spacing": list(record.spacing),
+            "orientation": record.orientation,
+            "modality": record.modality,
+        },
+        "versions": software_versions(),
+        "device": str(final_dev),
+        "device_requested": str(device),
+        "elapsed_s": round(elapsed, 3),
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "notes": notes,
+    }
+    if final_dev.type == "cuda":
+        provenance["device_name"] = torch.cuda.get_device_name(final_dev)
+    yield Progress(total, total, f"done in {elapsed:.1f} s")
+    return SegmentationResult(
+        labels=labels,
+        affine=np.asarray(record.affine),
+        class_names=class_names,
+        class_colors=class_colors,
+        provenance=provenance,
+        probabilities=probabilities,
+    )

@@ -29,7 +29,7 @@ def check_output(path: Path, overwrite: bool) -> Path:
 
 
 def provenance_path(out: Path) -> Path:
-    from napari_medseg.io.volume import split_ext
+    from napari_medseg._files import split_ext
 
     stem, _ = split_ext(out)
     return out.with_name(f"{stem}.provenance.json")

@@ -78,8 +78,8 @@ def add_parser(sub: Any) -> None:
 
 
 def _jobs(src: Path, out: Path) -> list[tuple[Path, Path]]:
+    from napari_medseg._files import split_ext
     from napari_medseg.io.readers import SUPPORTED_EXTENSIONS
-    from napari_medseg.io.volume import split_ext
 
     if src.is_dir():
         files = sorted(
@@ -95,7 +95,7 @@ def _jobs(src: Path, out: Path) -> list[tuple[Path, Path]]:
 
 
 def _out_ext(path: Path) -> str:
-    from napari_medseg.io.volume import split_ext
+    from napari_medseg._files import split_ext
 
     ext = split_ext(path)[1]
     if ext in (".nii.gz", ".nii", ".nrrd", ".mha", ".tif", ".tiff", ".png"):

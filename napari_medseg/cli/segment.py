@@ -59,10 +59,10 @@ def add_parser(sub: Any) -> None:
 
 
 def _segment(args: argparse.Namespace) -> int:
+    from napari_medseg._files import split_ext
     from napari_medseg.core.segment.batch import segment_file
     from napari_medseg.errors import MedsegError
     from napari_medseg.io.readers import SUPPORTED_EXTENSIONS
-    from napari_medseg.io.volume import split_ext
     from napari_medseg.models.registry import load_model
     from napari_medseg.progress import TextProgress, run_sync
 

@@ -23,6 +23,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from napari_medseg._files import split_ext
+
 __all__ = ["add_options", "is_slide_job", "run_segment_slide"]
 
 _TIFF_SUFFIXES = (".ome.tif", ".ome.tiff", ".tif", ".tiff")
@@ -30,14 +32,6 @@ _TIFF_SUFFIXES = (".ome.tif", ".ome.tiff", ".tif", ".tiff")
 
 def _is_tiff(path: Path) -> bool:
     return str(path).lower().endswith(_TIFF_SUFFIXES)
-
-
-def _stem(path: Path) -> str:
-    low = path.name.lower()
-    for ext in (".zarr", *_TIFF_SUFFIXES):
-        if low.endswith(ext):
-            return path.name[: -len(ext)]
-    return path.name
 
 
 def add_options(p: argparse.ArgumentParser) -> None:
@@ -140,7 +134,7 @@ def run_segment_slide(args: argparse.Namespace) -> int:
     )
     if extra is not None:
         prov["ome_tiff"] = str(extra)
-    prov_path = out.with_name(f"{_stem(out)}.provenance.json")
+    prov_path = out.with_name(f"{split_ext(out)[0]}.provenance.json")
     tmp = prov_path.with_name(prov_path.name + ".tmp")
     tmp.write_text(json.dumps(prov, indent=2, default=str) + "\n")
     tmp.replace(prov_path)

@@ -16,12 +16,12 @@ from typing import Any
 
 import numpy as np
 
+from napari_medseg._files import split_ext
 from napari_medseg.errors import ImageReadError
 from napari_medseg.io.geometry import layer_to_record_parts, record_to_layer_data
 from napari_medseg.io.raster import is_labels_zarr, open_labels_zarr
 from napari_medseg.io.readers import DICOM_EXT, SUPPORTED_EXTENSIONS, read_image, write_image
 from napari_medseg.io.record import ImageRecord
-from napari_medseg.io.volume import split_ext
 
 LayerData = tuple[Any, dict, str]
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_medseg._files import split_ext
 from napari_medseg.errors import ImageReadError, ImageWriteError
 from napari_medseg.io.record import ImageRecord
 from napari_medseg.io.volume import (
@@ -15,7 +16,6 @@ from napari_medseg.io.volume import (
     WRITE_EXT,
     read_itk,
     read_nifti,
-    split_ext,
     write_volume,
 )
 
@@ -126,29 +126,30 @@ def write_image(
 def _write_raster(path: Path, record: ImageRecord, is_label: bool, overwrite: bool) -> Path:
     import tifffile
 
-    from napari_medseg.io.volume import atomic_target, label_dtype
+    from napari_medseg._files import atomic_path
+    from napari_medseg.io.volume import label_dtype
 
     if path.exists() and not overwrite:
         raise ImageWriteError(f"{path} exists; pass --overwrite to replace it.")
+    if not path.parent.is_dir():
+        raise ImageWriteError(f"cannot write {path.name}: folder {path.parent} does not exist.")
     arr = np.asarray(record.data)
     if is_label:
         arr = arr.astype(label_dtype(arr), copy=False)
-    tmp = atomic_target(path)
+    if path.suffix.lower() == ".png" and arr.dtype not in (np.uint8, np.uint16):
+        raise ImageWriteError(f"PNG holds 8- or 16-bit images; save {path.name} as .tif instead.")
     try:
-        if path.suffix.lower() == ".png":
-            from skimage.io import imsave
+        with atomic_path(path) as tmp:
+            if path.suffix.lower() == ".png":
+                from skimage.io import imsave
 
-            if arr.dtype not in (np.uint8, np.uint16):
-                raise ImageWriteError(
-                    f"PNG holds 8- or 16-bit images; save {path.name} as .tif instead."
-                )
-            imsave(str(tmp), arr, check_contrast=False)
-        else:
-            tifffile.imwrite(str(tmp), arr, photometric="rgb" if record.rgb else "minisblack")
-        os.replace(tmp, path)
+                imsave(str(tmp), arr, check_contrast=False)
+            else:
+                tifffile.imwrite(str(tmp), arr, photometric="rgb" if record.rgb else "minisblack")
+    except PermissionError as e:
+        raise ImageWriteError(
+            f"cannot write {path.name}: folder {path.parent} is not writable."
+        ) from e
     except Exception as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, ImageWriteError):
-            raise
         raise ImageWriteError(f"could not write {path.name}: {e}.") from e
     return path

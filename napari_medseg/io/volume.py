@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import os
-import tempfile
 import warnings
 import zlib
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from napari_medseg._files import atomic_path, split_ext
 from napari_medseg.errors import ImageReadError, ImageWriteError
 from napari_medseg.io.geometry import affine_from_itk, itk_from_affine
 from napari_medseg.io.modality import guess_modality
@@ -25,23 +25,7 @@ from napari_medseg.io.record import ImageRecord
 
 NIFTI_EXT = (".nii", ".nii.gz")
 ITK_EXT = (".nrrd", ".nhdr", ".mha", ".mhd")
-VOLUME_EXT = NIFTI_EXT + ITK_EXT
 WRITE_EXT = (".nii.gz", ".nii", ".nrrd", ".mha")
-
-
-def split_ext(path: str | os.PathLike) -> tuple[str, str]:
-    """Split ``"a/b/scan.nii.gz"`` into ``("scan", ".nii.gz")`` (double extensions kept)."""
-    name = Path(path).name
-    low = name.lower()
-    for ext in (".nii.gz", ".ome.tiff", ".ome.tif", ".ome.zarr"):
-        if low.endswith(ext):
-            return name[: -len(ext)], ext
-    stem, ext = os.path.splitext(name)
-    return stem, ext.lower()
-
-
-def is_volume_path(path: str | os.PathLike) -> bool:
-    return split_ext(path)[1] in VOLUME_EXT
 
 
 def _check_readable(path: Path) -> None:
@@ -258,14 +242,6 @@ def label_dtype(data: np.ndarray) -> np.dtype:
     return np.dtype(np.int64)
 
 
-def atomic_target(path: Path) -> Path:
-    """A temporary path in ``path``'s folder with the same extension (for atomic writes)."""
-    stem, ext = split_ext(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{ext}", dir=str(path.parent))
-    os.close(fd)
-    return Path(tmp)
-
-
 def write_volume(
     path: str | os.PathLike,
     data: np.ndarray,
@@ -318,18 +294,19 @@ def write_volume(
         arr = arr.astype(np.uint8)
     if arr.ndim == 2:
         arr = arr[:, :, None]
-    tmp = atomic_target(path)
     try:
-        if ext in NIFTI_EXT:
-            _write_nifti(tmp, arr, affine, source or {}, is_label)
-        else:
-            _write_itk(tmp, arr, affine, is_label)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            if ext in NIFTI_EXT:
+                _write_nifti(tmp, arr, affine, source or {}, is_label)
+            else:
+                _write_itk(tmp, arr, affine, is_label)
     except ImageWriteError:
-        tmp.unlink(missing_ok=True)
         raise
+    except PermissionError as e:
+        raise ImageWriteError(
+            f"cannot write {path.name}: folder {path.parent} is not writable."
+        ) from e
     except Exception as e:
-        tmp.unlink(missing_ok=True)
         raise ImageWriteError(f"could not write {path.name}: {_short(e)}.") from e
     return path
 

@@ -1021,9 +1021,9 @@ def _provenance_beside(path: Path | None) -> dict:
 
     if path is None:
         return {}
-    from napari_medseg.core.correct.mask_store import _split_ext
+    from napari_medseg._files import split_ext
 
-    stem, _ = _split_ext(path.name)
+    stem, _ = split_ext(path)
     p = path.with_name(f"{stem}.provenance.json")
     try:
         return json.loads(p.read_text()) if p.exists() else {}

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from napari_medseg._files import split_ext
 from napari_medseg.errors import ImageWriteError
 
 __all__ = [
@@ -115,21 +116,14 @@ def software_versions() -> dict[str, str]:
     return out
 
 
-def _split_ext(name: str) -> tuple[str, str]:
-    for ext in MASK_EXTENSIONS:
-        if name.lower().endswith(ext):
-            return name[: -len(ext)], ext
-    return name, ""
-
-
 def _target(dest: str | os.PathLike, name: str | None, ext: str | None) -> tuple[Path, str, str]:
     """(folder, base name, extension) from a folder or a file path."""
     d = Path(dest)
-    if d.is_dir() or not _split_ext(d.name)[1]:
+    base, e = split_ext(d.name)
+    if d.is_dir() or e not in MASK_EXTENSIONS:
         folder, base, e = d, name or "mask", ext or ".nii.gz"
     else:
         folder = d.parent
-        base, e = _split_ext(d.name)
         e = ext or e
     m = _VERSION_RE.match(base + e)
     if m:  # "liver.v003.nii.gz" given as destination: continue that series

@@ -85,11 +85,11 @@ def segment_file(
     """
     import numpy as np
 
+    from napari_medseg._files import split_ext
     from napari_medseg.core.correct.mask_store import sha256_of
     from napari_medseg.core.segment.segment import segment
     from napari_medseg.io import read_image, write_image
     from napari_medseg.io.record import ImageRecord
-    from napari_medseg.io.volume import split_ext
 
     image_path, dest = Path(image_path), Path(dest)
     loaded = _model(model, "cpu", trust_bundle)

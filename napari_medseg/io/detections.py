@@ -24,33 +24,19 @@ GeoJSON (2D only, QuPath's convention)
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from napari_medseg._files import write_text
 from napari_medseg.errors import ImageReadError, ImageWriteError
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
 __all__ = ["read_detections", "write_detections"]
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _hex_to_rgb(color: Any) -> list[int]:
@@ -106,10 +92,10 @@ def write_detections(
         raise ImageWriteError(f"cannot write {path}: the folder {path.parent} does not exist.")
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        _atomic_write_text(path, table.to_csv(index=False, float_format="%.10g"))
+        write_text(path, table.to_csv(index=False, float_format="%.10g"))
     elif suffix in (".geojson", ".json"):
         doc = to_geojson(table, instances=instances, affine=affine, class_colors=class_colors)
-        _atomic_write_text(path, json.dumps(doc) + "\n")
+        write_text(path, json.dumps(doc) + "\n")
     else:
         raise ImageWriteError(
             f"cannot write detections to {path.name}: use a .csv or .geojson file name"

@@ -38,7 +38,6 @@ a time (the full-resolution image is never in memory).
 from __future__ import annotations
 
 import itertools
-import os
 import re
 import threading
 import warnings
@@ -826,8 +825,9 @@ def make_pyramidal_tiff(
             )  # fmt: skip
     else:
         metadata = None  # no description: tifffile reads SubIFD pyramids as a "generic" series
-    tmp = p.with_name(p.name + ".part")
-    try:
+    from napari_medseg._files import atomic_path
+
+    with atomic_path(p) as tmp:
         with tifffile.TiffWriter(tmp, bigtiff=True, ome=ome) as tw:
             for lv, shape in enumerate(shapes):
                 f = 2**lv
@@ -843,10 +843,6 @@ def make_pyramidal_tiff(
                     kw["subfiletype"] = 1
                     kw["metadata"] = None
                 tw.write(_tiles(src, f, shape, tile, img.dtype), shape=(*shape, *extra), **kw)
-        os.replace(tmp, p)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return p
 
 

@@ -151,9 +151,9 @@ class ModelCard:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / CARD_NAME
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, default=_json_default) + "\n")
-        tmp.replace(path)
+        from napari_medseg._files import write_text
+
+        write_text(path, json.dumps(self.to_dict(), indent=2, default=_json_default) + "\n")
         return path
 
     @classmethod

@@ -6,7 +6,6 @@ Only classes from :mod:`monai.networks.nets` (and this module's own) can be name
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,12 +50,12 @@ def save_weights(network: Any, path: str | Path) -> str:
     """Save a state dict as safetensors (atomically); return its sha256."""
     from safetensors.torch import save_file
 
+    from napari_medseg._files import atomic_path
+
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
-    save_file(state, str(tmp))
-    os.chmod(tmp, 0o644)  # readable like any other file the user saves
-    tmp.replace(path)
+    with atomic_path(path) as tmp:  # mode from the user's umask, like any file they save
+        save_file(state, str(tmp))
     return sha256_file(path)
 
 

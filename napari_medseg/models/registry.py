@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -298,22 +297,11 @@ def install_model(src_folder: str | Path, name: str | None = None, overwrite: bo
     dest = root / name
     if dest.exists() and not overwrite:
         raise ModelLoadError(f"a model named {name!r} is already installed at {dest}")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
-    try:
-        staged = tmp / name
-        shutil.copytree(src, staged)
+    from napari_medseg._files import atomic_dir
+
+    with atomic_dir(dest, overwrite=overwrite) as staged:  # unique names: parallel installs
+        shutil.copytree(src, staged, dirs_exist_ok=True)
         if card is not None and card.name != name:
             card.name = name
             card.save(staged)
-        if dest.exists():
-            old = root / f".{name}.old"
-            if old.exists():
-                shutil.rmtree(old)
-            dest.rename(old)
-            staged.rename(dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staged.rename(dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dest

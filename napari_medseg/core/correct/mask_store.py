@@ -28,7 +28,6 @@ import io
 import json
 import os
 import re
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_medseg._files import split_ext
+from napari_medseg._files import is_temp_name, split_ext, temp_sibling, write_bytes
 from napari_medseg.errors import ImageWriteError
 
 __all__ = [
@@ -160,16 +159,7 @@ def _version_of(path: Path) -> int:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes(path, data)  # the package's one atomic writer (umask, fsync, cleanup)
 
 
 def _claim(tmp: Path, final: Path) -> bool:
@@ -229,9 +219,7 @@ def save_mask_version(
     folder, base, e = _target(dest, name or getattr(labels_record, "name", None), ext)
     if not folder.is_dir():
         raise ImageWriteError(f"cannot save the mask: folder {folder} does not exist.")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{base}.", suffix=f".saving{e}", dir=str(folder))
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = temp_sibling(folder / f"{base}{e}")  # mode from the umask, not mkstemp's 0600
     try:
         try:
             write_image(tmp, labels_record, is_label=True, overwrite=True)
@@ -563,8 +551,9 @@ def clear_recovery(source: str | os.PathLike, root: str | os.PathLike | None = N
     """Delete the autosave of ``source`` (nothing happens when there is none)."""
     folder = recovery_dir(source, root)
     (folder / AUTOSAVE_FILE).unlink(missing_ok=True)
-    for f in folder.glob(".*.tmp"):
-        f.unlink(missing_ok=True)
+    for f in folder.glob(".*"):
+        if is_temp_name(f.name):  # left by a crash mid-autosave (napari_medseg._files names)
+            f.unlink(missing_ok=True)
     try:
         folder.rmdir()
     except OSError:

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from napari_medseg._files import write_bytes
 from napari_medseg.core.correct.mask_store import (
-    _atomic_write_bytes,
     _user,
     list_versions,
     save_mask_version,
@@ -140,7 +140,7 @@ class Worklist:
 
     def _write_status(self, cases: dict[str, dict]) -> None:
         body = {"format": "napari-medseg worklist", "cases": cases}
-        _atomic_write_bytes(self.status_path, json.dumps(body, indent=2, sort_keys=True).encode())
+        write_bytes(self.status_path, json.dumps(body, indent=2, sort_keys=True).encode())
 
     # ------------------------------------------------------------------ cases
 
@@ -280,7 +280,7 @@ class Worklist:
         }
         if class_names:
             meta["labels"] = {str(v): int(k) for k, v in sorted(class_names.items())}
-        _atomic_write_bytes(out / "dataset.json", json.dumps(meta, indent=2).encode())
+        write_bytes(out / "dataset.json", json.dumps(meta, indent=2).encode())
         return out
 
 

@@ -361,10 +361,10 @@ def load_transform(path: str | Path) -> RegistrationTransform:
 
 
 def _atomic(path: Path, write: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(".tmp_" + path.name)
-    write(tmp)
-    tmp.replace(path)
+    from napari_medseg._files import atomic_path
+
+    with atomic_path(path) as tmp:
+        write(tmp)
 
 
 _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -377,9 +377,7 @@ def _write_itk_affine(matrix_ras: np.ndarray, path: Path) -> None:
     tfm = sitk.AffineTransform(3)
     tfm.SetMatrix([float(v) for v in lps[:3, :3].ravel()])
     tfm.SetTranslation([float(v) for v in lps[:3, 3]])
-    tmp = path.with_name(".tmp_" + path.name)
-    sitk.WriteTransform(tfm, str(tmp))
-    tmp.replace(path)
+    _atomic(path, lambda tmp: sitk.WriteTransform(tfm, str(tmp)))
 
 
 def _read_itk_affine(path: Path) -> np.ndarray:
@@ -425,9 +423,7 @@ def _write_itk_displacement(tr: RegistrationTransform, path: Path) -> None:
     img.SetOrigin(origin)
     img.SetSpacing(spacing)
     img.SetDirection(direction)
-    tmp = path.with_name(".tmp_" + path.name)
-    sitk.WriteImage(sitk.Cast(img, sitk.sitkVectorFloat32), str(tmp))
-    tmp.replace(path)
+    _atomic(path, lambda tmp: sitk.WriteImage(sitk.Cast(img, sitk.sitkVectorFloat32), str(tmp)))
 
 
 def _read_itk_displacement(tr: RegistrationTransform, path: Path) -> np.ndarray:

@@ -42,8 +42,6 @@ import concurrent.futures as cf
 import datetime as _dt
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -722,6 +720,7 @@ def write_slide_detections(
     object's outline as the ``Polygon`` when known (else a ``Point``). Features are written
     in batches of 2000, so the file is never built in memory as one document.
     """
+    from napari_medseg._files import atomic_path
     from napari_medseg.errors import ImageWriteError
     from napari_medseg.io.detections import to_geojson, write_detections
 
@@ -739,27 +738,20 @@ def write_slide_detections(
     if not path.parent.is_dir():
         raise ImageWriteError(f"cannot write {path}: the folder {path.parent} does not exist.")
     pos = _row_positions(result, tbl)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write('{"type": "FeatureCollection", "features": [')
-            first = True
-            for s in range(0, len(tbl), 2000):
-                part = tbl.iloc[s : s + 2000]
-                doc = to_geojson(part, affine=result.affine, class_colors=result.class_colors)
-                for feat, p in zip(doc["features"], pos[s : s + 2000]):
-                    ring = result.outlines[p] if 0 <= p < len(result.outlines) else None
-                    if ring is not None:
-                        coords = np.round(ring.astype(float), 3).tolist()
-                        feat["geometry"] = {"type": "Polygon", "coordinates": [coords]}
-                    f.write(("" if first else ",") + "\n" + json.dumps(feat))
-                    first = False
-            f.write("\n]}\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write('{"type": "FeatureCollection", "features": [')
+        first = True
+        for s in range(0, len(tbl), 2000):
+            part = tbl.iloc[s : s + 2000]
+            doc = to_geojson(part, affine=result.affine, class_colors=result.class_colors)
+            for feat, p in zip(doc["features"], pos[s : s + 2000]):
+                ring = result.outlines[p] if 0 <= p < len(result.outlines) else None
+                if ring is not None:
+                    coords = np.round(ring.astype(float), 3).tolist()
+                    feat["geometry"] = {"type": "Polygon", "coordinates": [coords]}
+                f.write(("" if first else ",") + "\n" + json.dumps(feat))
+                first = False
+        f.write("\n]}\n")
     return path
 
 

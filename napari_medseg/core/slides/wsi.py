@@ -1016,11 +1016,12 @@ def export_labels_ome_tiff(
     MedsegError
         Missing or foreign Zarr, existing output.
     """
-    import os
     import threading
 
     import tifffile
     import zarr
+
+    from napari_medseg._files import atomic_path
 
     src = Path(zarr_path)
     out = Path(out_tif)
@@ -1058,8 +1059,6 @@ def export_labels_ome_tiff(
                 yield np.ascontiguousarray(t)
             done[0] += 1
 
-    tmp = out.with_name(out.name + ".part")
-
     def write() -> None:
         try:
             with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tw:
@@ -1090,25 +1089,26 @@ def export_labels_ome_tiff(
     yield Progress(0, total, f"writing {out.name}: {len(arrays)} levels")
     th = threading.Thread(target=write, name="medseg-ome-tiff-export", daemon=True)
     finished = False
-    try:
-        th.start()
-        last = -1
-        while th.is_alive():
-            th.join(timeout=0.2)
-            if done[0] != last:
-                last = done[0]
-                yield Progress(min(last, total), total, f"writing {out.name}: row {last}/{total}")
-        if failed:
-            exc = failed[0]
-            raise MedsegError(f"could not write {out.name}: {exc}") from exc
-        os.replace(tmp, out)
-        finished = True
-    finally:
-        if not finished:
-            stop.set()
-            th.join()
-            if tmp.exists():
-                tmp.unlink()
+    with atomic_path(out) as tmp:  # removed on failure, cancel or Ctrl-C
+        try:
+            th.start()
+            last = -1
+            while th.is_alive():
+                th.join(timeout=0.2)
+                if done[0] != last:
+                    last = done[0]
+                    yield Progress(
+                        min(last, total), total, f"writing {out.name}: row {last}/{total}"
+                    )
+            if failed:
+                exc = failed[0]
+                raise MedsegError(f"could not write {out.name}: {exc}") from exc
+            finished = True
+        finally:
+            if not finished:
+                stop.set()
+                if th.ident is not None:  # started
+                    th.join()
     yield Progress(total, total, f"wrote {out.name}")
     return out
 

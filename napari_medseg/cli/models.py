@@ -8,9 +8,77 @@ from typing import Any
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("models", help="list built-in and installed models with their cards")
+    """Add ``models`` (list) and ``models pull SOURCE`` to the subcommands."""
+    p = sub.add_parser(
+        "models",
+        help="list built-in and installed models with their cards; 'models pull' installs one",
+        description="Without a subcommand: list the built-in and installed models, each with its "
+        "headline held-out score and how it was measured; 'demo' marks models trained on fewer "
+        "than 5 subjects. 'models pull SOURCE' installs a model from the MONAI Model Zoo, "
+        "TotalSegmentator, a URL or a file.",
+    )
     p.add_argument("--json", action="store_true", help="print the cards as a JSON list")
     p.set_defaults(func=_models)
+    msub = p.add_subparsers(dest="models_command", metavar="{pull}")
+    q = msub.add_parser(
+        "pull",
+        help="download and install a model",
+        description="Install a model into the user models folder ($MEDSEG_MODELS_DIR or the "
+        "platform's data folder). SOURCE is a MONAI Model Zoo bundle name (e.g. "
+        "spleen_ct_segmentation, or name@version), a TotalSegmentator task (total, total_mr, "
+        "body, lung_vessels, ...: its nnU-Net v2 weights; 'total' installs five models), an "
+        "http(s) URL or a local .zip/.tar.gz of a model folder, MONAI bundle or nnU-Net v2 "
+        "results folder, or a local model folder. The archive is checked (--sha256), extracted "
+        "safely (no absolute paths, '..' or links) and installed atomically.",
+    )
+    q.add_argument("source", help="bundle name, TotalSegmentator task, URL, archive or folder")
+    q.add_argument("--name", help="registry name for the installed model")
+    q.add_argument("--sha256", help="expected sha256 (hex) of the archive")
+    q.add_argument("--overwrite", action="store_true", help="replace an installed model")
+    q.add_argument("--timeout", type=float, default=60.0, help="network timeout in seconds")
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
+    q.set_defaults(func=_pull)
+
+
+def _pull(args: argparse.Namespace) -> int:
+    import sys
+
+    from napari_medseg.models.pull import pull_model
+    from napari_medseg.progress import TextProgress, run_sync
+
+    if args.timeout <= 0:
+        from napari_medseg.errors import MedsegError
+
+        raise MedsegError("--timeout must be a positive number of seconds")
+    models = run_sync(
+        pull_model(
+            args.source,
+            name=args.name,
+            sha256=args.sha256,
+            overwrite=args.overwrite,
+            timeout=args.timeout,
+        ),
+        TextProgress(quiet=args.quiet),
+    )
+    for m in models:
+        print(f"installed {m.name} at {m.path}", file=sys.stderr)
+    return 0
+
+
+def _evaluation_note(card: dict) -> str:
+    """How the headline score was measured, and 'demo' for models of fewer than 5 subjects."""
+    ev = card.get("evaluation") or {}
+    parts = []
+    if isinstance(ev, dict) and ev.get("split"):
+        parts.append(str(ev["split"]))
+    if is_demo(card):
+        parts.insert(0, "demo")
+    return f" [{'; '.join(parts)}]" if parts else ""
+
+
+def is_demo(card: dict) -> bool:
+    """True for a model trained on fewer than 5 subjects (``ModelCard.is_demo``)."""
+    return bool(card.get("demo"))
 
 
 def _score_line(metrics: dict) -> str:
@@ -45,6 +113,10 @@ def _models(args: argparse.Namespace) -> int:
     for c in cards:
         classes = ", ".join(x["name"] for x in c.get("classes", [])[1:])
         score = _score_line(c.get("metrics") or {})
+        if score:
+            score += _evaluation_note(c)
+        elif is_demo(c):
+            score = "  [demo]"
         where = "built-in" if c.get("builtin") else c.get("source", "")
         print(
             f"{c['name']:<22} {c.get('task', '?'):<13} {c.get('dims')}D "

@@ -28,14 +28,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 DATA = Path(os.environ.get("MEDSEG_DATA", REPO.parent / "shared" / "data"))
 
-from napari_medseg.core.register.registration import (  # noqa: E402
-    RegistrationOptions,
-    RegistrationTransform,
-    dice,
-    read_itk_landmarks,
-    register,
-    warp,
-)
+from napari_medseg.core.engine.metrics import dice  # noqa: E402
+from napari_medseg.core.register.optimise import RegistrationOptions, register  # noqa: E402
+from napari_medseg.core.register.transform import RegistrationTransform  # noqa: E402
+from napari_medseg.core.register.transform_io import read_itk_landmarks  # noqa: E402
+from napari_medseg.core.register.warp import warp  # noqa: E402
 from napari_medseg.io import read_image  # noqa: E402
 from napari_medseg.io.record import ImageRecord  # noqa: E402
 from napari_medseg.progress import run_sync  # noqa: E402

@@ -60,7 +60,7 @@ def test_register_writes_warped_labels_points_and_transform(main, tmp_path, caps
     assert dice > 0.85  # 0.843 before registration
     for f in ("T.json", "T.tfm", "T_displacement.nii.gz", "jac.nii.gz"):
         assert (tmp_path / f).exists(), f
-    from napari_medseg.core.register.registration import load_transform, read_points_csv
+    from napari_medseg.core.register.transform_io import load_transform, read_points_csv
 
     moved = read_points_csv(tmp_path / "moved.csv")
     np.testing.assert_allclose(

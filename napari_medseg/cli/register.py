@@ -92,10 +92,10 @@ def _first(path: str, what: str) -> Any:
 def _register(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from napari_medseg.core.register.registration import (
-        RegistrationOptions,
+    from napari_medseg.core.register.optimise import RegistrationOptions, register
+    from napari_medseg.core.register.transform_io import (
         read_points_csv,
-        register,
+        save_transform,
         write_points_csv,
     )
     from napari_medseg.errors import ImageWriteError, MedsegError
@@ -188,7 +188,7 @@ def _register(args: argparse.Namespace) -> int:
             )
         )
     if args.save_transform:
-        written += result.transform.save(Path(args.save_transform).expanduser())
+        written += save_transform(result.transform, Path(args.save_transform).expanduser())
     if not args.quiet:
         fold = (
             f", folding {100 * result.folding_fraction:.3f}% of voxels"

@@ -1,7 +1,7 @@
 """The "Register" dock widget: align a moving image to a fixed image and carry labels over.
 
 Thin (DESIGN.md rule 3): it reads its inputs, runs
-:func:`napari_medseg.core.register.registration.register` in a napari worker (progress bar with the
+:func:`napari_medseg.core.register.optimise.register` in a napari worker (progress bar with the
 loss,
 Cancel via ``worker.quit()``) and turns the result into layers on the FIXED image's geometry:
 
@@ -46,7 +46,7 @@ SIMILARITY_NAMES = {"lncc": "LNCC", "mi": "MI", "mse": "-MSE"}
 
 def _register_job(fixed: Any, moving: Any, options: Any, labels: Any, points_moving: Any) -> Any:
     """Worker generator: register, then carry moving points into the fixed world."""
-    from napari_medseg.core.register.registration import register
+    from napari_medseg.core.register.optimise import register
 
     result = yield from register(fixed, moving, options, moving_labels=labels)
     if points_moving is not None and len(points_moving):
@@ -168,7 +168,7 @@ class RegisterWidget(ImageInput, WorkerControls, Container):
     # ------------------------------------------------------------------ run
 
     def _options(self) -> Any:
-        from napari_medseg.core.register.registration import RegistrationOptions
+        from napari_medseg.core.register.optimise import RegistrationOptions
 
         return RegistrationOptions(
             mode=self.mode.value,
@@ -334,7 +334,7 @@ class RegisterWidget(ImageInput, WorkerControls, Container):
         if not self._last:
             self.status.value = "Run a registration first; the checkerboard compares its result."
             return
-        from napari_medseg.core.register.registration import checkerboard
+        from napari_medseg.core.register.warp import checkerboard
         from napari_medseg.io.geometry import layer_to_record_parts
         from napari_medseg.widgets._layers import layer_state
 

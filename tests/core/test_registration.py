@@ -5,16 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_medseg.core.register.registration import (
-    RegistrationError,
-    RegistrationOptions,
-    RegistrationTransform,
-    dice,
+from napari_medseg.core.engine.metrics import dice
+from napari_medseg.core.register.optimise import RegistrationOptions, register
+from napari_medseg.core.register.transform import RegistrationError, RegistrationTransform
+from napari_medseg.core.register.transform_io import (
     load_transform,
     read_itk_landmarks,
-    register,
-    warp,
+    save_transform,
 )
+from napari_medseg.core.register.warp import warp
 from napari_medseg.io import read_image
 from napari_medseg.io.record import ImageRecord
 from napari_medseg.progress import run_sync
@@ -105,7 +104,7 @@ def test_itk_files_agree_with_simpleitk(tmp_path):
         displacement=rng.normal(0, 2, size=(*g, 3)),
         grid_shape=g,
     )
-    files = tr.save(tmp_path / "T.json")
+    files = save_transform(tr, tmp_path / "T.json")
     assert {f.name for f in files} == {"T.json", "T.tfm", "T_displacement.nii.gz"}
     pts = _fov_points(fixed, 50, margin=0.0)
     ours = tr.map_points(pts)
@@ -137,7 +136,7 @@ def test_affine_resampling_matches_simpleitk_resample(tmp_path):
     )
     m = _rigid((5.0, 2.0, -4.0), (0.0, 25.0, 28.0), _center(fixed))
     tr = RegistrationTransform(m, fixed.affine, fixed.shape)
-    tr.save(tmp_path / "A")
+    save_transform(tr, tmp_path / "A")
     ours = warp(tr, moving, "linear")
 
     def to_sitk(rec: ImageRecord) -> sitk.Image:

@@ -176,9 +176,10 @@ def _spawn(kind: str, image: Path, model: Path, out: Path) -> dict:
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a > 0, b > 0
-    s = a.sum() + b.sum()
-    return 1.0 if s == 0 else float(2 * (a & b).sum() / s)
+    """Foreground (non-zero) Dice of two label images (1.0 when both are empty)."""
+    from napari_medseg.core.engine.metrics import dice as overlap
+
+    return overlap(a > 0, b > 0, [1], empty=1.0)
 
 
 def main() -> int:

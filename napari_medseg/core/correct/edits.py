@@ -28,6 +28,7 @@ __all__ = [
     "bounding_box",
     "class_counts",
     "class_volumes",
+    "edit_from_parts",
     "fill_holes",
     "grow_shrink",
     "interpolate_slices",
@@ -77,15 +78,22 @@ class Edit:
             out[self.indices] = self.values
         return out
 
-    def bbox(self) -> Box | None:
-        """Bounding box of the changed voxels (None when nothing changes)."""
-        if not self.values.size:
-            return None
-        return tuple(slice(int(ix.min()), int(ix.max()) + 1) for ix in self.indices)
 
+def edit_from_parts(
+    labels: np.ndarray, parts: list[tuple[Box, np.ndarray, Any]], dedupe: bool
+) -> Edit:
+    """Build one :class:`Edit` from pieces that each lie in a box of ``labels``.
 
-def _edit(labels: np.ndarray, parts: list[tuple[Box, np.ndarray, Any]], dedupe: bool) -> Edit:
-    """Edit from ``(box, changed mask in box, value or values-in-box)`` pieces."""
+    Parameters
+    ----------
+    labels : numpy.ndarray
+        The label map the edit applies to (its shape and dtype).
+    parts : list of (box, changed, value)
+        ``box``: slices into ``labels``; ``changed``: bool mask of the voxels to change, the
+        box's shape; ``value``: the new label, or an array of new labels in the box.
+    dedupe : bool
+        Keep only the first piece's value where pieces overlap (needed when they may).
+    """
     idx: list[list[np.ndarray]] = [[] for _ in range(labels.ndim)]
     vals: list[np.ndarray] = []
     for box, changed, value in parts:
@@ -274,7 +282,7 @@ def keep_largest_component(labels: np.ndarray, label: int, connectivity: int = 1
     for k, (box, sub, _bound) in enumerate(pieces):
         changed = sub & ~best[2] if k == best[0] else sub
         parts.append((box, changed, 0))
-    return _edit(labels, parts, dedupe=False)
+    return edit_from_parts(labels, parts, dedupe=False)
 
 
 def remove_islands(
@@ -326,7 +334,7 @@ def remove_islands(
         small[0] = False
         if small.any():
             parts.append((box, small[cc], 0))
-    return _edit(labels, parts, dedupe=False)
+    return edit_from_parts(labels, parts, dedupe=False)
 
 
 def fill_holes(
@@ -383,7 +391,7 @@ def fill_holes(
         if not overwrite:
             holes &= cur == 0
         parts.append((box, holes, label))
-    return _edit(labels, parts, dedupe=True)
+    return edit_from_parts(labels, parts, dedupe=True)
 
 
 def _signed_distance(mask2d: np.ndarray, sampling: np.ndarray) -> np.ndarray:
@@ -466,7 +474,7 @@ def interpolate_slices(
             box_f: list[slice] = [slice(int(k), int(k) + 1)] * 3
             box_f[others[0]], box_f[others[1]] = b[0], b[1]
             parts.append((tuple(box_f), np.expand_dims(inside, axis), label))
-    return _edit(labels, parts, dedupe=False)
+    return edit_from_parts(labels, parts, dedupe=False)
 
 
 def grow_shrink(
@@ -524,7 +532,7 @@ def grow_shrink(
             own = np.zeros_like(outside)
             own[inner] = sub
             parts.append((pbox, near & own, 0))
-    return _edit(labels, parts, dedupe=m > 0)
+    return edit_from_parts(labels, parts, dedupe=m > 0)
 
 
 def relabel(labels: np.ndarray, mapping: Mapping[int, int]) -> Edit:
@@ -546,7 +554,7 @@ def relabel(labels: np.ndarray, mapping: Mapping[int, int]) -> Edit:
         box = bounding_box(sel)
         if box is not None:
             parts.append((box, sel[box], new))
-    return _edit(labels, parts, dedupe=False)
+    return edit_from_parts(labels, parts, dedupe=False)
 
 
 # --------------------------------------------------------------------------- measurements

@@ -39,7 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from napari_medseg.core.correct.edits import Edit, _edit
+from napari_medseg.core.correct.edits import Edit, edit_from_parts
+from napari_medseg.core.engine.metrics import dice
 from napari_medseg.errors import MedsegError
 
 __all__ = [
@@ -504,7 +505,7 @@ def refine_with_clicks(
         after[add] = label
         after[remove] = 0
         parts.append((box, add | remove, after))
-    return _edit(labels_arr, parts, dedupe=len(parts) > 1)
+    return edit_from_parts(labels_arr, parts, dedupe=len(parts) > 1)
 
 
 def _region(
@@ -599,22 +600,17 @@ def simulate_session(
     cur = np.asarray(start, bool).astype(np.uint8)
     pos: list[np.ndarray] = []
     neg: list[np.ndarray] = []
-    dice = [_dice(cur == 1, truth)]
+    scores = [dice(cur == 1, truth, [1], empty=1.0)]
     seconds: list[float] = []
     for _ in range(n_clicks):
         c = simulate_click(truth, cur == 1, spacing)
         if c is None:
-            dice.append(dice[-1])
+            scores.append(scores[-1])
             continue
         (pos if c[1] else neg).append(c[0].astype(float))
         t0 = time.perf_counter()
         edit = refine_with_clicks(image, cur, 1, pos, neg, spacing, **kwargs)
         seconds.append(time.perf_counter() - t0)
         cur = edit.apply(cur)
-        dice.append(_dice(cur == 1, truth))
-    return dice, seconds
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    s = int(a.sum()) + int(b.sum())
-    return float(2 * int((a & b).sum()) / s) if s else 1.0
+        scores.append(dice(cur == 1, truth, [1], empty=1.0))
+    return scores, seconds

@@ -100,26 +100,15 @@ def _classes(labels: np.ndarray, classes: Iterable[int] | bool | None) -> list[i
     return [int(c) for c in classes if int(c) != 0]
 
 
-def _boxes(labels: np.ndarray) -> list[tuple[slice, ...] | None]:
-    """Bounding box of every label value (index = value - 1), via ``find_objects``."""
-    from scipy import ndimage as ndi
-
-    lab = labels if labels.dtype.kind in "iu" else labels.astype(np.int64)
-    return ndi.find_objects(lab)
-
-
-def _structure(ndim: int, connectivity: int) -> np.ndarray:
-    from scipy import ndimage as ndi
-
-    return ndi.generate_binary_structure(ndim, max(1, min(connectivity, ndim)))
-
-
 def keep_largest_component(
     labels: np.ndarray,
     classes: Iterable[int] | bool | None = None,
     connectivity: int = 1,
 ) -> np.ndarray:
     """Keep only the largest connected component of each class (others become 0).
+
+    One implementation with the correction tool
+    (:func:`napari_medseg.core.correct.edits.keep_largest_component`), applied class by class.
 
     Parameters
     ----------
@@ -135,46 +124,30 @@ def keep_largest_component(
     numpy.ndarray
         A new label map (same shape and dtype).
     """
-    from scipy import ndimage as ndi
+    from napari_medseg.core.correct import edits
 
     out = np.array(labels, copy=True)
-    boxes = _boxes(out)
-    st = _structure(out.ndim, connectivity)
     for c in _classes(out, classes):
-        box = boxes[c - 1] if c - 1 < len(boxes) else None
-        if box is None:
-            continue
-        sub = out[box]
-        mask = sub == c
-        cc, n = ndi.label(mask, structure=st)
-        if n <= 1:
-            continue
-        sizes = np.bincount(cc.ravel())
-        sizes[0] = 0
-        sub[mask & (cc != int(sizes.argmax()))] = 0
+        edits.keep_largest_component(out, c, connectivity).apply(out, inplace=True)
     return out
 
 
 def fill_holes(labels: np.ndarray, classes: Iterable[int] | bool | None = None) -> np.ndarray:
     """Fill enclosed background holes of each class (in 2D or 3D; other classes are kept).
 
+    One implementation with the correction tool
+    (:func:`napari_medseg.core.correct.edits.fill_holes`, ``mode="3d"``), class by class.
+
     Returns
     -------
     numpy.ndarray
         A new label map (same shape and dtype).
     """
-    from scipy import ndimage as ndi
+    from napari_medseg.core.correct import edits
 
     out = np.array(labels, copy=True)
-    boxes = _boxes(out)
     for c in _classes(out, classes):
-        box = boxes[c - 1] if c - 1 < len(boxes) else None
-        if box is None:
-            continue
-        sub = out[box]
-        mask = sub == c
-        filled = ndi.binary_fill_holes(mask)
-        sub[filled & ~mask & (sub == 0)] = c
+        edits.fill_holes(out, c, mode="3d").apply(out, inplace=True)
     return out
 
 
@@ -187,6 +160,9 @@ def remove_small(
     connectivity: int = 1,
 ) -> np.ndarray:
     """Remove connected components smaller than a size, per class.
+
+    One implementation with the correction tool
+    (:func:`napari_medseg.core.correct.edits.remove_islands`), class by class.
 
     Parameters
     ----------
@@ -206,7 +182,7 @@ def remove_small(
     numpy.ndarray
         A new label map (same shape and dtype).
     """
-    from scipy import ndimage as ndi
+    from napari_medseg.core.correct import edits
 
     if min_size_mm3 is not None:
         if spacing is None:
@@ -220,22 +196,9 @@ def remove_small(
     out = np.array(labels, copy=True)
     if min_vox <= 1:
         return out
-    boxes = _boxes(out)
-    st = _structure(out.ndim, connectivity)
     for c in _classes(out, classes):
-        box = boxes[c - 1] if c - 1 < len(boxes) else None
-        if box is None:
-            continue
-        sub = out[box]
-        mask = sub == c
-        cc, n = ndi.label(mask, structure=st)
-        if n == 0:
-            continue
-        sizes = np.bincount(cc.ravel())
-        small = sizes < min_vox
-        small[0] = False
-        if small.any():
-            sub[small[cc]] = 0
+        edit = edits.remove_islands(out, c, min_voxels=min_vox, connectivity=connectivity)
+        edit.apply(out, inplace=True)
     return out
 
 

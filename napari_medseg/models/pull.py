@@ -236,7 +236,10 @@ def resolve_source(source: str, name: str | None = None, sha256: str | None = No
 
 
 def _download(url: str, dest: Path, timeout: float) -> Generator[Progress, None, str]:
-    """Stream ``url`` into ``dest``; returns the sha256. Raises PullError with one sentence."""
+    """Stream ``url`` into ``dest``; returns the sha256. Raises PullError with one sentence.
+
+    Progress counts kibibytes (``total`` 0 when the server does not say the size).
+    """
     h = hashlib.sha256()
     if url.startswith("file:"):
         src = _file_path(url)
@@ -247,7 +250,7 @@ def _download(url: str, dest: Path, timeout: float) -> Generator[Progress, None,
                 fout.write(chunk)
                 h.update(chunk)
                 done += len(chunk)
-                yield Progress(done, total, f"copying {src.name}")
+                yield Progress(done >> 10, total >> 10, f"copying {src.name}")
         return h.hexdigest()
     req = urllib.request.Request(url, headers={"User-Agent": "napari-medseg"})
     try:
@@ -275,7 +278,7 @@ def _download(url: str, dest: Path, timeout: float) -> Generator[Progress, None,
                 now = time.monotonic()
                 if now - last > 0.1:
                     last = now
-                    yield Progress(done, total, f"downloading {done / 1e6:.1f} MB")
+                    yield Progress(done >> 10, total >> 10, f"downloading {done / 1e6:.1f} MB")
         if total and done != total:
             raise PullError(
                 f"the download of {url} is truncated ({done} of {total} bytes); try again"

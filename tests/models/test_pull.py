@@ -11,10 +11,7 @@ import io
 import json
 import shutil
 import tarfile
-import threading
-import time
 import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -24,59 +21,12 @@ from napari_medseg.models import pull as P
 from napari_medseg.models.registry import builtin_models_dir, list_models, load_model
 from napari_medseg.progress import run_sync
 from tests.conftest import data_path
-
-
-class _Server:
-    """Serve ``files`` (path -> bytes) on 127.0.0.1; ``truncate``/``slow`` per path."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-        self.truncate: set[str] = set()
-        self.slow: set[str] = set()
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):  # quiet
-                pass
-
-            def do_GET(self):  # noqa: N802 - http.server's name
-                body = owner.files.get(self.path)
-                if body is None:
-                    self.send_error(404, "not found")
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                try:
-                    if self.path in owner.truncate:
-                        self.wfile.write(body[: len(body) // 2])
-                        self.wfile.flush()
-                        self.close_connection = True
-                        return
-                    if self.path in owner.slow:
-                        for i in range(0, len(body), 4096):
-                            self.wfile.write(body[i : i + 4096])
-                            self.wfile.flush()
-                            time.sleep(0.05)
-                        return
-                    self.wfile.write(body)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+from tests.http_server import LocalServer, zip_folder
 
 
 @pytest.fixture
 def server():
-    s = _Server()
+    s = LocalServer()
     yield s
     s.close()
 
@@ -88,21 +38,12 @@ def models_dir(tmp_path, monkeypatch):
     return d
 
 
-def _zip_folder(folder: Path, prefix: str) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for f in sorted(folder.rglob("*")):
-            if f.is_file():
-                zf.write(f, f"{prefix}/{f.relative_to(folder).as_posix()}")
-    return buf.getvalue()
-
-
 def _leftovers(d: Path) -> list[str]:
     return sorted(p.name for p in d.iterdir() if p.name.startswith(".")) if d.exists() else []
 
 
 def test_pull_url_installs_a_model_that_runs(server, models_dir, tmp_path):
-    body = _zip_folder(builtin_models_dir() / "fluo_nuclei_2d", "release/my_nuclei")
+    body = zip_folder(builtin_models_dir() / "fluo_nuclei_2d", "release/my_nuclei")
     server.files["/m/my_nuclei.zip"] = body
     sha = hashlib.sha256(body).hexdigest()
     pulled = run_sync(P.pull_model(f"{server.url}/m/my_nuclei.zip", sha256=sha))
@@ -118,7 +59,7 @@ def test_pull_url_installs_a_model_that_runs(server, models_dir, tmp_path):
 
 
 def test_wrong_sha256_truncation_and_offline_install_nothing(server, models_dir):
-    body = _zip_folder(builtin_models_dir() / "fluo_nuclei_2d", "x")
+    body = zip_folder(builtin_models_dir() / "fluo_nuclei_2d", "x")
     server.files["/a.zip"] = body
     with pytest.raises(P.PullError, match="sha256"):
         run_sync(P.pull_model(f"{server.url}/a.zip", sha256="0" * 64))
@@ -136,7 +77,7 @@ def test_wrong_sha256_truncation_and_offline_install_nothing(server, models_dir)
 
 
 def test_cancel_mid_download_leaves_nothing(server, models_dir):
-    body = _zip_folder(builtin_models_dir() / "fluo_nuclei_2d", "x") * 1
+    body = zip_folder(builtin_models_dir() / "fluo_nuclei_2d", "x") * 1
     server.files["/slow.zip"] = body
     server.slow.add("/slow.zip")
     gen = P.pull_model(f"{server.url}/slow.zip")
@@ -218,7 +159,7 @@ def test_monai_bundle_by_name_uses_monais_index(server, models_dir, monkeypatch)
 
     monkeypatch.setattr(monai.bundle, "get_bundle_versions", versions)
     monkeypatch.setattr(monai.bundle, "get_bundle_info", info)
-    server.files["/zoo/spleen_ct_segmentation_v0.5.9.zip"] = _zip_folder(
+    server.files["/zoo/spleen_ct_segmentation_v0.5.9.zip"] = zip_folder(
         cfg, "spleen_ct_segmentation"
     )
     pulled = run_sync(P.pull_model("spleen_ct_segmentation"))
@@ -248,7 +189,7 @@ def test_totalsegmentator_tasks_resolve_to_their_published_archives():
 
 
 def test_cli_pull_errors_are_one_line_and_nothing_is_replaced(server, models_dir, capsys):
-    body = _zip_folder(builtin_models_dir() / "fluo_nuclei_2d", "x")
+    body = zip_folder(builtin_models_dir() / "fluo_nuclei_2d", "x")
     server.files["/n.zip"] = body
     assert main(["models", "pull", f"{server.url}/n.zip", "--name", "nuc", "--quiet"]) == 0
     before = (models_dir / "nuc" / "model.json").read_bytes()

@@ -97,7 +97,7 @@ def itk_from_affine(affine: np.ndarray) -> tuple[tuple, tuple, tuple]:
     """
     lps = _LPS @ np.asarray(affine, dtype=float)
     lin = lps[:3, :3]
-    spacing = np.sqrt((lin**2).sum(axis=0))
+    spacing = np.asarray(spacing_from_affine(lps))
     direction = lin / spacing[None, :]
     return (
         tuple(float(v) for v in lps[:3, 3]),
@@ -138,16 +138,6 @@ def layer_affine_from_file(affine: np.ndarray, perm: list[int]) -> np.ndarray:
     out = np.eye(4)
     out[:3, :3] = affine[:3, :3][::-1][:, perm]
     out[:3, 3] = affine[:3, 3][::-1]
-    return out
-
-
-def file_affine_from_layer(layer_affine: np.ndarray, perm: list[int]) -> np.ndarray:
-    """Inverse of :func:`layer_affine_from_file`: voxel-to-RAS affine of the file axes."""
-    layer_affine = np.asarray(layer_affine, dtype=float)
-    out = np.eye(4)
-    inv = np.argsort(perm)
-    out[:3, :3] = layer_affine[:3, :3][::-1][:, inv]
-    out[:3, 3] = layer_affine[:3, 3][::-1]
     return out
 
 
@@ -332,31 +322,4 @@ def layer_to_record_parts(data: Any, attrs: dict) -> tuple[Any, np.ndarray, str,
         return data, aff, "pixel", {}
     raise ValueError(
         f"cannot save a {nd}-dimensional layer: only 2D images and 3D volumes have a file geometry"
-    )
-
-
-def layer_to_record(data: Any, attrs: dict, name: str | None = None) -> Any:
-    """Build an :class:`ImageRecord` (file axis order, source affine) from a layer's data/state.
-
-    Parameters
-    ----------
-    data : array-like
-        Layer data (layer axis order).
-    attrs : dict
-        Layer state: ``affine``, ``scale``, ``translate``, ``rotate``, ``shear``, ``metadata``,
-        ``rgb``, ``name``.
-    """
-    from napari_medseg.io.record import ImageRecord
-
-    arr, affine, space, meta = layer_to_record_parts(data, attrs)
-    src = meta.get("source", {}) if meta else {}
-    return ImageRecord(
-        data=arr,
-        affine=affine,
-        space=space,
-        modality=(meta or {}).get("modality", "unknown"),
-        name=name or attrs.get("name", "image"),
-        path=(meta or {}).get("path"),
-        rgb=bool(attrs.get("rgb", False)) and space == "pixel",
-        metadata=src,
     )

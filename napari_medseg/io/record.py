@@ -12,6 +12,9 @@ those voxel indices to world coordinates:
   pixel size, when the file states it, is in ``metadata["mpp"]`` (micrometres per pixel).
 
 Axes that are not spatial (time, channels, RGB) follow the spatial axes.
+
+:func:`layer_to_record` builds a record back from a napari layer's data and state (the affine
+maths lives in :mod:`napari_medseg.io.geometry`, which does not know this class).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from napari_medseg.io.geometry import layer_to_record_parts, orientation_codes, spacing_from_affine
 
 
 @dataclass
@@ -88,14 +93,44 @@ class ImageRecord:
     @property
     def spacing(self) -> tuple[float, ...]:
         """Voxel size along each spatial file axis (mm for RAS, pixels for ``pixel``)."""
-        lin = self.affine[:-1, :-1]
-        return tuple(float(v) for v in np.sqrt((lin**2).sum(axis=0)))
+        return spacing_from_affine(self.affine)
 
     @property
     def orientation(self) -> str:
         """Orientation codes of the file axes, e.g. ``"RAS"`` or ``"LPS"`` ('' for 2D images)."""
         if self.space != "RAS":
             return ""
-        from napari_medseg.io.geometry import orientation_codes
-
         return orientation_codes(self.affine)
+
+
+def layer_to_record(data: Any, attrs: dict, name: str | None = None) -> ImageRecord:
+    """Build an :class:`ImageRecord` (file axis order, source affine) from a layer's data/state.
+
+    Parameters
+    ----------
+    data : array-like
+        Layer data (layer axis order).
+    attrs : dict
+        Layer state: ``affine``, ``scale``, ``translate``, ``rotate``, ``shear``, ``metadata``,
+        ``rgb``, ``name``.
+    name : str, optional
+        Display name of the record (default: ``attrs["name"]``).
+
+    Returns
+    -------
+    ImageRecord
+        Data in the source file's axis order with its voxel-to-world affine; the source
+        header fields the layer carried in ``metadata`` come back as ``metadata``.
+    """
+    arr, affine, space, meta = layer_to_record_parts(data, attrs)
+    src = meta.get("source", {}) if meta else {}
+    return ImageRecord(
+        data=arr,
+        affine=affine,
+        space=space,
+        modality=(meta or {}).get("modality", "unknown"),
+        name=name or attrs.get("name", "image"),
+        path=(meta or {}).get("path"),
+        rgb=bool(attrs.get("rgb", False)) and space == "pixel",
+        metadata=src,
+    )

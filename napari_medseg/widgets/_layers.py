@@ -9,10 +9,9 @@ import numpy as np
 from napari_medseg.io.geometry import (
     META_KEY,
     RADIOLOGICAL_ORIENTATION2D,
-    layer_to_record,
     record_to_layer_data,
 )
-from napari_medseg.io.record import ImageRecord
+from napari_medseg.io.record import ImageRecord, layer_to_record
 
 
 def layer_state(layer: Any) -> dict:

@@ -31,7 +31,8 @@ from magicgui.widgets import (
 )
 
 from napari_medseg.core.correct import edits as C
-from napari_medseg.io.geometry import META_KEY, compose_layer_transform, layer_to_record
+from napari_medseg.io.geometry import META_KEY, compose_layer_transform
+from napari_medseg.io.record import layer_to_record
 from napari_medseg.widgets._layers import find_source_layer, layer_state
 from napari_medseg.widgets._plot import TrainingPlot
 from napari_medseg.widgets._task import ImageInput

@@ -305,13 +305,14 @@ class SlideWidget(Container):
             self._live.append(rows)
             now = time.perf_counter()
             if now - self._last_refresh > 0.5:  # the layer grows twice a second at most
-                table = pd.concat(self._live, ignore_index=True)
-                self._show_table(table[table["score"] >= float(self.threshold.value)])
+                self._show_table(pd.concat(self._live, ignore_index=True))
+                self._filter_points()
                 self._last_refresh = now
 
     def _on_detected(self, result: Any, out: Path) -> None:
         self._result = result
         self._live = []
+        self._show_table(result.table)
         self._filter_points()
         if self._points is not None:
             self._points.metadata["medseg"]["provenance"] = result.provenance
@@ -323,11 +324,15 @@ class SlideWidget(Container):
         )
 
     def _filter_points(self, _v: Any = None) -> None:
-        """Show the final detections above the score threshold (no new run)."""
-        if self._result is None or self._points is None:
+        """Show the detections above the score threshold (no new run): the Points layer's
+        ``shown`` mask hides the others, so they stay in the layer with the user's edits and
+        selection, and a slider step costs no rebuild. Points without a score (added by hand)
+        stay shown."""
+
+        if self._points is None or "score" not in self._points.features.columns:
             return
-        table = self._result.table
-        self._show_table(table[table["score"] >= float(self.threshold.value)])
+        score = self._points.features["score"].to_numpy(float)
+        self._points.shown = ~(score < float(self.threshold.value))
 
     def _show(self, out: Path, layer: Any) -> None:
         from napari_medseg.core.slides.wsi import open_result

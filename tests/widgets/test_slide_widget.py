@@ -142,10 +142,15 @@ def test_detect_on_current_view_gives_points_and_geojson(make_napari_viewer, qtb
     np.testing.assert_allclose(points.affine.affine_matrix, layer.affine.affine_matrix)
     # the score threshold filters the shown objects live, without a new run
     widget.threshold.value = 0.0
-    assert len(points.data) == n_all
+    assert len(points.data) == int(points.shown.sum()) == n_all
     cut = float(np.median(widget._result.table["score"]))
+    points.selected_data = {0}
     widget.threshold.value = cut
-    assert len(points.data) == int((widget._result.table["score"] >= cut).sum()) < n_all
+    # hidden with napari's `shown` mask, not deleted: the layer and its selection stay
+    assert len(points.data) == n_all and points.selected_data == {0}
+    n_cut = int((widget._result.table["score"] >= cut).sum())
+    assert int(points.shown.sum()) == n_cut < n_all
+    assert (points.features["score"][points.shown] >= cut).all()
     # saved beside the slide in QuPath's GeoJSON: every object, outlines for the watershed ones
     doc = json.loads((tmp_path / "slide_classical-he_view.geojson").read_text())
     assert len(doc["features"]) == n_all

@@ -142,7 +142,7 @@ def test_detect_on_a_fluorescence_slide_with_the_box_detector(tmp_path):
     """The built-in box detector tile by tile on a slide: boxes (GeoJSON rectangles) in level-0
     pixels, about one per nucleus, none doubled at tile borders."""
     from napari_medseg.cli import main
-    from napari_medseg.core.detect.result import box_iou, boxes_of
+    from napari_medseg.core.detect.detection import box_iou, boxes_of
     from tests.slide_helpers import make_fluo_slide
 
     slide = make_fluo_slide(tmp_path / "fluo.tif", (640, 800))
@@ -157,8 +157,7 @@ def test_detect_on_a_fluorescence_slide_with_the_box_detector(tmp_path):
     assert t.y.between(0, 640).all() and t.x.between(0, 800).all()
     # tiles vs one pass over the whole (small) slide: the same objects, none lost or doubled
     # at the tile borders
-    from napari_medseg.core.detect.detection import detect
-    from napari_medseg.core.detect.result import filter_detections
+    from napari_medseg.core.detect.detection import detect, filter_detections
     from napari_medseg.io.raster import read_slide
     from napari_medseg.models.registry import load_model
     from napari_medseg.progress import run_sync
@@ -178,7 +177,7 @@ def test_detect_classical_dark_nuclei_on_an_he_slide(tmp_path):
     import functools
 
     from napari_medseg.cli import main
-    from napari_medseg.core.detect.classical import detect_classical
+    from napari_medseg.core.detect.detection import detect_classical
     from napari_medseg.progress import run_sync
     from tests.slide_helpers import he_tissue, make_tissue_slide
 

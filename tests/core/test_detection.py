@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 
 from napari_medseg._files import is_temp_name
-from napari_medseg.core.detect.classical import detect_classical
-from napari_medseg.core.detect.detection import detect
-from napari_medseg.core.detect.instances import instances_from_mask
-from napari_medseg.core.detect.result import filter_detections
+from napari_medseg.core.detect.detection import (
+    detect,
+    detect_classical,
+    filter_detections,
+    instances_from_mask,
+)
 from napari_medseg.errors import ImageWriteError, MedsegError
 from napari_medseg.io.detections import read_detections, write_detections
 from napari_medseg.io.record import ImageRecord

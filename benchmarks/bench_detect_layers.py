@@ -30,7 +30,8 @@ def main() -> int:
     a = ap.parse_args()
     import napari
 
-    from napari_medseg.core.detect.detection import DetectionResult, measure_instances
+    from napari_medseg.core.detect.instances import measure_instances
+    from napari_medseg.core.detect.result import DetectionResult
     from napari_medseg.io.record import ImageRecord
     from napari_medseg.progress import run_sync
     from napari_medseg.widgets.detect import DetectWidget

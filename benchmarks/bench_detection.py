@@ -81,7 +81,7 @@ def _match_points(pred: np.ndarray, gt: np.ndarray, dist: float = 6.0) -> int:
 def _match_boxes(pred: np.ndarray, gt: np.ndarray, thr: float = 0.5) -> int:
     from scipy.optimize import linear_sum_assignment
 
-    from napari_medseg.core.detect.detection import box_iou
+    from napari_medseg.core.detect.result import box_iou
 
     if len(pred) == 0 or len(gt) == 0:
         return 0
@@ -105,7 +105,7 @@ def _prf(tp: int, n_pred: int, n_gt: int) -> dict:
 
 
 def score_tiles(method, img, mask, tiles, threshold: float = 0.5) -> dict:
-    from napari_medseg.core.detect.detection import boxes_of, filter_detections
+    from napari_medseg.core.detect.result import boxes_of, filter_detections
     from napari_medseg.io.record import ImageRecord
     from napari_medseg.progress import run_sync
 
@@ -319,7 +319,7 @@ def retinanet_method(det):
     import torch
 
     from napari_medseg.core.detect.boxes import boxes_table
-    from napari_medseg.core.detect.detection import DetectionResult
+    from napari_medseg.core.detect.result import DetectionResult
     from napari_medseg.core.engine.preprocess import normalize
     from napari_medseg.progress import Progress
 
@@ -360,7 +360,8 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from napari_medseg.core.detect.detection import detect, detect_classical
+    from napari_medseg.core.detect.classical import detect_classical
+    from napari_medseg.core.detect.detection import detect
     from napari_medseg.models.registry import builtin_models_dir, load_model
 
     folder = DATA / "microscopy/dsb2018_nuclei"

@@ -419,7 +419,7 @@ def corrected_dataset(src: Path, corrections: dict[str, np.ndarray], dst: Path) 
 
 def evaluate_classical(dataset: Path, names: list[str], dark: bool = False) -> dict:
     """Pooled foreground Dice of :func:`detect_classical` (Otsu + watershed) on ``names``."""
-    from napari_medseg.core.detect.detection import detect_classical
+    from napari_medseg.core.detect.classical import detect_classical
     from napari_medseg.io.readers import read_image
     from napari_medseg.progress import run_sync
 

@@ -134,7 +134,7 @@ def child(args: argparse.Namespace) -> dict:
     elif args.mode == "detect":
         import functools
 
-        from napari_medseg.core.detect.detection import detect_classical
+        from napari_medseg.core.detect.classical import detect_classical
         from napari_medseg.core.slides.detect import detect_slide, write_slide_detections
 
         t = time.perf_counter()

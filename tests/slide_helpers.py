@@ -103,7 +103,8 @@ def dark_components(record, min_distance=None, threshold: float = 90.0):
     """
     from scipy import ndimage as ndi
 
-    from napari_medseg.core.detect.detection import DetectionResult, measure_instances
+    from napari_medseg.core.detect.instances import measure_instances
+    from napari_medseg.core.detect.result import DetectionResult
     from napari_medseg.progress import run_sync
 
     grey = np.asarray(record.data, dtype=np.float32)

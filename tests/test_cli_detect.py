@@ -43,7 +43,7 @@ def test_csv_then_geojson_and_no_overwrite(nuclei_tif, tmp_path, capsys):
     assert {"score", "class", "y", "x", "world_y", "world_x"} <= set(table.columns)
     assert (table.score >= 0.5).all()
     assert "wrote" in capsys.readouterr().err
-    prov = json.loads((tmp_path / "det.csv.provenance.json").read_text())
+    prov = json.loads((tmp_path / "det.provenance.json").read_text())
     assert prov["model"]["name"] == "fluo_nuclei_2d" and prov["n_written"] == len(table)
     before = out.read_bytes()
     with pytest.raises(MedsegError, match="overwrite"):
@@ -132,7 +132,7 @@ def test_detect_on_a_fluorescence_slide_with_the_builtin_model(tmp_path, capsys)
     # the 512x512 image holds 125 manually outlined nuclei; the slide is 1.95 copies of it
     assert 0.7 * 125 * 1.95 < len(t) < 1.3 * 125 * 1.95, len(t)
     assert (t.score >= 0.5).all() and t.y.between(0, 640).all() and t.x.between(0, 800).all()
-    prov = json.loads((tmp_path / "nuclei.geojson.provenance.json").read_text())
+    prov = json.loads((tmp_path / "nuclei.provenance.json").read_text())
     assert prov["model"]["name"] == "fluo_nuclei_2d" and prov["tiles_done"] == 6
     assert prov["parameters"]["level"] == 0 and prov["n_written"] == len(t)
     assert main([*args, "-o", str(gj), "--quiet"]) == 1  # exists, no --overwrite
@@ -142,7 +142,7 @@ def test_detect_on_a_fluorescence_slide_with_the_box_detector(tmp_path):
     """The built-in box detector tile by tile on a slide: boxes (GeoJSON rectangles) in level-0
     pixels, about one per nucleus, none doubled at tile borders."""
     from napari_medseg.cli import main
-    from napari_medseg.core.detect.detection import box_iou, boxes_of
+    from napari_medseg.core.detect.result import box_iou, boxes_of
     from tests.slide_helpers import make_fluo_slide
 
     slide = make_fluo_slide(tmp_path / "fluo.tif", (640, 800))
@@ -157,7 +157,8 @@ def test_detect_on_a_fluorescence_slide_with_the_box_detector(tmp_path):
     assert t.y.between(0, 640).all() and t.x.between(0, 800).all()
     # tiles vs one pass over the whole (small) slide: the same objects, none lost or doubled
     # at the tile borders
-    from napari_medseg.core.detect.detection import detect, filter_detections
+    from napari_medseg.core.detect.detection import detect
+    from napari_medseg.core.detect.result import filter_detections
     from napari_medseg.io.raster import read_slide
     from napari_medseg.models.registry import load_model
     from napari_medseg.progress import run_sync
@@ -177,7 +178,7 @@ def test_detect_classical_dark_nuclei_on_an_he_slide(tmp_path):
     import functools
 
     from napari_medseg.cli import main
-    from napari_medseg.core.detect.detection import detect_classical
+    from napari_medseg.core.detect.classical import detect_classical
     from napari_medseg.progress import run_sync
     from tests.slide_helpers import he_tissue, make_tissue_slide
 

@@ -143,7 +143,7 @@ def read_box_labels(
     """
     import pandas as pd
 
-    from napari_medseg.core.detect.detection import axis_names
+    from napari_medseg.core.detect.result import axis_names
 
     path = Path(path)
     names = axis_names(ndim)

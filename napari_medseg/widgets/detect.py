@@ -49,8 +49,7 @@ MAX_BOXES = 10_000
 
 def _detect_job(record: Any, model_ref: str, device: str) -> Any:
     """Worker generator: load the detector (a model or a classical one), then detect."""
-    from napari_medseg.core.detect.detection import detect
-    from napari_medseg.core.slides.detect import load_detector
+    from napari_medseg.core.detect.detection import detect, load_detector
 
     yield Progress(0, 0, f"loading {model_ref}")
     detector = load_detector(model_ref)  # "classical", "classical-he", or a model (CPU)
@@ -215,7 +214,7 @@ class DetectWidget(ImageInput, WorkerControls, Container):
         """
         if self._result is None:
             return None
-        from napari_medseg.core.detect.detection import filter_detections
+        from napari_medseg.core.detect.result import filter_detections
 
         key = (id(self._result), float(self.min_size.value), float(self.nms_iou.value))
         if self._nms_key != key:
@@ -274,7 +273,7 @@ class DetectWidget(ImageInput, WorkerControls, Container):
 
     def _point_rows(self, table: Any) -> tuple[np.ndarray, Any, np.ndarray]:
         """Centres (layer axis order), features and sizes of the Points for ``table`` rows."""
-        from napari_medseg.core.detect.detection import axis_names
+        from napari_medseg.core.detect.result import axis_names
 
         nd = self._result.ndim
         names = axis_names(nd)
@@ -366,7 +365,7 @@ class DetectWidget(ImageInput, WorkerControls, Container):
         file axis shown as napari's first (slider) axis; the rectangles of one object share its
         ``id``. Box edges lie on voxel borders (centre - 0.5).
         """
-        from napari_medseg.core.detect.detection import axis_names
+        from napari_medseg.core.detect.result import axis_names
 
         nd = self._result.ndim
         names = axis_names(nd)
@@ -452,7 +451,7 @@ class DetectWidget(ImageInput, WorkerControls, Container):
         """
         import pandas as pd
 
-        from napari_medseg.core.detect.detection import axis_names, world_names
+        from napari_medseg.core.detect.result import axis_names, world_names
 
         layer = self._viewer.layers[f"{self._source_name}_detections"]
         nd = self._result.ndim

@@ -65,11 +65,8 @@ CLASSICAL = [
 
 def _detect_slide_job(path: str, model_ref: str, out: str, options: dict) -> Any:
     """Worker generator: open slide and detector, :func:`detect_slide`, save GeoJSON."""
-    from napari_medseg.core.slides.detect import (
-        detect_slide,
-        load_detector,
-        write_slide_detections,
-    )
+    from napari_medseg.core.detect.detection import load_detector
+    from napari_medseg.core.slides.detect import detect_slide, write_slide_detections
     from napari_medseg.io.raster import read_slide
 
     yield Progress(0, 0, f"loading {model_ref}")

@@ -12,13 +12,9 @@ from napari_medseg.core.detect.boxes import (
     head_channels,
     to_source_boxes,
 )
-from napari_medseg.core.detect.detection import (
-    axis_names,
-    boxes_of,
-    detect,
-    detect_classical,
-    filter_detections,
-)
+from napari_medseg.core.detect.classical import detect_classical
+from napari_medseg.core.detect.detection import detect
+from napari_medseg.core.detect.result import axis_names, boxes_of, filter_detections
 from napari_medseg.errors import MedsegError
 from napari_medseg.io.record import ImageRecord
 from napari_medseg.progress import run_sync
@@ -234,7 +230,7 @@ def test_builtin_large_image_tiles_give_no_duplicates(builtin):
     res = run_sync(detect(rec, builtin, device="cpu", overlap=0.5))
     kept = filter_detections(res.table, score_threshold=0.5)
     b = boxes_of(kept)
-    from napari_medseg.core.detect.detection import box_iou
+    from napari_medseg.core.detect.result import box_iou
 
     iou = box_iou(b, b)
     np.fill_diagonal(iou, 0)

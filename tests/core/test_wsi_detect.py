@@ -11,7 +11,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from napari_medseg.core.detect.detection import filter_detections
+from napari_medseg.core.detect.result import filter_detections
 from napari_medseg.core.slides.detect import detect_slide, write_slide_detections
 from napari_medseg.io.detections import read_detections
 from napari_medseg.io.raster import read_slide

@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("distributed", reason="dask.distributed is not installed")
 
-from napari_medseg.core.detect.detection import detect_classical  # noqa: E402
+from napari_medseg.core.detect.classical import detect_classical  # noqa: E402
 from napari_medseg.core.slides.detect import detect_slide, detect_slide_dask  # noqa: E402
 from napari_medseg.io.raster import read_slide  # noqa: E402
 from napari_medseg.progress import run_sync  # noqa: E402

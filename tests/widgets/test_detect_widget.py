@@ -133,7 +133,8 @@ def test_volume_gets_points_on_the_scan_and_boxes_on_slices(make_napari_viewer, 
 
 def test_thousands_of_objects_update_incrementally_and_keep_edits(make_napari_viewer, qtbot):
     """3,000 objects: a threshold step adds/removes only what changed; hand edits survive."""
-    from napari_medseg.core.detect.detection import DetectionResult, measure_instances
+    from napari_medseg.core.detect.instances import measure_instances
+    from napari_medseg.core.detect.result import DetectionResult
     from napari_medseg.io.record import ImageRecord
     from napari_medseg.progress import run_sync
 
@@ -183,7 +184,7 @@ def test_cached_nms_then_threshold_equals_filter_detections(make_napari_viewer):
     """The dock's cached NMS + threshold gives exactly filter_detections' rows."""
     import pandas as pd
 
-    from napari_medseg.core.detect.detection import DetectionResult, filter_detections
+    from napari_medseg.core.detect.result import DetectionResult, filter_detections
 
     rng = np.random.default_rng(1)
     n = 400

@@ -44,6 +44,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from napari_medseg.core.detect.result import (
+    DEFAULT_COLOR,
+    DetectionResult,
+    axis_names,
+    box_iou,
+    voxel_volume,
+)
 from napari_medseg.errors import MedsegError
 from napari_medseg.progress import Progress
 
@@ -401,8 +408,6 @@ def average_precision(
     ``dets``: ``(score, image index, box)``; ``gts``: the true boxes of each image. Greedy
     matching in decreasing score order.
     """
-    from napari_medseg.core.detect.detection import box_iou
-
     n_gt = sum(len(g) for g in gts)
     if n_gt == 0 or not dets:
         return 0.0
@@ -461,8 +466,6 @@ def detection_scores(
         ``n_true``, ``n_pred``, ``boxes_iou50`` and ``points_6px`` (``precision``, ``recall``,
         ``f1``; keys named after the defaults), ``ap50``.
     """
-    from napari_medseg.core.detect.detection import box_iou
-
     n_pred = n_gt = tp_b = tp_p = 0
     dets = []
     for k, ((pb, ps), gb) in enumerate(zip(preds, gts)):
@@ -550,15 +553,13 @@ def boxes_table(
     space: str,
     shape: tuple[int, ...],
 ) -> pd.DataFrame:
-    """The detection table (:mod:`napari_medseg.core.detect.detection` columns) of decoded boxes.
+    """The detection table (:mod:`napari_medseg.core.detect.result` columns) of decoded boxes.
 
     ``id`` = 1..N in decreasing score order; boxes are clipped to the image; ``area`` (2D,
     pixels) and ``volume_mm3`` (3D) are those of the ellipse (ellipsoid) inscribed in the box,
     the size of a round object that fills it (a box detector has no mask).
     """
     import pandas as pd
-
-    from napari_medseg.core.detect.detection import _voxel_size, axis_names
 
     d = len(shape)
     names = axis_names(d)
@@ -585,10 +586,10 @@ def boxes_table(
         cols[f"{a}_max"] = hi[:, i]
     ext = np.clip(hi - lo, 0, None)
     if d == 2:
-        px = _voxel_size(aff) if space == "RAS" else 1.0
+        px = voxel_volume(aff) if space == "RAS" else 1.0
         cols["area"] = math.pi / 4 * ext[:, 0] * ext[:, 1] * px
     else:
-        cols["volume_mm3"] = math.pi / 6 * np.prod(ext, axis=1) * _voxel_size(aff)
+        cols["volume_mm3"] = math.pi / 6 * np.prod(ext, axis=1) * voxel_volume(aff)
     return pd.DataFrame(cols)
 
 
@@ -601,11 +602,15 @@ def predict_maps(
     overlap: float | None = None,
     batch_size: int = 4,
     amp: bool | str = "auto",
+    spec: dict | None = None,
 ) -> Generator[Progress, None, torch.Tensor]:
-    """Blended detector maps ``(K + 2d, *sp)`` of a normalised model-grid image ``(C, *sp)``."""
+    """Blended detector maps ``(K + 2d, *sp)`` of a normalised model-grid image ``(C, *sp)``.
+
+    ``spec``: the card's :func:`detector_spec` when the caller has it already.
+    """
     from napari_medseg.core.engine.windows import sliding_window
 
-    spec = detector_spec(card)
+    spec = detector_spec(card) if spec is None else spec
     K = int(spec["n_classes"])
     roi = [int(v) for v in card.patch_size]
     if len(roi) != len(image.shape) - 1:
@@ -644,7 +649,7 @@ def detect_boxes(
     min_distance: float | None = None,
     peak_threshold: float | None = None,
     amp: bool | str = "auto",
-) -> Generator[Progress, None, Any]:
+) -> Generator[Progress, None, DetectionResult]:
     """Detect boxes with a centre-heatmap detector; yields Progress, returns a DetectionResult.
 
     Parameters
@@ -667,14 +672,18 @@ def detect_boxes(
         ``instances`` is None (a box detector has no masks).
     """
     from napari_medseg.core.correct.mask_store import software_versions as _versions
-    from napari_medseg.core.detect.detection import DEFAULT_COLOR, DetectionResult
     from napari_medseg.core.engine.preprocess import to_model_grid
     from napari_medseg.core.engine.windows import resolve_device
 
     t0 = time.perf_counter()
     card = model.card
     check_detector_inputs(record, card)
-    spec = detector_spec(card)
+    spec = detector_spec(card)  # once per call: predict_maps takes it
+    if spec.get("head") != HEAD:
+        raise MedsegError(
+            f"model {card.name!r} has a detection head {spec.get('head')!r} this version cannot "
+            f"run (only {HEAD!r})"
+        )
     K = int(spec["n_classes"])
     dev = resolve_device(device)
     yield Progress(0, 0, "preparing the image for the detector")
@@ -685,7 +694,14 @@ def detect_boxes(
         radius = (int(spec["nms_radius"]),) * card.dims
     thr = float(spec["peak_threshold"] if peak_threshold is None else peak_threshold)
     maps = yield from predict_maps(
-        image, model.network, card, device=dev, overlap=overlap, batch_size=batch_size, amp=amp
+        image,
+        model.network,
+        card,
+        device=dev,
+        overlap=overlap,
+        batch_size=batch_size,
+        amp=amp,
+        spec=spec,
     )
     del image
     yield Progress(0, 0, "finding centre peaks")

@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from napari_medseg.core.correct.mask_store import software_versions
+from napari_medseg.core.detect.detection import load_detector
 from napari_medseg.errors import MedsegError
 from napari_medseg.progress import Progress
 
@@ -63,7 +64,6 @@ __all__ = [
     "SlideDetections",
     "detect_slide",
     "detect_slide_dask",
-    "load_detector",
     "write_slide_detections",
 ]
 
@@ -280,7 +280,7 @@ def _map_tile(
     outlines: bool,
 ) -> tuple[Any, list, np.ndarray]:
     """Centre rule, level-0 coordinates, filters and outlines for one tile's result."""
-    from napari_medseg.core.detect.detection import filter_detections
+    from napari_medseg.core.detect.result import filter_detections
 
     tbl = res.table
     if tbl is None or len(tbl) == 0:
@@ -395,7 +395,7 @@ def _border_nms(
     ``boxes`` ``(N, 4)`` ``y_min, x_min, y_max, x_max``; neighbours are found through a grid of
     ``cell``-sized buckets, so the cost grows with the number of border objects, not N^2.
     """
-    from napari_medseg.core.detect.detection import box_iou
+    from napari_medseg.core.detect.result import box_iou
 
     n = len(boxes)
     keep = np.ones(n, bool)
@@ -450,7 +450,7 @@ class _Collector:
 
         order = sorted(self.parts)
         if not order:
-            from napari_medseg.core.detect.detection import measure_instances
+            from napari_medseg.core.detect.instances import measure_instances
             from napari_medseg.progress import run_sync
 
             empty = run_sync(measure_instances(np.zeros((1, 1), np.int32), np.eye(3), "pixel"))
@@ -756,26 +756,6 @@ def write_slide_detections(
 
 
 # --------------------------------------------------------------------------- dask scale-out
-
-
-def load_detector(ref: str) -> Any:
-    """The detector for ``ref``: ``"classical"`` (bright objects), ``"classical-dark"`` (dark
-    objects on grey bright-field), ``"classical-he"`` (nuclei from the haematoxylin channel of an
-    RGB H&E/IHC slide) or a model name/folder (loaded on the CPU), as :func:`detect_slide` takes.
-    """
-    import functools
-
-    from napari_medseg.core.detect.detection import detect_classical
-
-    if ref == "classical":
-        return detect_classical
-    if ref == "classical-dark":
-        return functools.partial(detect_classical, dark_objects=True)
-    if ref == "classical-he":
-        return functools.partial(detect_classical, stain="hematoxylin")
-    from napari_medseg.models.registry import load_model
-
-    return load_model(ref, device="cpu")
 
 
 def _dask_task(slide_path: str, ref: str, plan: dict, indices: list, opts: dict) -> list:

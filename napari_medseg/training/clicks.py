@@ -36,24 +36,18 @@ from typing import Any
 import numpy as np
 
 from napari_medseg.core.correct.refine import (
-    _norm,
     apply_click_prediction,
     click_model_input,
     simulate_click,
     simulate_session,
+    to_unit_range,
 )
 from napari_medseg.errors import MedsegError
 from napari_medseg.models.card import ModelCard
 from napari_medseg.progress import Progress
+from napari_medseg.training.augment import augment, default_augmentation
 from napari_medseg.training.loop import Schedule, resolve_budget
-from napari_medseg.training.segment import (
-    _augment,
-    _index_foreground,
-    _Item,
-    _pad_to,
-    _sample_batch,
-    default_augmentation,
-)
+from napari_medseg.training.patches import Item, index_foreground, pad_to, sample_batch
 
 __all__ = [
     "DSB_HELD_OUT",
@@ -559,11 +553,13 @@ def train_clicks(
     for i, c in enumerate(train_cases):
         if i % 20 == 0:
             yield Progress(0, 0, f"preparing training slices ({i + 1}/{len(train_cases)})")
-        it = _Item(
-            c.name, _norm(c.image, c.window)[None].astype(np.float32), c.truth.astype(np.int64)
+        it = Item(
+            c.name,
+            to_unit_range(c.image, c.window)[None].astype(np.float32),
+            c.truth.astype(np.int64),
         )
-        _pad_to(it, [patch, patch])
-        _index_foreground(it, rng)
+        pad_to(it, [patch, patch])
+        index_foreground(it, rng)
         items.append(it)
     if balance_groups:  # each group (nuclei, cord, ...) sampled about equally often
         counts = {c.group: 0 for c in train_cases}
@@ -586,8 +582,8 @@ def train_clicks(
     total = max_iterations or 0
 
     while sched.fraction() < 0.999 and not (max_iterations and sched.iteration >= max_iterations):
-        xs, ys = _sample_batch(items, [patch, patch], batch_size, rng)
-        x, y = _augment(torch.from_numpy(xs), torch.from_numpy(ys), aug, gen)
+        xs, ys = sample_batch(items, [patch, patch], batch_size, rng)
+        x, y = augment(torch.from_numpy(xs), torch.from_numpy(ys), aug, gen)
         img = x[:, 0].numpy().copy()
         inv = rng.random(batch_size) < invert_p
         img[inv] = 1.0 - img[inv]

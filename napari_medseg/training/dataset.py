@@ -461,8 +461,3 @@ def make_dataset(
         cases=cases,
         json=meta,
     )
-
-
-def load_cases(folder: str | Path) -> list[Case]:
-    """The cases of :func:`load_dataset` (convenience)."""
-    return load_dataset(folder).cases

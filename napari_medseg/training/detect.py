@@ -1,12 +1,13 @@
 """Train (or fine-tune) a centre-heatmap box detector from an nnU-Net-layout dataset.
 
 :func:`train_detection` is a progress generator like :func:`napari_medseg.training.segment.train`
-and reuses its pieces: case listing and reading (:mod:`.dataset`), the epoch loop (time budget,
-poly learning rate, best checkpoint: :class:`.loop.EpochLoop`), the self-configured card and U-Net
-(:func:`.fingerprint.plan`, then the output head is changed to ``K + 2 * dims`` channels, see
-:mod:`napari_medseg.core.detect.boxes`), the held-out split (:func:`.train.split_items`: whole
-cases with three or more, else a block of rows/slices), intensity augmentation
-(:func:`.train._augment`), :func:`napari_medseg.core.engine.windows.resolve_device` and the
+and shares its pieces: the settings (:class:`.options.TrainOptions`), case listing and reading
+(:mod:`.dataset`), the epoch loop (time budget, poly learning rate, best checkpoint:
+:class:`.loop.EpochLoop`), the self-configured card and U-Net (:func:`.fingerprint.plan`, then
+the output head is changed to ``K + 2 * dims`` channels, see
+:mod:`napari_medseg.core.detect.boxes`), the held-out split (:func:`.patches.split_items`: whole
+cases with three or more, else a block of rows/slices), the augmentation
+(:func:`.augment.augment`), :func:`napari_medseg.core.engine.windows.resolve_device` and the
 sliding-window engine for validation.
 
 Labels (``labelsTr/CASE.<ending>``), one of:
@@ -28,7 +29,7 @@ sampling are the same for both kinds; a box that another box covers completely a
 shrunk by it (rare for real objects).
 
 Patches: half are centred (with jitter) on an object. The image and INSTANCE patches go
-through the segmentation trainer's augmentation (:func:`.train._augment`: flips, 90-degree
+through the trainers' augmentation (:func:`.augment.augment`: flips, 90-degree
 rotations, rotation + scaling with nearest-neighbour labels, intensity scale/shift, gamma,
 noise; 3D: no flips by default, anatomy is not symmetric), and the targets are computed from
 the augmented instance map, so boxes, sizes and offsets are exact for rotated and scaled
@@ -57,6 +58,7 @@ import numpy as np
 from napari_medseg.errors import MedsegError
 from napari_medseg.models.card import ModelCard
 from napari_medseg.progress import Progress
+from napari_medseg.training.augment import augment
 from napari_medseg.training.dataset import (
     BOX_ENDINGS,
     Case,
@@ -72,6 +74,8 @@ from napari_medseg.training.dataset import (
     read_dataset_json,
 )
 from napari_medseg.training.loop import EpochLoop, Validation, resolve_budget, training_block
+from napari_medseg.training.options import TrainOptions, check_init_fits, make_child
+from napari_medseg.training.patches import pad_to, split_items
 
 #: Share of patches centred on an object.
 OBJECT_FRACTION = 0.5
@@ -384,25 +388,8 @@ def _scored_boxes(item: Any, boxes: np.ndarray) -> np.ndarray:
 def train_detection(
     dataset_dir: str | Path,
     out_dir: str | Path,
-    *,
-    dims: int | None = None,
-    init: str | Path | None = None,
-    time_budget: float | None = 600.0,
-    max_epochs: int | None = None,
-    device: str = "auto",
-    val_fraction: float = 0.2,
-    seed: int = 0,
-    width: int = 16,
-    batch_size: int | None = None,
-    patch_size: list[int] | None = None,
-    name: str | None = None,
-    lr: float | None = None,
-    iterations_per_epoch: int = 50,
-    voxel_budget: int | None = None,
-    augment: dict | None = None,
-    license: str | None = None,
-    spacing: list[float] | None = None,
-    num_res_units: int | None = None,
+    options: TrainOptions | None = None,
+    **settings: Any,
 ) -> Generator[Progress, None, DetectionTrainResult]:
     """Train (or fine-tune) a centre-heatmap box detector.
 
@@ -413,36 +400,13 @@ def train_detection(
         docstring), optional ``dataset.json``.
     out_dir : path-like
         Model folder to write.
-    dims : {2, 3}, optional
-        Must match the images; detected when None.
-    init : path-like, optional
-        A detector model folder to fine-tune (same dimension, channels and classes).
-    time_budget : float or None
-        Seconds of training, validation included (None needs ``max_epochs``).
-    max_epochs : int, optional
-    device : str
-        ``"auto"``, ``"cpu"``, ``"cuda"``, ``"mps"``.
-    val_fraction : float
-        Share of cases (>= 3 cases) or of rows/slices of each case held out.
-    seed : int
-    width : int
-        First-level channels of the U-Net (doubles per level up to 4x).
-    batch_size, patch_size : optional
-        Override the planned batch and patch (model axis order).
-    name : str, optional
-    lr : float, optional
-        AdamW learning rate, poly decay (default 3e-3, 1e-3 when fine-tuning).
-    iterations_per_epoch : int
-        An epoch also ends after ``max(time_budget / 8, 1)`` seconds.
-    voxel_budget : int, optional
-    augment : dict, optional
-        Overrides of :func:`.train.default_augmentation` (e.g. ``{"affine_p": 0.5}``);
-        rotation and scaling are switched off for box labels.
-    license : str, optional
-    spacing : list of float, optional
-        Target spacing (3D, mm along R, A, S).
-    num_res_units : int, optional
-        Residual units per U-Net level (default: the planner's 2).
+    options : TrainOptions, optional
+        The run's settings (default ``TrainOptions()``), as for
+        :func:`napari_medseg.training.segment.train`; ``init`` must be a detector with the same
+        dimension, channels and classes, and ``augment`` rotation and scaling are switched off
+        for box labels.
+    **settings
+        :class:`TrainOptions` fields as keywords; they replace those of ``options``.
 
     Yields
     ------
@@ -453,28 +417,18 @@ def train_detection(
     -------
     DetectionTrainResult
     """
-    from napari_medseg.training.fingerprint import compute_fingerprint, plan
-    from napari_medseg.training.segment import (
-        _augment,
-        _check_init_fits,
-        _dataset_license,
-        _default_batch_size,
-        _make_child,
-        _pad_to,
-        default_augmentation,
-        split_items,
-    )
+    from napari_medseg.training.fingerprint import compute_fingerprint
+    from napari_medseg.training.segment import case_to_model_grid
 
+    o = TrainOptions.merged(options, settings)
     out_dir = Path(out_dir)
-    time_budget = resolve_budget(time_budget, max_epochs, "train_detection")
-    if lr is None:
-        lr = 1e-3 if init is not None else 3e-3
+    time_budget = resolve_budget(o.time_budget, o.max_epochs, "train_detection")
+    lr = o.learning_rate()
     ds, obj_cls = yield from load_detection_dataset(dataset_dir)
     box_labels = any(
         lab.suffix.lower() in BOX_ENDINGS for _, _, lab in list_detection_cases(dataset_dir)
     )
-    if dims is not None and dims != ds.dims:
-        raise DatasetError(f"dims={dims} was asked but the dataset holds {ds.dims}D images.")
+    o.check_dims(ds)
     fg_names = [ds.labels[k] for k in sorted(ds.labels) if k != 0]
     yield Progress(0, 0, "dataset fingerprint")
     binary = copy.copy(ds)
@@ -482,7 +436,7 @@ def train_detection(
     for c in binary.cases:
         c.label = (c.label > 0).astype(np.int16)
     binary.labels = {0: "background", 1: "object"}
-    fp = compute_fingerprint(binary, seed=seed)
+    fp = compute_fingerprint(binary, seed=o.seed)
     yield Progress(0, 0, "loading torch")
     import torch
 
@@ -500,50 +454,35 @@ def train_detection(
     )
     from napari_medseg.core.engine.windows import resolve_device
     from napari_medseg.models.networks import build_network, load_model_folder, save_model
-    from napari_medseg.training.segment import case_to_model_grid
 
     yield Progress(0, 0, "planning")
     parent_net = None
-    if init is not None:
-        loaded = load_model_folder(init)
+    if o.init is not None:
+        loaded = load_model_folder(o.init)
         card = copy.deepcopy(loaded.card)
         if not is_box_detector(card):
             raise MedsegError(f"model {card.name!r} is not a box detector; cannot fine-tune it.")
-        _check_init_fits(card, ds)
+        check_init_fits(card, ds)
         old = [str(c["name"]) for c in class_list(card)]
         if old != fg_names and not (len(old) == len(fg_names) == 1):
             raise MedsegError(
                 f"model {card.name!r} detects {old} but the dataset has classes {fg_names}; "
                 "fine-tuning keeps the classes."
             )
-        _make_child(card, name)
+        make_child(card, o.name)
         parent_net = loaded.network
     else:
-        card = plan(
-            _with_classes(binary, ds.labels),
-            fp,
-            name=name or out_dir.name,
-            width=width,
-            voxel_budget=voxel_budget,
-            patch_size=patch_size,
-            spacing=spacing,
-        )
+        card = o.plan_card(_with_classes(binary, ds.labels), fp, out_dir)
         card.task = "detection"
         K = len(fg_names)
         card.detection = {**DEFAULTS, "n_classes": K}
-        kw = card.architecture["kwargs"]
-        kw["out_channels"] = head_channels(K, card.dims)
-        if num_res_units is not None:
-            kw["num_res_units"] = int(num_res_units)
+        card.architecture["kwargs"]["out_channels"] = head_channels(K, card.dims)
         card.postprocessing = {}
-        card.license = _dataset_license(ds, license)
     spec = detector_spec(card)
     K = int(spec["n_classes"])
     patch = [int(p) for p in card.patch_size]
-    if batch_size is None:
-        batch_size = _default_batch_size(card, patch)
-    aug = default_augmentation(card.dims, card.modality)
-    aug.update(augment or {})
+    batch_size = o.batch_for(card, patch)
+    aug = o.augmentation_for(card)
     if box_labels:
         # a rotated or scaled painted box is not the box of the rotated object: flips and
         # 90-degree rotations only (exact for boxes)
@@ -557,22 +496,24 @@ def train_detection(
         data.append((img, lab))
         names.append(c.name)
         cls_maps.append({k: cls_index.get(v, 0) for k, v in obj_cls[i].items()})
-    train_items, val_items, split = split_items(names, data, card.dims, val_fraction, seed, patch)
+    train_items, val_items, split = split_items(
+        names, data, card.dims, o.val_fraction, o.seed, patch
+    )
     case_of = {n: i for i, n in enumerate(names)}
 
     def base_case(item_name: str) -> int:
         return case_of.get(item_name, case_of.get(item_name.split("[", 1)[0], 0))
 
     for it in train_items:
-        _pad_to(it, patch)
+        pad_to(it, patch)
     train_objs = [_objects(it.label, cls_maps[base_case(it.name)]) for it in train_items]
     val_objs = [_objects(v.label, cls_maps[base_case(v.name)]) for v in val_items]
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(o.seed)
 
     yield Progress(0, 0, "building the network")
-    dev = resolve_device(device)
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
+    dev = resolve_device(o.device)
+    torch.manual_seed(o.seed)
+    gen = torch.Generator().manual_seed(o.seed)
     if parent_net is not None:
         net = parent_net
     else:
@@ -580,11 +521,11 @@ def train_detection(
         init_heatmap_bias(net, head_channels(K, card.dims), K)
     net = net.to(dev).train()
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=3e-5)
-    loop = EpochLoop(lr, time_budget, max_epochs, iterations_per_epoch, "val_f1", "val box F1")
+    loop = EpochLoop(lr, time_budget, o.max_epochs, o.iterations_per_epoch, "val_f1", "val box F1")
 
     def sample() -> tuple[Any, dict]:
         xs, ys, info = _sample(train_items, train_objs, patch, batch_size, rng)
-        x, y = _augment(torch.from_numpy(xs), torch.from_numpy(ys.astype(np.int64)), aug, gen)
+        x, y = augment(torch.from_numpy(xs), torch.from_numpy(ys.astype(np.int64)), aug, gen)
         tg = _targets(y.numpy(), info, K, spec)
         return x, {k: torch.from_numpy(v) for k, v in tg.items()}
 
@@ -625,9 +566,9 @@ def train_detection(
         loss="CenterNet focal heatmap loss (alpha 2, beta 4) + L1 log size + L1 offset",
         sampling={"object_centred_patches": OBJECT_FRACTION},
         augmentations=aug,
-        seed=seed,
+        seed=o.seed,
         device=dev,
-        init=init,
+        init=o.init,
     )
     best = None if loop.best is None else loop.best.details
     if best is not None:

@@ -17,6 +17,7 @@ every case and only its validation Dice is reported.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Generator, Iterable
 from pathlib import Path
@@ -24,32 +25,29 @@ from typing import Any
 
 import numpy as np
 
+from napari_medseg.core.engine.metrics import dice
 from napari_medseg.progress import Progress
+from napari_medseg.training.options import TrainOptions
 from napari_medseg.training.segment import TrainResult
 
 __all__ = ["finetune_from_corrections"]
 
 
 def _dice(pred: np.ndarray, truth: np.ndarray, classes: Iterable[int]) -> dict[str, float]:
-    out = {}
-    for c in classes:
-        a, b = pred == c, truth == c
-        s = int(a.sum() + b.sum())
-        out[str(c)] = float(2 * (a & b).sum() / s) if s else 1.0
-    return out
+    """Dice per class (1.0 where a class is in neither image)."""
+    return {str(c): dice(pred, truth, [c], empty=1.0) for c in classes}
 
 
 def finetune_from_corrections(
     worklist: Any,
     init: str | Path,
     out_dir: str | Path | None = None,
+    options: TrainOptions | None = None,
     *,
-    time_budget: float | None = 600.0,
     statuses: Iterable[str] = ("corrected", "approved"),
-    device: str = "auto",
     evaluate: bool = True,
     hold_out: bool = True,
-    **train_kwargs: Any,
+    **settings: Any,
 ) -> Generator[Progress, None, TrainResult]:
     """Fine-tune ``init`` on a worklist's corrected cases; yields progress, returns the result.
 
@@ -61,11 +59,13 @@ def finetune_from_corrections(
         The model to start from: a registry name or a model folder.
     out_dir : path-like, optional
         New model folder (default: ``<user models dir>/<name>-ft<timestamp>``).
-    time_budget : float or None
-        Seconds of training (see :func:`napari_medseg.training.segment.train`).
+    options : TrainOptions, optional
+        Settings of the fine-tuning run (:func:`napari_medseg.training.segment.train`):
+        ``time_budget`` (seconds, default 600), ``device``, ``max_epochs``, ``seed``,
+        ``batch_size``, ``patch_size``... Its ``init`` and ``name`` are set here (``init`` and
+        the output folder's name).
     statuses : iterable of str
         Which cases count as corrected.
-    device : str
     evaluate : bool
         Run the before/after comparison on held-out cases (three or more cases).
     hold_out : bool
@@ -74,9 +74,9 @@ def finetune_from_corrections(
         (``val_fraction=0``, last epoch kept, no before/after): with few cases that is the
         better model (docs/learning_curve.md: cord slices, 4 cases, Dice 0.836 on every case
         against 0.682 with one case held out), but its gain is then unmeasured.
-    **train_kwargs
-        Passed on to :func:`~napari_medseg.training.segment.train` (``max_epochs``, ``seed``,
-        ``batch_size``, ``patch_size``, ...).
+    **settings
+        :class:`~napari_medseg.training.options.TrainOptions` fields as keywords (e.g.
+        ``time_budget=120, device="cpu"``); they replace those of ``options``.
     """
     from napari_medseg.core.correct.worklist import Worklist
     from napari_medseg.models.card import ModelCard
@@ -103,17 +103,12 @@ def finetune_from_corrections(
     ds_dir = wl.folder / "training" / f"dataset-{stamp}"
     wl.export_dataset(ds_dir, statuses, class_names=parent.class_names)
     cases = [c.name for c in wl.cases() if c.status in set(statuses) and c.corrected]
-    if not hold_out:
-        train_kwargs["val_fraction"] = 0.0
-    result = yield from train(
-        ds_dir,
-        out,
-        init=init_path,
-        time_budget=time_budget,
-        device=device,
-        name=out.name,
-        **train_kwargs,
+    opts = dataclasses.replace(
+        TrainOptions.merged(options, settings), init=init_path, name=out.name
     )
+    if not hold_out:
+        opts.val_fraction = 0.0
+    result = yield from train(ds_dir, out, opts)
     card = result.card
     card.training["corrections"] = {
         "worklist": str(wl.folder.resolve()),
@@ -125,7 +120,7 @@ def finetune_from_corrections(
     card.training["corrections"]["held_out"] = bool(hold_out)
     if evaluate and hold_out and val_cases and len(cases) >= 3:
         card.metrics["before_after"] = yield from _before_after(
-            wl, val_cases, init_path, out, device
+            wl, val_cases, init_path, out, opts.device
         )
     card.save(out)
     return result

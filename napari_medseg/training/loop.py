@@ -338,7 +338,7 @@ def training_block(
         The finished loop (learning rate, epochs, iterations, time, history, best epoch).
     dataset_dir, ds : the dataset folder and its :class:`~.dataset.TrainingDataset`
     split : dict
-        The ``info`` of :func:`.train.split_items`.
+        The ``info`` of :func:`.patches.split_items`.
     head : dict
         Recipe entries written first (e.g. ``{"task": ...}``).
     patch_size, batch_size, loss : recipe entries (patch in model axis order; loss as text)

@@ -261,7 +261,7 @@ def test_plan_rgb_png_gives_three_channels(tmp_path):
 
 
 def test_block_split_never_overlaps():
-    from napari_medseg.training.segment import split_items
+    from napari_medseg.training.patches import split_items
 
     lab = np.zeros((20, 21, 30), dtype=np.int64)
     lab[5:15, 5:15, 4:26] = 1
@@ -448,3 +448,44 @@ def test_train_dims_mismatch(nuclei_dataset, tmp_path):
 
     with pytest.raises(DatasetError, match="2D"):
         _drive(train(nuclei_dataset, tmp_path / "x", dims=3))
+
+
+def test_train_options_and_keywords_give_identical_weights(nuclei_dataset, tmp_path):
+    """A fixed seed repeats a run exactly, whether its settings come as TrainOptions or as
+    keywords; another seed gives other weights."""
+    from napari_medseg.models.card import sha256_file
+    from napari_medseg.training.options import TrainOptions
+    from napari_medseg.training.segment import train
+
+    settings = dict(
+        time_budget=None,
+        max_epochs=2,
+        iterations_per_epoch=2,
+        width=4,
+        batch_size=2,
+        patch_size=[32, 32],
+        device="cpu",
+        val_fraction=0.34,
+        seed=3,
+    )
+    a, _, _ = _drive(train(nuclei_dataset, tmp_path / "a", TrainOptions(**settings)))
+    b, _, _ = _drive(train(nuclei_dataset, tmp_path / "b", **settings))
+    c, _, _ = _drive(train(nuclei_dataset, tmp_path / "c", TrainOptions(**settings), seed=4))
+    weights = [sha256_file(r.out_dir / r.card.weights) for r in (a, b, c)]
+    assert weights[0] == weights[1]
+    assert weights[2] != weights[0]
+    assert a.card.training["recipe"]["seed"] == 3 and c.card.training["recipe"]["seed"] == 4
+    assert a.card.training["history"][-1]["loss"] == b.card.training["history"][-1]["loss"]
+
+
+def test_train_options_name_a_misspelt_setting(nuclei_dataset, tmp_path):
+    from napari_medseg.training.options import TrainOptions
+    from napari_medseg.training.segment import train
+
+    with pytest.raises(TypeError, match="unknown training setting 'epochs'"):
+        _drive(train(nuclei_dataset, tmp_path / "x", epochs=3))
+    opts = TrainOptions.merged(TrainOptions(seed=5, width=8), {"width": 4})
+    assert (opts.seed, opts.width, opts.time_budget) == (5, 4, 600.0)
+    assert TrainOptions().learning_rate() == 3e-3
+    assert TrainOptions(init="parent").learning_rate() == 1e-3
+    assert TrainOptions(init="parent", lr=0.01).learning_rate() == 0.01

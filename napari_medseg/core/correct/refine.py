@@ -64,7 +64,9 @@ BUILTIN_CLICK_MODEL = "click_refine_2d"
 CLICK_MODEL_KIND = "clicks"
 
 
-def _norm(img: np.ndarray, window: Sequence[float] | None = None) -> np.ndarray:
+def to_unit_range(img: np.ndarray, window: Sequence[float] | None = None) -> np.ndarray:
+    """``img`` as float32 in [0, 1]: ``window`` (low, high; e.g. the viewer's CT window in HU),
+    else the 1st-99th percentiles, mapped to 0-1 and clipped (any shape, any axis order)."""
     lo, hi = (float(window[0]), float(window[1])) if window else np.percentile(img, [1, 99])
     if hi <= lo:
         hi = lo + 1.0
@@ -124,7 +126,7 @@ def _refine_region(
         # many (big 3D regions): conjugate gradients
         mode = "bf" if int((seeds == 0).sum()) <= 300_000 else "cg_j"
         out = random_walker(
-            _norm(img, window),
+            to_unit_range(img, window),
             seeds,
             beta=beta,
             mode=mode,
@@ -366,7 +368,7 @@ def _refine_region_learned(
     connected: bool,
 ) -> np.ndarray:
     sigma = float((model.card.extra or {}).get("click_sigma_px", 2.0))
-    x = click_model_input(_norm(img, window), cur, pos, neg, sigma)
+    x = click_model_input(to_unit_range(img, window), cur, pos, neg, sigma)
     pred = predict_clicks(model, x) > 0.5
     return apply_click_prediction(pred, cur, pos, neg, sp, reach_mm, seed_mm, connected)
 

@@ -69,3 +69,19 @@ print("ok")
 def test_import_linter_contract():
     out = subprocess.run(["lint-imports"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+
+
+def test_manifest_claims_only_what_the_plugin_adds_and_saves_points_and_shapes():
+    """Plain PNG/JPEG are napari's (no reader-choice dialog); the slide formats the code reads
+    are listed; Points and Shapes layers can be saved (CSV, QuPath GeoJSON)."""
+    manifest = yaml.safe_load((REPO / "napari.yaml").read_text())
+    (reader,) = manifest["contributions"]["readers"]
+    patterns = set(reader["filename_patterns"])
+    assert not patterns & {"*.png", "*.jpg", "*.jpeg"}
+    assert {"*.scn", "*.btf", "*.svs", "*.ndpi", "*.csv", "*.geojson"} <= patterns
+    writers = {w["layer_types"][0]: w for w in manifest["contributions"]["writers"]}
+    assert set(writers["points"]["filename_extensions"]) == {".csv", ".geojson"}
+    assert set(writers["shapes"]["filename_extensions"]) == {".csv", ".geojson"}
+    # display names and menus stay as they were
+    widgets = [w["display_name"] for w in manifest["contributions"]["widgets"]]
+    assert widgets == ["Segment", "Register", "Denoise", "Correct & Train", "Detect", "Whole slide"]

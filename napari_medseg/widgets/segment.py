@@ -23,7 +23,12 @@ from magicgui.widgets import (
 )
 
 from napari_medseg.progress import Progress
-from napari_medseg.widgets._layers import is_volume_layer, labels_layer_data, use_radiological_view
+from napari_medseg.widgets._layers import (
+    apply_view_convention,
+    is_volume_layer,
+    labels_layer_data,
+    view_convention_choice,
+)
 from napari_medseg.widgets._task import ImageInput, WorkerControls
 
 if TYPE_CHECKING:
@@ -73,6 +78,7 @@ class SegmentWidget(ImageInput, WorkerControls, Container):
         self.progress = ProgressBar(label="Progress", min=0, max=100, value=0)
         self.status = Label(label="", value="Choose an image and a model, then press Run.")
         self.model_info = Label(label="", value="")
+        self.display = view_convention_choice(viewer)
         self.extend(
             [
                 self.image,
@@ -87,6 +93,7 @@ class SegmentWidget(ImageInput, WorkerControls, Container):
                 self.cancel_button,
                 self.progress,
                 self.status,
+                self.display,
             ]
         )
         self.run_button.changed.connect(self._on_run)
@@ -133,7 +140,7 @@ class SegmentWidget(ImageInput, WorkerControls, Container):
                 is_volume_layer(layer)
                 and sum(is_volume_layer(lyr) for lyr in self._viewer.layers) == 1
             ):
-                use_radiological_view(self._viewer)
+                apply_view_convention(self._viewer)
             if self.image.value is None and layer in self._image_choices():
                 self.image.value = layer
 

@@ -34,7 +34,7 @@ from magicgui.widgets import (
 )
 
 from napari_medseg.progress import Progress
-from napari_medseg.widgets._task import ImageInput, WorkerControls
+from napari_medseg.widgets._task import ImageInput, JobRunner
 
 if TYPE_CHECKING:
     import napari
@@ -58,13 +58,12 @@ def _detect_job(record: Any, model_ref: str, device: str) -> Any:
     return (yield from detect(record, detector, device=device))
 
 
-class DetectWidget(ImageInput, WorkerControls, Container):
+class DetectWidget(ImageInput, Container):
     """Dock widget: image, model, score threshold (live), min size, NMS IoU, Run / Cancel."""
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
         super().__init__(labels=True)
         self._viewer = viewer
-        self._worker: Any = None
         self._t0 = 0.0
         self._result: Any = None
         self._record: Any = None
@@ -103,8 +102,8 @@ class DetectWidget(ImageInput, WorkerControls, Container):
                 self.export_button,
             ]
         )
+        self.job = JobRunner([self.run_button], self.cancel_button, self.progress, self.status)
         self.run_button.changed.connect(self._on_run)
-        self.cancel_button.changed.connect(self._on_cancel)
         self.export_button.changed.connect(self._on_export)
         from qtpy.QtCore import QTimer
 
@@ -171,7 +170,7 @@ class DetectWidget(ImageInput, WorkerControls, Container):
             return
         layer, record = chosen
         self._t0 = time.perf_counter()
-        self.start_worker(
+        self.job.start(
             _detect_job,
             record,
             self.model.value,

@@ -29,7 +29,7 @@ from napari_medseg.widgets._layers import (
     labels_layer_data,
     view_convention_choice,
 )
-from napari_medseg.widgets._task import ImageInput, WorkerControls
+from napari_medseg.widgets._task import ImageInput, JobRunner
 
 if TYPE_CHECKING:
     import napari
@@ -57,13 +57,12 @@ def _segment_job(record: Any, model_ref: str, options: dict, trust: bool) -> Any
     return result
 
 
-class SegmentWidget(ImageInput, WorkerControls, Container):
+class SegmentWidget(ImageInput, Container):
     """Dock widget: image layer, model, device, overlap, TTA, probabilities, Run / Cancel."""
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
         super().__init__(labels=True)
         self._viewer = viewer
-        self._worker: Any = None
         self._extra_models: dict[str, str] = {}
         self._t0 = 0.0
         self.image = ComboBox(label="Image", choices=self._image_choices, nullable=True)
@@ -96,8 +95,14 @@ class SegmentWidget(ImageInput, WorkerControls, Container):
                 self.display,
             ]
         )
+        self.job = JobRunner(
+            [self.run_button],
+            self.cancel_button,
+            self.progress,
+            self.status,
+            on_error=self._trust_and_rerun,
+        )
         self.run_button.changed.connect(self._on_run)
-        self.cancel_button.changed.connect(self._on_cancel)
         self.load_button.changed.connect(self._on_load_model)
         self.model.changed.connect(self._show_model_info)
         self._follow_layers()
@@ -201,7 +206,7 @@ class SegmentWidget(ImageInput, WorkerControls, Container):
             return
         layer, record = chosen
         self._t0 = time.perf_counter()
-        self.start_worker(
+        self.job.start(
             _segment_job,
             record,
             self.model.value,
@@ -210,12 +215,13 @@ class SegmentWidget(ImageInput, WorkerControls, Container):
             on_result=lambda result: self._on_result(layer, record, result),
         )
 
-    def _on_error(self, err: Exception) -> None:
+    def _trust_and_rerun(self, err: BaseException) -> bool:
+        """A bundle that needs trust: ask, and run again trusted when the user agrees."""
         if type(err).__name__ == "BundleTrustError" and self._ask_trust(str(err)):
-            self._worker = None  # the refused run is over; its late "finished" is ignored
+            self.job.detach()  # the refused run is over; its late "finished" is ignored
             self._on_run(trust=True)
-            return
-        super()._on_error(err)
+            return True
+        return False
 
     def _ask_trust(self, message: str) -> bool:
         from qtpy.QtWidgets import QMessageBox

@@ -8,7 +8,9 @@ Labels layer ``<image>_seg`` on the image's geometry. Running again updates that
 
 from __future__ import annotations
 
+import hashlib
 import time
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -65,6 +67,7 @@ class SegmentWidget(ImageInput, Container):
         self._viewer = viewer
         self._extra_models: dict[str, str] = {}
         self._t0 = 0.0
+        self._written: Any = weakref.WeakKeyDictionary()  # Labels layer -> digest of our data
         self.image = ComboBox(label="Image", choices=self._image_choices, nullable=True)
         self.model = ComboBox(label="Model", choices=self._model_choices)
         self.load_button = PushButton(text=LOAD_MODEL)
@@ -238,7 +241,7 @@ class SegmentWidget(ImageInput, Container):
         name = f"{source_layer.name}_seg"
         meta = {"provenance": result.provenance, "class_names": result.class_names}
         data, kwargs = labels_layer_data(source_layer, result.labels, record, name, meta)
-        self._show_labels(name, data, kwargs, result)
+        kept = self._show_labels(name, data, kwargs, result)
         if result.probabilities is not None:
             self._show_probabilities(source_layer, record, result)
         secs = time.perf_counter() - self._t0
@@ -253,8 +256,17 @@ class SegmentWidget(ImageInput, Container):
         self.status.value = f"Done in {secs:.1f} s. " + (
             ", ".join(found) if found else "Nothing found."
         )
+        if kept:
+            self.status.value += " " + kept
 
-    def _show_labels(self, name: str, data: Any, kwargs: dict, result: Any) -> None:
+    def _show_labels(self, name: str, data: Any, kwargs: dict, result: Any) -> str:
+        """Put the result in ``name``, or beside it when that layer holds the user's edits.
+
+        A ``name`` layer still holding exactly what this dock wrote is updated in place as one
+        undo step (Ctrl+Z brings the previous result back); one that was edited (or that this
+        dock did not write) is kept as it is and the result becomes a new layer. Returns a
+        sentence for the status line when a layer was kept, else ``""``.
+        """
         from napari.layers import Labels
         from napari.utils.colormaps import DirectLabelColormap
 
@@ -263,14 +275,15 @@ class SegmentWidget(ImageInput, Container):
         cmap = DirectLabelColormap(color_dict=colors)
         ids = sorted(result.class_names)
         features = {"index": ids, "class": [result.class_names[i] for i in ids]}
-        if name in self._viewer.layers and isinstance(self._viewer.layers[name], Labels):
-            layer = self._viewer.layers[name]
-            layer.data = data
-            layer.affine = kwargs["affine"]
-            layer.metadata = kwargs["metadata"]
+        old = self._viewer.layers[name] if name in self._viewer.layers else None
+        kept = ""
+        if isinstance(old, Labels) and self._replace_in_place(old, data, kwargs):
+            layer = old
             layer.colormap = cmap
             layer.features = features
         else:
+            if isinstance(old, Labels):
+                kept = f"Kept your edited {name}; this result is a new layer."
             layer = self._viewer.add_labels(
                 data,
                 name=name,
@@ -280,7 +293,30 @@ class SegmentWidget(ImageInput, Container):
                 features=features,
                 opacity=0.5,
             )
+            if kept:
+                kept = f"Kept your edited {name}; this result is {layer.name}."
+        self._written[layer] = _digest(layer.data)
         self._viewer.layers.selection.active = layer
+        return kept
+
+    def _replace_in_place(self, layer: Any, data: Any, kwargs: dict) -> bool:
+        """Write ``data`` into ``layer`` as one undo step if it holds only our last result."""
+        data = np.asarray(data)
+        current = layer.data
+        if (
+            not isinstance(current, np.ndarray)
+            or current.shape != data.shape
+            or self._written.get(layer) != _digest(current)  # edited, or not ours
+            or not _fits(data, current.dtype)
+        ):
+            return False
+        # metadata first: the Correct dock reads the new provenance when the paint event comes
+        layer.metadata = kwargs["metadata"]
+        layer.affine = kwargs["affine"]
+        changed = np.nonzero(current != data)
+        with layer.block_history():
+            layer.data_setitem(changed, data[changed])
+        return True
 
     def _show_probabilities(self, source_layer: Any, record: Any, result: Any) -> None:
         from napari_medseg.io.geometry import record_to_layer_data
@@ -301,3 +337,20 @@ class SegmentWidget(ImageInput, Container):
         if name in self._viewer.layers:
             self._viewer.layers.remove(name)
         self._viewer.add_image(data, **kwargs)
+
+def _fits(data: np.ndarray, dtype: np.dtype) -> bool:
+    """Whether every value of ``data`` can be stored in ``dtype`` unchanged."""
+    if data.dtype == dtype or not data.size:
+        return True
+    if dtype.kind not in "iu" or data.dtype.kind not in "iub":
+        return False
+    info = np.iinfo(dtype)
+    return info.min <= int(data.min()) and int(data.max()) <= info.max
+
+
+def _digest(data: Any) -> str:
+    """Fingerprint of a label array (shape, dtype and bytes), to tell whether it was edited."""
+    arr = np.ascontiguousarray(data)
+    h = hashlib.sha1(f"{arr.shape}{arr.dtype}".encode(), usedforsecurity=False)
+    h.update(memoryview(arr).cast("B"))
+    return h.hexdigest()

@@ -1,4 +1,4 @@
-"""Model cards: the ``model.json`` that makes a model a folder of data (DESIGN.md rule 5).
+"""Model cards: the ``model.json`` that makes a model a folder of data (ARCHITECTURE.md rule 5).
 
 A model folder holds ``model.json`` (this card) and its weights (``weights.safetensors``
 preferred; a ``.pt`` state dict is loaded with ``weights_only=True``). The card says everything

@@ -1,6 +1,6 @@
 """The "Denoise" dock widget: pick an image and a method, press Run, get ``<image>_denoised``.
 
-Thin (DESIGN.md rule 3): it reads its inputs, runs
+Thin (docs/ARCHITECTURE.md rule 3): it reads its inputs, runs
 :func:`napari_medseg.core.denoise.denoising.denoise`
 in a napari worker (progress bar, live training loss, Cancel via ``worker.quit()``, which stops
 the generator between two training steps) and turns the result into an Image layer on the

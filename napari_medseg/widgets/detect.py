@@ -1,8 +1,8 @@
 """The "Detect" dock widget: image + model -> editable Points (centres) and Shapes (boxes).
 
-Thin (DESIGN.md rule 3): :func:`napari_medseg.core.detect.detection.detect` (or the classical
-baseline) runs in a napari worker; its full table is kept, and the score threshold, minimum
-size and NMS IoU only re-filter that table (:func:`~napari_medseg.core.detect.detection.
+Thin (docs/ARCHITECTURE.md rule 3): :func:`napari_medseg.core.detect.detection.detect` (or the
+classical baseline) runs in a napari worker; its full table is kept, and the score threshold,
+minimum size and NMS IoU only re-filter that table (:func:`~napari_medseg.core.detect.detection.
 filter_detections`), so moving the slider updates the layers live without running the model.
 
 Layers: ``<image>_detections`` (Points at object centres, ``features`` = id, class, score,

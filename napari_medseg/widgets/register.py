@@ -1,6 +1,6 @@
 """The "Register" dock widget: align a moving image to a fixed image and carry labels over.
 
-Thin (DESIGN.md rule 3): it reads its inputs, runs
+Thin (docs/ARCHITECTURE.md rule 3): it reads its inputs, runs
 :func:`napari_medseg.core.register.optimise.register` in a napari worker (progress bar with the
 loss,
 Cancel via ``worker.quit()``) and turns the result into layers on the FIXED image's geometry:

@@ -1,6 +1,6 @@
 """The "Segment" dock widget: pick an image and a model, press Run, get a Labels layer.
 
-The widget is thin (DESIGN.md rule 3): it reads its inputs, runs
+The widget is thin (docs/ARCHITECTURE.md rule 3): it reads its inputs, runs
 :func:`napari_medseg.core.segment.segment.segment` in a napari worker (progress bar, Cancel via
 ``worker.quit()``, which stops the generator between two batches) and turns the result into a
 Labels layer ``<image>_seg`` on the image's geometry. Running again updates that layer.

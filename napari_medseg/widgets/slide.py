@@ -1,7 +1,7 @@
 """The "Whole slide" dock widget: run a 2D model over a slide, tile by tile.
 
-Thin (DESIGN.md rule 3): it reads the slide layer's file path and the chosen model and runs,
-in a napari worker (progress, ``Cancel`` = ``worker.quit()`` between two tiles or batches):
+Thin (docs/ARCHITECTURE.md rule 3): it reads the slide layer's file path and the chosen model and
+runs, in a napari worker (progress, ``Cancel`` = ``worker.quit()`` between two tiles or batches):
 
 * **Segment**: :func:`napari_medseg.core.slides.wsi.segment_slide`, shown as a lazy multiscale
 Labels

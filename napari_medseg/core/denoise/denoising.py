@@ -1,5 +1,5 @@
 """Denoising: self-supervised Noise2Void / N2V2 trained on the noisy image itself, and classical
-filters from scikit-image (DESIGN.md rule 2: long work is a generator).
+filters from scikit-image (docs/ARCHITECTURE.md rule 2: long work is a generator).
 
 Methods
 -------

@@ -9,7 +9,7 @@ A MONAI bundle is a folder::
     <bundle>/scripts/                            optional Python code the config may import
     <bundle>/LICENSE
 
-Safety (DESIGN.md rule 5). Bundle configs may hold ``$`` expressions (Python run through
+Safety (docs/ARCHITECTURE.md rule 5). Bundle configs may hold ``$`` expressions (Python run through
 ``eval``) and ``_target_`` entries that name any importable callable. Without ``trust=True`` this
 module executes nothing from the bundle: it reads only the config items it needs (``network_def``
 and what it references, the arguments of the preprocessing transforms it translates, the

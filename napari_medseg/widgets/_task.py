@@ -29,6 +29,12 @@ def report_error(status: Any, err: BaseException | str, prefix: str = "Failed") 
     show_error(text)
 
 
+def _drive(gen: Any) -> Any:
+    """Worker body: run a generator made in the GUI thread and return its result."""
+    result = yield from gen
+    return result
+
+
 class JobRunner:
     """Runs one compute generator at a time in a napari thread worker for one set of controls.
 
@@ -129,9 +135,10 @@ class JobRunner:
 
         if self.worker is not None:
             return None
+        gen = job(*args)  # made here, so that it can be closed here (see below)
         worker = create_worker(
-            job,
-            *args,
+            _drive,
+            gen,
             _start_thread=False,
             _ignore_errors=True,  # told to the user by report_error, not re-raised
         )
@@ -139,6 +146,10 @@ class JobRunner:
         worker.returned.connect(on_result)
         worker.errored.connect(self._on_error)
         worker.finished.connect(lambda: self._on_finished(worker, on_finished))
+        # napari's worker stops a cancelled generator without closing it: close it once the
+        # worker is done, so the job's clean-up (``finally``: temporary files, partial
+        # downloads) runs now rather than whenever the generator is garbage-collected
+        worker.finished.connect(gen.close)
         self.worker = worker
         for b in self.buttons:
             b.enabled = False

@@ -97,11 +97,8 @@ class GetModelsWidget(Container):
             sha256=self.sha256.value.strip() or None,
             overwrite=bool(self.overwrite.value),
         )
-        worker = self.job.start(_drive, gen, on_result=self._on_result)
-        # napari's worker stops a cancelled generator without closing it: close it once the
-        # worker is done, so its clean-up (the half-downloaded archive) runs now, not at GC
-        if worker is not None:
-            worker.finished.connect(gen.close)
+        # the runner closes the job when it ends, so a Cancel removes the partial download now
+        self.job.start(_drive, gen, on_result=self._on_result)
 
     def _on_result(self, models: list) -> None:
         self.installed = list(models)

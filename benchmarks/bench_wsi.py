@@ -83,18 +83,19 @@ def _model_alone(rec, model, device: str, n: int = 96) -> float:
     """Tiles/s of normalise + forward + argmax on the first ``n`` tissue tiles held in memory."""
     import torch
 
-    from napari_medseg.core.slides.wsi import _plan, _predict_batch, _read_with_margin, _TileReader
+    from napari_medseg.core.slides.segment import plan_segmentation, predict_batch
+    from napari_medseg.core.slides.tiles import TileReader, read_with_margin
 
-    plan = _plan(rec, model, 512, 64, 0, True, None)
-    reader = _TileReader(rec, 0)
-    inputs = [_read_with_margin(reader, t, 512, 64, plan.work_shape)[0] for t in plan.tiles[:n]]
+    plan = plan_segmentation(rec, model, 512, 64, 0, True, None)
+    reader = TileReader(rec, 0)
+    inputs = [read_with_margin(reader, t, 512, 64, plan.work_shape)[0] for t in plan.tiles[:n]]
     net = model.network.to(device).eval()
-    _predict_batch(net, inputs[:4], model.card, device, None)  # warm-up
+    predict_batch(net, inputs[:4], model.card, device, None)  # warm-up
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     t = time.perf_counter()
     for i in range(0, len(inputs), 4):
-        _predict_batch(net, inputs[i : i + 4], model.card, device, None)
+        predict_batch(net, inputs[i : i + 4], model.card, device, None)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return len(inputs) / (time.perf_counter() - t)
@@ -103,7 +104,7 @@ def _model_alone(rec, model, device: str, n: int = 96) -> float:
 def child(args: argparse.Namespace) -> dict:
     import torch
 
-    from napari_medseg.core.slides.wsi import _predict_batch, segment_slide
+    from napari_medseg.core.slides.segment import predict_batch, segment_slide
     from napari_medseg.io.raster import read_slide
     from napari_medseg.models.registry import load_model
     from napari_medseg.progress import run_sync
@@ -135,7 +136,8 @@ def child(args: argparse.Namespace) -> dict:
         import functools
 
         from napari_medseg.core.detect.classical import detect_classical
-        from napari_medseg.core.slides.detect import detect_slide, write_slide_detections
+        from napari_medseg.core.slides.detect import detect_slide
+        from napari_medseg.core.slides.export import write_slide_detections
 
         t = time.perf_counter()
         kw = {"dark_objects": True} if args.dark else {"stain": "hematoxylin"}
@@ -157,12 +159,12 @@ def child(args: argparse.Namespace) -> dict:
     elif args.mode == "model":
         res["model_alone_tiles_per_s"] = _model_alone(rec, model, args.device)
     else:  # naive: read everything, then infer the same tiles from memory
-        from napari_medseg.core.slides.wsi import _plan
+        from napari_medseg.core.slides.segment import plan_segmentation
 
         t = time.perf_counter()
         img = np.asarray(rec.data.compute())
         t_read = time.perf_counter() - t
-        plan = _plan(rec, model, 512, 64, 0, True, None)
+        plan = plan_segmentation(rec, model, 512, 64, 0, True, None)
         labels = np.zeros(img.shape[:2], np.uint8)
         net = model.network.to(args.device).eval()
         m = 64
@@ -177,7 +179,7 @@ def child(args: argparse.Namespace) -> dict:
                     (0, 0),
                 )
                 inputs.append(np.pad(a, pads, mode="reflect"))
-            labs = _predict_batch(net, inputs, model.card, args.device, None)
+            labs = predict_batch(net, inputs, model.card, args.device, None)
             for (y0, x0, y1, x1), lab in zip(batch, labs):
                 labels[y0:y1, x0:x1] = lab[m : m + y1 - y0, m : m + x1 - x0]
         wall = time.perf_counter() - t

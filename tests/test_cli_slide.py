@@ -7,7 +7,7 @@ import json
 import numpy as np
 
 from napari_medseg.cli import main
-from napari_medseg.core.slides.wsi import open_result
+from napari_medseg.core.slides.export import open_result
 from napari_medseg.io.raster import make_pyramidal_tiff
 from tests.slide_helpers import make_slide, save_rgb_model
 

@@ -30,9 +30,7 @@ def add_parser(sub: Any) -> None:
         "-o",
         "--output",
         required=True,
-        help="output labels file (.nii.gz, .nii, .nrrd, .mha; .png/.tif for 2D), a folder in "
-        "batch mode, or for a slide .zarr (OME-Zarr multiscale labels) or .ome.tif (pyramidal "
-        "OME-TIFF)",
+        help="output labels file (.nii.gz, .nrrd, .mha; .png/.tif for 2D) or folder in batch mode",
     )
     p.add_argument(
         "--overlap",

@@ -6,9 +6,9 @@
 
 Used when SLIDE is a pyramidal/large tiled TIFF (:func:`napari_medseg.io.raster.is_slide`) or
 OUT ends with ``.zarr``. Writes OME-Zarr multiscale labels (level 0 on the slide's full
-resolution grid, see :mod:`napari_medseg.core.slides.wsi`) and ``OUT.provenance.json`` beside it.
+resolution grid, see :mod:`napari_medseg.core.slides.export`) and ``OUT.provenance.json`` beside it.
 With ``-o OUT.ome.tif`` (or ``.tif``/``.tiff``) the labels go to a temporary Zarr beside OUT,
-are exported as a tiled, pyramidal OME-TIFF (:func:`napari_medseg.core.slides.wsi.
+are exported as a tiled, pyramidal OME-TIFF (:func:`napari_medseg.core.slides.export.
 export_labels_ome_tiff`) and the Zarr is removed; ``--export-ome-tiff FILE`` keeps the Zarr
 and also writes FILE.
 Without ``--scheduler`` the run is in this process; ``--scheduler local`` starts a dask
@@ -68,11 +68,8 @@ def is_slide_job(src: Path, out: Path) -> bool:
 
 def run_segment_slide(args: argparse.Namespace) -> int:
     """Run the whole-slide segmentation for parsed ``segment`` arguments; returns 0."""
-    from napari_medseg.core.slides.wsi import (
-        export_labels_ome_tiff,
-        segment_slide,
-        segment_slide_dask,
-    )
+    from napari_medseg.core.slides.export import export_labels_ome_tiff
+    from napari_medseg.core.slides.segment import segment_slide
     from napari_medseg.errors import MedsegError
     from napari_medseg.io.raster import read_slide
     from napari_medseg.progress import TextProgress, run_sync
@@ -102,7 +99,7 @@ def run_segment_slide(args: argparse.Namespace) -> int:
     bar = TextProgress(quiet=args.quiet)
     try:
         if args.scheduler:
-            gen = segment_slide_dask(
+            gen = segment_slide(
                 src,
                 args.model,
                 zarr_out,

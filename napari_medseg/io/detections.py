@@ -103,8 +103,24 @@ def write_detections(
     return path
 
 
-def _outline(instances: np.ndarray, box: tuple[slice, ...], label: int) -> np.ndarray | None:
-    """Longest 0.5 iso-contour of one object, (row, col) in image indices."""
+def object_outline(instances: np.ndarray, box: tuple[slice, ...], label: int) -> np.ndarray | None:
+    """Outline of one object of a 2D instance map: its longest 0.5 iso-contour.
+
+    Parameters
+    ----------
+    instances : (rows, cols) int array
+        Instance map, 0 = background.
+    box : tuple of slice
+        The object's bounding box in ``instances`` (e.g. from ``scipy.ndimage.find_objects``).
+    label : int
+        The object's value.
+
+    Returns
+    -------
+    (K, 2) float array or None
+        ``(row, col)`` vertices in image indices (pixel centres at integers; the ring runs
+        half a pixel outside the object's pixels), None when the object is empty.
+    """
     from skimage.measure import find_contours
 
     crop = np.pad(instances[box] == label, 1)
@@ -162,7 +178,7 @@ def to_geojson(
             mask = instances[box] == lab
             com = np.argwhere(mask).mean(axis=0) + np.array([box[0].start, box[1].start])
             if np.hypot(com[0] - cy, com[1] - cx) <= 1.0:  # not moved by hand
-                rc = _outline(instances, box, lab)
+                rc = object_outline(instances, box, lab)
                 if rc is not None and len(rc) >= 4:
                     yx = rc @ aff[:2, :2].T + aff[:2, 2] + 0.5
                     ring = [[round(float(x), 3), round(float(y), 3)] for y, x in yx]

@@ -1,8 +1,8 @@
 """The "Detect" dock widget: image + model -> editable Points (centres) and Shapes (boxes).
 
-Thin (docs/ARCHITECTURE.md rule 3): :func:`napari_medseg.core.detect.detection.detect` (or the
-classical baseline) runs in a napari worker; its full table is kept, and the score threshold,
-minimum size and NMS IoU only re-filter that table (:func:`~napari_medseg.core.detect.detection.
+Thin (DESIGN.md rule 3): :func:`napari_medseg.core.detect.detection.detect` (or the classical
+baseline) runs in a napari worker; its full table is kept, and the score threshold, minimum
+size and NMS IoU only re-filter that table (:func:`~napari_medseg.core.detect.detection.
 filter_detections`), so moving the slider updates the layers live without running the model.
 
 Layers: ``<image>_detections`` (Points at object centres, ``features`` = id, class, score,
@@ -34,7 +34,7 @@ from magicgui.widgets import (
 )
 
 from napari_medseg.progress import Progress
-from napari_medseg.widgets._task import ImageInput, JobRunner
+from napari_medseg.widgets._task import ImageInput, WorkerControls
 
 if TYPE_CHECKING:
     import napari
@@ -58,12 +58,13 @@ def _detect_job(record: Any, model_ref: str, device: str) -> Any:
     return (yield from detect(record, detector, device=device))
 
 
-class DetectWidget(ImageInput, Container):
+class DetectWidget(ImageInput, WorkerControls, Container):
     """Dock widget: image, model, score threshold (live), min size, NMS IoU, Run / Cancel."""
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
         super().__init__(labels=True)
         self._viewer = viewer
+        self._worker: Any = None
         self._t0 = 0.0
         self._result: Any = None
         self._record: Any = None
@@ -102,8 +103,8 @@ class DetectWidget(ImageInput, Container):
                 self.export_button,
             ]
         )
-        self.job = JobRunner([self.run_button], self.cancel_button, self.progress, self.status)
         self.run_button.changed.connect(self._on_run)
+        self.cancel_button.changed.connect(self._on_cancel)
         self.export_button.changed.connect(self._on_export)
         from qtpy.QtCore import QTimer
 
@@ -170,7 +171,7 @@ class DetectWidget(ImageInput, Container):
             return
         layer, record = chosen
         self._t0 = time.perf_counter()
-        self.job.start(
+        self.start_worker(
             _detect_job,
             record,
             self.model.value,

@@ -1,11 +1,11 @@
 """The "Whole slide" dock widget: run a 2D model over a slide, tile by tile.
 
-Thin (docs/ARCHITECTURE.md rule 3): it reads the slide layer's file path and the chosen model and
-runs, in a napari worker (progress, ``Cancel`` = ``worker.quit()`` between two tiles or batches):
+Thin (DESIGN.md rule 3): it reads the slide layer's file path and the chosen model and runs,
+in a napari worker (progress, ``Cancel`` = ``worker.quit()`` between two tiles or batches):
 
-* **Segment**: :func:`napari_medseg.core.slides.wsi.segment_slide`, shown as a lazy multiscale
+* **Segment**: :func:`napari_medseg.core.slides.segment.segment_slide`, shown as a lazy multiscale
 Labels
-  layer read from the Zarr (:func:`napari_medseg.core.slides.wsi.open_result`), refreshed while
+  layer read from the Zarr (:func:`napari_medseg.core.slides.export.open_result`), refreshed while
   tiles
   arrive. Saved beside the slide: ``<slide>_<model>_view.zarr`` ("Run on current view") and
   ``<slide>_<model>_seg.zarr`` ("Run on whole slide").
@@ -36,7 +36,6 @@ from magicgui.widgets import (
 )
 
 from napari_medseg.progress import Progress
-from napari_medseg.widgets._task import JobRunner
 
 if TYPE_CHECKING:
     import napari
@@ -44,7 +43,7 @@ if TYPE_CHECKING:
 
 def _slide_job(path: str, model_ref: str, out: str, options: dict) -> Any:
     """Worker generator: open slide and model, then :func:`segment_slide`."""
-    from napari_medseg.core.slides.wsi import segment_slide
+    from napari_medseg.core.slides.segment import segment_slide
     from napari_medseg.io.raster import read_slide
     from napari_medseg.models.registry import load_model
 
@@ -67,7 +66,8 @@ CLASSICAL = [
 def _detect_slide_job(path: str, model_ref: str, out: str, options: dict) -> Any:
     """Worker generator: open slide and detector, :func:`detect_slide`, save GeoJSON."""
     from napari_medseg.core.detect.detection import load_detector
-    from napari_medseg.core.slides.detect import detect_slide, write_slide_detections
+    from napari_medseg.core.slides.detect import detect_slide
+    from napari_medseg.core.slides.export import write_slide_detections
     from napari_medseg.io.raster import read_slide
 
     yield Progress(0, 0, f"loading {model_ref}")
@@ -93,6 +93,7 @@ class SlideWidget(Container):
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
         super().__init__(labels=True)
         self._viewer = viewer
+        self._worker: Any = None
         self._extra_models: dict[str, str] = {}
         self._labels_layer: Any = None
         self._last_refresh = 0.0
@@ -129,18 +130,7 @@ class SlideWidget(Container):
         )
         self.view_button.changed.connect(lambda _v=None: self._start(view=True))
         self.run_button.changed.connect(lambda _v=None: self._start(view=False))
-        self.job = JobRunner(
-            [self.view_button, self.run_button],
-            self.cancel_button,
-            self.progress,
-            self.status,
-            percent=True,
-            starting="Starting...",
-            cancelling="Cancelling (the partial result stays readable)...",
-            cancelled="Cancelled: the tiles done so far stay in the saved result, "
-            "marked incomplete; run again to finish.",
-            keeps_partial=True,
-        )
+        self.cancel_button.changed.connect(self._on_cancel)
         self.task.changed.connect(self._on_task)
         self.threshold.changed.connect(self._filter_points)
         viewer.layers.events.inserted.connect(self._refresh_choices)
@@ -213,9 +203,10 @@ class SlideWidget(Container):
             return None
 
     def _start(self, view: bool) -> None:
+        from napari.qt.threading import create_worker
         from napari.utils.notifications import show_error
 
-        if self.job.running:
+        if self._worker is not None:
             return
         layer = self.image.value
         if layer is None:
@@ -237,24 +228,25 @@ class SlideWidget(Container):
             opts["region"] = self.current_view_region(layer)
         self._remove_labels(out)
         self._t0 = time.perf_counter()
-        args = (str(path), str(self.model.value), str(out), opts)
+        job = _detect_slide_job if detect else _slide_job
+        worker = create_worker(
+            job, str(path), str(self.model.value), str(out), opts, _start_thread=False
+        )
         if detect:
             self._start_points(out, layer)
-            self.job.start(
-                _detect_slide_job,
-                *args,
-                on_result=lambda r: self._on_detected(r, out),
-                on_progress=self._on_detect_progress,
-                on_finished=self._on_finished,
-            )
+            worker.yielded.connect(self._on_detect_progress)
+            worker.returned.connect(lambda r: self._on_detected(r, out))
         else:
-            self.job.start(
-                _slide_job,
-                *args,
-                on_result=lambda r: self._on_result(r, out, layer),
-                on_progress=lambda p: self._on_progress(p, out, layer),
-                on_finished=self._on_finished,
-            )
+            worker.yielded.connect(lambda p: self._on_progress(p, out, layer))
+            worker.returned.connect(lambda r: self._on_result(r, out, layer))
+        worker.errored.connect(self._on_error)
+        worker.finished.connect(self._on_finished)
+        self._worker = worker
+        self.view_button.enabled = self.run_button.enabled = False
+        self.cancel_button.enabled = True
+        self.progress.value = 0
+        self.status.value = "Starting..."
+        worker.start()
 
     def _remove_labels(self, out: Path) -> None:
         name = out.name.rsplit(".", 1)[0]
@@ -303,6 +295,9 @@ class SlideWidget(Container):
     def _on_detect_progress(self, p: Progress) -> None:
         import pandas as pd
 
+        if p.total:
+            self.progress.value = int(100 * p.done / p.total)
+        self.status.value = p.message
         rows = (p.info or {}).get("detections")
         if rows is not None and len(rows):
             self._live.append(rows)
@@ -338,7 +333,7 @@ class SlideWidget(Container):
         self._points.shown = ~(score < float(self.threshold.value))
 
     def _show(self, out: Path, layer: Any) -> None:
-        from napari_medseg.core.slides.wsi import open_result
+        from napari_medseg.core.slides.export import open_result
 
         name = out.name[: -len(".zarr")]
         levels = open_result(out)
@@ -352,6 +347,9 @@ class SlideWidget(Container):
         )
 
     def _on_progress(self, p: Progress, out: Path, layer: Any) -> None:
+        if p.total:
+            self.progress.value = int(100 * p.done / p.total)
+        self.status.value = p.message
         if p.total and self._labels_layer is None and out.exists():
             self._show(out, layer)
         elif self._labels_layer is not None and p.info.get("tiles"):
@@ -371,6 +369,25 @@ class SlideWidget(Container):
             f"{result.tiles_done} tiles{bad}; saved {out.name}"
         )
 
-    def _on_finished(self, cancelled: bool) -> None:
+    def _on_error(self, err: Exception) -> None:
+        from napari.utils.notifications import show_error
+
+        self.status.value = f"Failed: {err}"
+        show_error(str(err))
+
+    def _on_cancel(self, _v: Any = None) -> None:
+        if self._worker is not None:
+            self._worker.quit()
+            self.status.value = "Cancelling (the partial result stays readable)..."
+
+    def _on_finished(self) -> None:
+        if self._worker is not None and getattr(self._worker, "abort_requested", False):
+            self.status.value = (
+                "Cancelled: the tiles done so far stay in the saved result, "
+                "marked incomplete; run again to finish."
+            )
+        self._worker = None
+        self.view_button.enabled = self.run_button.enabled = True
+        self.cancel_button.enabled = False
         if self._labels_layer is not None:
             self._labels_layer.refresh()

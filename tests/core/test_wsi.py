@@ -5,13 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_medseg.core.slides.wsi import (
-    _predict_batch,
-    open_result,
-    plan_tiles,
-    segment_slide,
-    tissue_mask,
-)
+from napari_medseg.core.slides.export import open_result
+from napari_medseg.core.slides.segment import predict_batch, segment_slide
+from napari_medseg.core.slides.tiles import plan_tiles
+from napari_medseg.core.slides.tissue import tissue_mask
 from napari_medseg.errors import MedsegError
 from napari_medseg.io.raster import make_pyramidal_tiff, read_slide
 from napari_medseg.io.record import ImageRecord
@@ -96,7 +93,7 @@ def test_tiles_are_seam_free_against_one_whole_image_pass(tmp_path, model):
     )
     l0 = open_result(tmp_path / "o.zarr")[0].compute()
     img = np.asarray(rec.data.compute())
-    whole = _predict_batch(model.network, [img], model.card, "cpu", None)[0]
+    whole = predict_batch(model.network, [img], model.card, "cpu", None)[0]
     b = 32
     np.testing.assert_array_equal(l0[b:-b, b:-b], whole[b:-b, b:-b])
     mem = ImageRecord(

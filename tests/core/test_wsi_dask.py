@@ -7,7 +7,8 @@ import pytest
 
 pytest.importorskip("distributed", reason="dask.distributed is not installed")
 
-from napari_medseg.core.slides.wsi import open_result, segment_slide, segment_slide_dask  # noqa: E402
+from napari_medseg.core.slides.export import open_result  # noqa: E402
+from napari_medseg.core.slides.segment import segment_slide  # noqa: E402
 from napari_medseg.io.raster import read_slide  # noqa: E402
 from napari_medseg.models.registry import load_model  # noqa: E402
 from napari_medseg.progress import run_sync  # noqa: E402
@@ -23,8 +24,8 @@ def test_local_cluster_two_workers_equals_single_process(tmp_path):
     )  # fmt: skip
     msgs = []
     res = run_sync(
-        segment_slide_dask(slide, str(folder), tmp_path / "dask.zarr", scheduler="local",
-                           tile=512, batch_size=2, tiles_per_task=4),
+        segment_slide(slide, str(folder), tmp_path / "dask.zarr", scheduler="local",
+                      tile=512, batch_size=2, tiles_per_task=4),
         lambda p: msgs.append(p.message),
     )  # fmt: skip
     assert any("on 2 workers" in m for m in msgs)

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from napari_medseg.core.detect.result import filter_detections
-from napari_medseg.core.slides.detect import detect_slide, write_slide_detections
+from napari_medseg.core.slides.detect import detect_slide
+from napari_medseg.core.slides.export import write_slide_detections
 from napari_medseg.io.detections import read_detections
 from napari_medseg.io.raster import read_slide
 from napari_medseg.io.record import ImageRecord

@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("distributed", reason="dask.distributed is not installed")
 
 from napari_medseg.core.detect.classical import detect_classical  # noqa: E402
-from napari_medseg.core.slides.detect import detect_slide, detect_slide_dask  # noqa: E402
+from napari_medseg.core.slides.detect import detect_slide  # noqa: E402
 from napari_medseg.io.raster import read_slide  # noqa: E402
 from napari_medseg.progress import run_sync  # noqa: E402
 from tests.slide_helpers import make_slide  # noqa: E402
@@ -23,7 +23,7 @@ def test_local_cluster_two_workers_equals_single_process(tmp_path):
     ref = run_sync(detect_slide(read_slide(slide), dark, **opts))
     msgs = []
     res = run_sync(
-        detect_slide_dask(slide, "classical-dark", scheduler="local", tiles_per_task=3, **opts),
+        detect_slide(slide, "classical-dark", scheduler="local", tiles_per_task=3, **opts),
         lambda p: msgs.append(p.message),
     )
     assert any("on 2 workers" in m for m in msgs)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_medseg.core.slides.wsi import export_labels_ome_tiff, open_result, segment_slide
+from napari_medseg.core.slides.export import export_labels_ome_tiff, open_result
+from napari_medseg.core.slides.segment import segment_slide
 from napari_medseg.errors import MedsegError
 from napari_medseg.io.raster import read_slide
 from napari_medseg.progress import run_sync

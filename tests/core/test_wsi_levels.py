@@ -6,7 +6,9 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from napari_medseg.core.slides.wsi import _model_level, level_for_mpp, open_result, segment_slide
+from napari_medseg.core.slides.export import open_result
+from napari_medseg.core.slides.segment import segment_slide
+from napari_medseg.core.slides.tiles import level_for_mpp, model_level
 from napari_medseg.io.raster import read_slide
 from napari_medseg.io.record import ImageRecord
 from napari_medseg.progress import run_sync
@@ -25,7 +27,7 @@ def test_model_level_is_the_coarsest_at_most_1_5x_the_card_pixel():
     )  # fmt: skip
     for spacing, want in [(None, 0), (0.25, 0), (0.3, 0), (0.4, 1), (0.5, 1), (0.7, 2), (5.0, 2)]:
         card = SimpleNamespace(spacing=[spacing, spacing] if spacing else None)
-        assert _model_level(fake, SimpleNamespace(card=card)) == want, spacing
+        assert model_level(fake, SimpleNamespace(card=card)) == want, spacing
     fake.metadata["mpp"] = None
     assert level_for_mpp(fake, 0.5) == 0  # slide without a pixel size: full resolution
 
@@ -58,7 +60,7 @@ def test_tissue_mask_of_a_slide_that_is_all_tissue():
     after. The glass slide of tests/core/test_wsi.py keeps its Otsu mask."""
     import dask.array as da
 
-    from napari_medseg.core.slides.wsi import tissue_mask
+    from napari_medseg.core.slides.tissue import tissue_mask
     from tests.slide_helpers import he_tissue
 
     low = np.tile(he_tissue()[::8, ::8], (34, 20, 1))[:1250, :1250]  # the tile at 1/8

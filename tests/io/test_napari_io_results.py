@@ -9,7 +9,7 @@ from tests.slide_helpers import make_slide, save_rgb_model
 
 
 def test_slide_labels_zarr_reopen_as_lazy_multiscale_labels(tmp_path):
-    from napari_medseg.core.slides.wsi import segment_slide
+    from napari_medseg.core.slides.segment import segment_slide
     from napari_medseg.io.napari_io import get_reader
     from napari_medseg.io.raster import read_slide
     from napari_medseg.models.registry import load_model

@@ -40,8 +40,8 @@ def test_run_then_live_threshold_then_export_edits(make_napari_viewer, qtbot, tm
     widget.threshold.value = 0.0
     runs = []
     widget.run_button.native.click()  # as a user pressing Run
-    widget.job.worker.started.connect(lambda: runs.append(1))
-    qtbot.waitUntil(lambda: widget.job.worker is None, timeout=60_000)
+    widget._worker.started.connect(lambda: runs.append(1))
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
     assert widget.status.value.startswith("Done"), widget.status.value
     points = viewer.layers["nuclei_detections"]
     boxes = viewer.layers["nuclei_boxes"]
@@ -63,7 +63,7 @@ def test_run_then_live_threshold_then_export_edits(make_napari_viewer, qtbot, tm
     cut = float(np.round(scores[len(scores) // 2] + 0.005, 2))
     refreshes = widget.n_refreshes
     widget.threshold.value = cut
-    assert widget.job.worker is None
+    assert widget._worker is None
     qtbot.waitUntil(lambda: widget.n_refreshes == refreshes + 1, timeout=2000)  # debounced
     n_cut = int((scores >= cut).sum())
     assert 0 < len(points.data) == n_cut < n_all
@@ -101,7 +101,7 @@ def test_volume_gets_points_on_the_scan_and_boxes_on_slices(make_napari_viewer, 
     assert "fluo_nuclei_det_2d" not in values  # a 2D box detector does not run on a volume
     widget.model.value = "classical"
     widget.run_button.native.click()
-    qtbot.waitUntil(lambda: widget.job.worker is None, timeout=60_000)
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
     assert widget.status.value.startswith("Done"), widget.status.value
     name = f"{image.name}_detections"
     points = viewer.layers[name]
@@ -229,7 +229,7 @@ def test_box_detector_from_the_dock_exports_rectangles(make_napari_viewer, qtbot
     widget.model.value = "fluo_nuclei_det_2d"
     widget.device.value = "cpu"
     widget.run_button.native.click()
-    qtbot.waitUntil(lambda: widget.job.worker is None, timeout=60_000)
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
     assert widget.status.value.startswith("Done"), widget.status.value
     points, boxes = viewer.layers["nuclei_detections"], viewer.layers["nuclei_boxes"]
     t = widget.shown_table()
@@ -249,7 +249,7 @@ def test_he_sample_with_the_classical_haematoxylin_detector(make_napari_viewer, 
     assert "classical-he" in values  # offered for RGB images
     widget.model.value = "classical-he"
     widget.run_button.native.click()
-    qtbot.waitUntil(lambda: widget.job.worker is None, timeout=60_000)
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
     assert widget.status.value.startswith("Done"), widget.status.value
     points = viewer.layers[f"{image.name}_detections"]
     assert 250 < len(points.data) < 400  # measured 318 nuclei with the same detector

@@ -1,4 +1,4 @@
-"""Sliding-window inference as a cancellable generator (docs/ARCHITECTURE.md rule 2).
+"""Sliding-window inference as a cancellable generator (DESIGN.md rule 2).
 
 The loop lives here (not in :func:`monai.inferers.sliding_window_inference`) so that it can
 yield :class:`~napari_medseg.progress.Progress` after every batch of windows and be
@@ -45,6 +45,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "amp_dtype",
     "importance_map",
+    "main_output",
     "plan_windows",
     "resolve_device",
     "sliding_window",
@@ -234,8 +235,13 @@ def _flip_sets(n_spatial: int) -> list[tuple[int, ...]]:
     return [c for k in range(n_spatial + 1) for c in itertools.combinations(dims, k)]
 
 
-def _first(out: Any) -> Any:
-    """Networks with deep supervision may return a list/tuple: the first item is the output."""
+def main_output(out: Any) -> Any:
+    """The main output of a network's forward pass.
+
+    Networks trained with deep supervision (nnU-Net, MONAI ``DynUNet``) may return a list or
+    tuple of outputs, full resolution first; that first item is the prediction. A plain tensor
+    is returned as it is.
+    """
     if isinstance(out, (list, tuple)):
         return out[0]
     return out
@@ -359,7 +365,7 @@ def sliding_window(
                     torch.no_grad(),
                     torch.autocast(dev.type, dtype=ac or torch.float32, enabled=ac is not None),
                 ):
-                    y = _first(predictor(xin))
+                    y = main_output(predictor(xin))
                 y = y.float()
                 if activation == "softmax":
                     y = torch.softmax(y, dim=1)

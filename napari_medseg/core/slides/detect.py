@@ -2,18 +2,19 @@
 
 How a slide is searched
 -----------------------
-1. The tissue mask and the tile plan of :mod:`napari_medseg.core.slides.wsi` (only tiles touching
-   tissue, or a level-0 ``region``) on the working level (:func:`~napari_medseg.core.slides.wsi.
-   level_for_mpp`: from the model card's ``spacing`` and the slide's mpp, or ``target_mpp``).
+1. The tissue mask and the tile plan of :mod:`napari_medseg.core.slides.tiles` (only tiles
+   touching tissue, or a level-0 ``region``) on the working level (:func:`~napari_medseg.core.
+   slides.tiles.level_for_mpp`: from the model card's ``spacing`` and the slide's mpp, or
+   ``target_mpp``).
 2. Each tile is read with ``margin`` pixels of context on every side (clipped at the slide's
    edge, never mirrored: a mirror would invent objects) by the same prefetching, TIFF-tile
    caching reader as segmentation; the next tile is read in a thread while the current one runs.
-3. Objects are found on the tile by :func:`napari_medseg.core.detect.detection.detect` (any model
-kind
-   ``detect`` accepts) or by any callable ``f(record) -> DetectionResult`` (or a progress
-   generator returning one), e.g. :func:`~napari_medseg.core.detect.detection.detect_classical`. The
-   tile is an in-memory :class:`~napari_medseg.io.record.ImageRecord` with an identity affine
-   (working-level pixels) and ``metadata["mpp"]`` = the slide's mpp x the level's downsample.
+3. Objects are found on the tile by :func:`napari_medseg.core.detect.detection.detect` (any
+   model kind ``detect`` accepts) or by any callable ``f(record) -> DetectionResult`` (or a
+   progress generator returning one), e.g.
+   :func:`~napari_medseg.core.detect.classical.detect_classical`. The tile is an in-memory
+   :class:`~napari_medseg.io.record.ImageRecord` with an identity affine (working-level
+   pixels) and ``metadata["mpp"]`` = the slide's mpp x the level's downsample.
 4. **De-duplication**: an object is kept only by the tile whose core (the tile without its
    margin) contains its centre; cores partition the slide, so an object seen whole by two
    tiles is kept once. With a margin larger than the objects every object is seen whole by the
@@ -30,18 +31,22 @@ kind
 6. The result holds only the table and, when the detector gives an instance map, one outline
    per object (float32 ``(K, 2)`` ``[x, y]`` rings in level-0 pixels with QuPath's corner
    convention, simplified to 0.5 working pixels), never the slide or a slide-sized mask.
-   :func:`write_slide_detections` writes CSV or QuPath GeoJSON from it, streaming.
+   :func:`napari_medseg.core.slides.export.write_slide_detections` writes CSV or QuPath
+   GeoJSON from it, streaming.
 
-The table has the columns of :mod:`napari_medseg.core.detect.detection` (``id`` renumbered 1..N over
+The table has the columns of :mod:`napari_medseg.core.detect.result` (``id`` renumbered 1..N over
 the slide, in tile order), plus any extra columns the detector adds.
+
+One driver (:func:`detect_slide`) runs in this process or, with ``scheduler``, on a
+dask.distributed cluster (:func:`napari_medseg.core.slides.run.run_tiles`): each task opens the
+slide and the detector itself and returns only its tiles' tables and outlines; the driver merges
+them in tile order, so the result is the same as in one process.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import datetime as _dt
-import json
-import math
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +57,14 @@ import numpy as np
 
 from napari_medseg.core.correct.mask_store import software_versions
 from napari_medseg.core.detect.detection import load_detector
+from napari_medseg.core.slides.run import run_tiles
+from napari_medseg.core.slides.tiles import (
+    TilePlan,
+    TileReader,
+    level_for_mpp,
+    model_level,
+    plan_slide_tiles,
+)
 from napari_medseg.errors import MedsegError
 from napari_medseg.progress import Progress
 
@@ -60,12 +73,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from napari_medseg.io.record import ImageRecord
 
-__all__ = [
-    "SlideDetections",
-    "detect_slide",
-    "detect_slide_dask",
-    "write_slide_detections",
-]
+__all__ = ["SlideDetections", "detect_slide", "detect_tiles"]
 
 Detector = Callable[..., Any]
 
@@ -116,16 +124,6 @@ class SlideDetections:
     provenance: dict = field(default_factory=dict)
     affine: np.ndarray = field(default_factory=lambda: np.eye(3))
     space: str = "pixel"
-
-
-@dataclass
-class _TilePlan:
-    level: int
-    scale: int
-    work_shape: tuple[int, int]
-    tiles: list
-    tile: int
-    margin: int
 
 
 @dataclass
@@ -198,7 +196,7 @@ def _run_detector(f: Detector, rec: ImageRecord) -> Generator[Progress, None, An
 
 
 def _tile_record(
-    record: ImageRecord, a: np.ndarray, origin: tuple[int, int], plan: _TilePlan
+    record: ImageRecord, a: np.ndarray, origin: tuple[int, int], plan: TilePlan
 ) -> ImageRecord:
     from napari_medseg.io.record import ImageRecord
 
@@ -246,7 +244,7 @@ def _ring_outlines(
         return [None] * len(ids)
     from scipy import ndimage as ndi
 
-    from napari_medseg.io.detections import _outline
+    from napari_medseg.io.detections import object_outline
 
     inst = np.asarray(inst)
     objs = ndi.find_objects(inst)
@@ -257,7 +255,7 @@ def _ring_outlines(
         if not 0 < lab <= len(objs) or objs[lab - 1] is None:
             out.append(None)
             continue
-        rc = _outline(inst, objs[lab - 1], lab)
+        rc = object_outline(inst, objs[lab - 1], lab)
         if rc is None or len(rc) < 4:
             out.append(None)
             continue
@@ -274,7 +272,7 @@ def _map_tile(
     res: Any,
     t: tuple[int, int, int, int],
     origin: tuple[int, int],
-    plan: _TilePlan,
+    plan: TilePlan,
     affine: np.ndarray,
     filters: dict,
     outlines: bool,
@@ -324,7 +322,7 @@ def _map_tile(
 def _detect_tiles(
     record: ImageRecord,
     detector: Detector,
-    plan: _TilePlan,
+    plan: TilePlan,
     indices: Sequence[int],
     filters: dict,
     outlines: bool,
@@ -333,9 +331,7 @@ def _detect_tiles(
 
     Yields the detector's :class:`Progress` (re-labelled) and one :class:`_TileOut` per tile.
     """
-    from napari_medseg.core.slides.wsi import _TileReader
-
-    reader = _TileReader(record, plan.level)
+    reader = TileReader(record, plan.level)
     h, w = plan.work_shape
     m = plan.margin
     affine = np.asarray(record.affine, dtype=float)
@@ -382,6 +378,32 @@ def _detect_tiles(
         if fut is not None:
             fut.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def detect_tiles(
+    record: ImageRecord,
+    detector: Any,
+    indices: Sequence[int],
+    plan: TilePlan,
+    filters: dict,
+    outlines: bool,
+    detector_opts: dict,
+) -> Iterator[Progress | _TileOut]:
+    """Detect on tiles ``plan.tiles[i] for i in indices``: the work function of
+    :func:`detect_slide`, in this process or on a dask worker.
+
+    ``detector`` is a loaded model or a detector function; ``detector_opts`` holds
+    ``device``, ``min_distance``, ``batch_size`` and ``detect_kwargs`` for it. Yields the
+    detector's progress and one tile output (table and outlines in level-0 pixels) per tile.
+    """
+    f, _ = _as_detector(
+        detector,
+        detector_opts["device"],
+        detector_opts["min_distance"],
+        detector_opts["batch_size"],
+        detector_opts["detect_kwargs"],
+    )
+    yield from _detect_tiles(record, f, plan, indices, filters, outlines)
 
 
 # --------------------------------------------------------------------------- merging
@@ -489,9 +511,7 @@ def _plan_detect(
     target_mpp: float | None,
     tissue_only: bool,
     region: Sequence[int] | None,
-) -> _TilePlan:
-    from napari_medseg.core.slides.wsi import _model_level, _tile_plan, level_for_mpp
-
+) -> TilePlan:
     if record.spatial_ndim != 2:
         raise MedsegError(f"{record.name!r} is not a 2D slide")
     if tile < 16 or margin < 0:
@@ -500,16 +520,16 @@ def _plan_detect(
         if target_mpp is not None:
             level = level_for_mpp(record, target_mpp)
         elif _is_model(model_or_callable):
-            level = _model_level(record, model_or_callable)
+            level = model_level(record, model_or_callable)
         else:
             level = 0
-    scale, work, tiles = _tile_plan(record, int(level), int(tile), tissue_only, region)
-    return _TilePlan(int(level), scale, work, tiles, int(tile), int(margin))
+    scale, work, tiles = plan_slide_tiles(record, int(level), int(tile), tissue_only, region)
+    return TilePlan(int(level), scale, work, tiles, int(tile), int(margin))
 
 
 def detect_slide(
-    record: ImageRecord,
-    model_or_callable: Any,
+    slide: ImageRecord | str | Path,
+    detector: Any,
     *,
     level: int | None = None,
     target_mpp: float | None = None,
@@ -526,21 +546,27 @@ def detect_slide(
     region: Sequence[int] | None = None,
     outlines: bool = True,
     detect_kwargs: dict | None = None,
+    scheduler: Any = None,
+    tiles_per_task: int | None = None,
 ) -> Generator[Progress, None, SlideDetections]:
     """Detect objects (nuclei, cells) on a whole slide, tile by tile (module docstring).
 
     Parameters
     ----------
-    record : ImageRecord
-        A slide from :func:`napari_medseg.io.raster.read_slide` (lazy levels ``(row, col[, C])``).
-    model_or_callable : LoadedModel or callable
-        A model :func:`napari_medseg.core.detect.detection.detect` accepts, or a detector
+    slide : ImageRecord, str or Path
+        A slide from :func:`napari_medseg.io.raster.read_slide` (lazy levels ``(row, col[, C])``)
+        or its file (read here). On a cluster every worker opens the file at this path.
+    detector : LoadedModel, callable or str
+        A model :func:`napari_medseg.core.detect.detection.detect` accepts, a detector
         ``f(record, **detect_kwargs)`` returning a
-        :class:`~napari_medseg.core.detect.detection.DetectionResult` (or a progress generator that
-        returns one), e.g. ``functools.partial(detect_classical, dark_objects=True)``.
+        :class:`~napari_medseg.core.detect.result.DetectionResult` (or a progress generator
+        that returns one), e.g. ``functools.partial(detect_classical, dark_objects=True)``, or
+        a name :func:`~napari_medseg.core.detect.detection.load_detector` knows
+        (``"classical"``, ``"classical-dark"``, ``"classical-he"``, a model name or folder). A
+        cluster run needs a name or a model folder (each worker loads it).
     level : int, optional
         Pyramid level to search; default from ``target_mpp``, else from the model card's
-        ``spacing`` and the slide's mpp (:func:`~napari_medseg.core.slides.wsi.level_for_mpp`),
+        ``spacing`` and the slide's mpp (:func:`~napari_medseg.core.slides.tiles.level_for_mpp`),
         else 0.
     target_mpp : float, optional
         µm per pixel the detector is made for (used when ``level`` is None).
@@ -559,13 +585,20 @@ def detect_slide(
     device, batch_size
         Passed to :func:`~napari_medseg.core.detect.detection.detect` for a model.
     tissue_only : bool
-        Only tiles touching tissue (:func:`~napari_medseg.core.slides.wsi.tissue_mask`).
+        Only tiles touching tissue (:func:`~napari_medseg.core.slides.tissue.tissue_mask`).
     region : (y0, x0, y1, x1), optional
         Level-0 pixels; only tiles intersecting it run.
     outlines : bool
         Keep one outline per object (for GeoJSON polygons); False keeps the table only.
     detect_kwargs : dict, optional
         More keyword arguments for the detector.
+    scheduler : None, "local", str or distributed.Client
+        ``None``: run in this process. Otherwise on a dask cluster
+        (:func:`napari_medseg.core.slides.run.run_tiles`); each task returns only its tiles'
+        tables and outlines (never pixels) and the driver merges them in tile order, so the
+        result equals that of one process.
+    tiles_per_task : int, optional
+        On a cluster: tiles per task; default about 4 tasks per worker.
 
     Yields
     ------
@@ -584,22 +617,52 @@ def detect_slide(
     MedsegError
         No tissue, a bad level, a detector that does not fit the slide.
     """
+    from napari_medseg.io.raster import read_slide
+
     t0 = time.perf_counter()
-    plan = _plan_detect(
-        record, model_or_callable, tile, margin, level, target_mpp, tissue_only, region
-    )
-    detector, desc = _as_detector(
-        model_or_callable, device, min_distance, batch_size, detect_kwargs
-    )
+    record = slide if hasattr(slide, "spatial_ndim") else read_slide(slide)
+    obj = load_detector(detector) if isinstance(detector, str) else detector
+    slide_path = ref = None
+    if scheduler is not None:
+        slide_path = str(slide) if isinstance(slide, (str, Path)) else record.path
+        ref = detector if isinstance(detector, str) else getattr(detector, "source", "")
+        if not slide_path or not ref:
+            raise MedsegError(
+                "a dask run opens the slide and the detector on every worker: give the slide's "
+                "file and the detector's name or model folder"
+            )
+    plan = _plan_detect(record, obj, tile, margin, level, target_mpp, tissue_only, region)
+    _, desc = _as_detector(obj, device, min_distance, batch_size, detect_kwargs)
     filters = {"score_threshold": threshold, "min_size": min_size, "nms_iou": nms_iou}
+    detector_opts = {
+        "device": device,
+        "min_distance": min_distance,
+        "batch_size": batch_size,
+        "detect_kwargs": detect_kwargs,
+    }
     total = len(plan.tiles)
     yield Progress(0, total, f"{total} tiles over tissue (level {plan.level})")
     col = _Collector()
     done = 0
     n_obj = 0
-    for item in _detect_tiles(record, detector, plan, range(total), filters, outlines):
+    for item in run_tiles(
+        detect_tiles,
+        (plan, filters, outlines, detector_opts),
+        total,
+        record=record,
+        obj=obj,
+        scheduler=scheduler,
+        slide_path=slide_path,
+        ref=ref,
+        load=load_detector,
+        tiles_per_task=tiles_per_task,
+    ):
         if isinstance(item, Progress):
-            yield Progress(done, total, f"tile {done + 1}/{total}: {item.message}", item.info)
+            if "tile_index" in (item.info or {}):
+                msg = f"tile {done + 1}/{total}: {item.message}"
+            else:
+                msg = item.message
+            yield Progress(done, total, msg, item.info)
             continue
         col.add(item)
         done += 1
@@ -608,16 +671,22 @@ def detect_slide(
             n_obj += len(item.table)
             info.update(detections=item.table, outlines=item.outlines)
         yield Progress(done, total, f"tile {done}/{total}: {n_obj} objects", info)
-    return _finish(
-        record, plan, col, desc, done, border_iou, outlines, t0,
-        {**filters, "border_iou": border_iou, "min_distance": min_distance, "device": str(device),
-         "tissue_only": tissue_only, "region": list(region) if region else None},
-    )  # fmt: skip
+    params = {
+        **filters,
+        "border_iou": border_iou,
+        "min_distance": min_distance,
+        "device": str(device),
+        "tissue_only": tissue_only,
+        "region": list(region) if region else None,
+    }
+    if scheduler is not None:
+        params["scheduler"] = str(scheduler)
+    return _finish(record, plan, col, desc, done, border_iou, outlines, t0, params)
 
 
 def _finish(
     record: ImageRecord,
-    plan: _TilePlan,
+    plan: TilePlan,
     col: _Collector,
     desc: dict,
     done: int,
@@ -673,199 +742,3 @@ def _finish(
         provenance=prov,
         affine=np.asarray(record.affine, dtype=float),
     )
-
-
-# --------------------------------------------------------------------------- writing
-
-
-def _row_positions(result: SlideDetections, tbl: pd.DataFrame) -> np.ndarray:
-    """Row of ``result.table`` (and ``result.outlines``) of each row of ``tbl``, -1 if none."""
-    if "id" in tbl.columns and "id" in result.table.columns:
-        where = {int(v): i for i, v in enumerate(result.table["id"].to_numpy())}
-        return np.array([where.get(int(v), -1) for v in tbl["id"].to_numpy()], dtype=np.int64)
-    return result.table.index.get_indexer(tbl.index)
-
-
-def write_slide_detections(
-    path: str | Path,
-    result: SlideDetections,
-    table: pd.DataFrame | None = None,
-    *,
-    overwrite: bool = False,
-) -> Path:
-    """Write slide detections as ``.csv`` or QuPath ``.geojson`` (atomic, streamed).
-
-    Parameters
-    ----------
-    path : path
-        Output; the suffix chooses the format (as
-        :func:`napari_medseg.io.detections.write_detections`).
-    result : SlideDetections
-        From :func:`detect_slide`.
-    table : pandas.DataFrame, optional
-        A subset of ``result.table`` to write instead (e.g. from
-        :func:`~napari_medseg.core.detect.detection.filter_detections`); rows are matched to their
-        outlines by ``id``.
-    overwrite : bool
-        Replace an existing file.
-
-    Returns
-    -------
-    Path
-
-    Notes
-    -----
-    GeoJSON features are those of :func:`napari_medseg.io.detections.to_geojson` (properties
-    ``objectType``, ``classification``, ``measurements`` with the level-0 centre), with the
-    object's outline as the ``Polygon`` when known (else a ``Point``). Features are written
-    in batches of 2000, so the file is never built in memory as one document.
-    """
-    from napari_medseg._files import atomic_path
-    from napari_medseg.errors import ImageWriteError
-    from napari_medseg.io.detections import to_geojson, write_detections
-
-    path = Path(path).expanduser()
-    tbl = result.table if table is None else table
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        return write_detections(path, tbl, overwrite=overwrite)
-    if suffix not in (".geojson", ".json"):
-        raise ImageWriteError(
-            f"cannot write detections to {path.name}: use a .csv or .geojson file name"
-        )
-    if path.exists() and not overwrite:
-        raise ImageWriteError(f"{path} exists; pass --overwrite to replace it.")
-    if not path.parent.is_dir():
-        raise ImageWriteError(f"cannot write {path}: the folder {path.parent} does not exist.")
-    pos = _row_positions(result, tbl)
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        f.write('{"type": "FeatureCollection", "features": [')
-        first = True
-        for s in range(0, len(tbl), 2000):
-            part = tbl.iloc[s : s + 2000]
-            doc = to_geojson(part, affine=result.affine, class_colors=result.class_colors)
-            for feat, p in zip(doc["features"], pos[s : s + 2000]):
-                ring = result.outlines[p] if 0 <= p < len(result.outlines) else None
-                if ring is not None:
-                    coords = np.round(ring.astype(float), 3).tolist()
-                    feat["geometry"] = {"type": "Polygon", "coordinates": [coords]}
-                f.write(("" if first else ",") + "\n" + json.dumps(feat))
-                first = False
-        f.write("\n]}\n")
-    return path
-
-
-# --------------------------------------------------------------------------- dask scale-out
-
-
-def _dask_task(slide_path: str, ref: str, plan: dict, indices: list, opts: dict) -> list:
-    """Worker side: open slide and detector (cached per worker), run ``indices``; tile outputs."""
-    from napari_medseg.core.slides.wsi import worker_slide
-
-    rec, obj = worker_slide(slide_path, ref, load_detector)
-    detector, _ = _as_detector(
-        obj, opts["device"], opts["min_distance"], opts["batch_size"], opts["detect_kwargs"]
-    )
-    outs = []
-    for item in _detect_tiles(
-        rec, detector, _TilePlan(**plan), indices, opts["filters"], opts["outlines"]
-    ):
-        if isinstance(item, _TileOut):
-            outs.append(item)
-    return outs
-
-
-def detect_slide_dask(
-    slide_path: str | Path,
-    model_ref: str,
-    *,
-    scheduler: str | Any = None,
-    tiles_per_task: int | None = None,
-    level: int | None = None,
-    target_mpp: float | None = None,
-    tile: int = 1024,
-    margin: int = 64,
-    threshold: float = 0.0,
-    min_size: float = 0.0,
-    nms_iou: float | None = None,
-    border_iou: float | None = 0.5,
-    min_distance: float | None = None,
-    device: str = "cpu",
-    batch_size: int = 4,
-    tissue_only: bool = True,
-    region: Sequence[int] | None = None,
-    outlines: bool = True,
-    detect_kwargs: dict | None = None,
-) -> Generator[Progress, None, SlideDetections]:
-    """:func:`detect_slide` on a dask.distributed cluster (same result as one process).
-
-    The driver plans the tiles (tissue mask); each task gets the slide path, ``model_ref`` and a
-    run of tile indices, opens slide and detector itself (once per worker) and returns its
-    tiles' tables and outlines (only the objects, never pixels). The driver merges them in tile
-    order, as the single-process run does.
-
-    Parameters
-    ----------
-    slide_path : str or Path
-        The slide file (every worker must see it at this path).
-    model_ref : str
-        Model name or folder (:func:`napari_medseg.models.registry.load_model`), or
-        ``"classical"`` / ``"classical-dark"``
-        (:func:`~napari_medseg.core.detect.detection.detect_classical`, dark objects for
-        bright-field).
-    scheduler : None, "local", str or distributed.Client
-        As :func:`napari_medseg.core.slides.wsi.segment_slide_dask`.
-    tiles_per_task : int, optional
-        Tiles per task; default about 4 tasks per worker.
-    Other parameters
-        As :func:`detect_slide`.
-
-    Returns
-    -------
-    SlideDetections
-    """
-    from contextlib import closing
-
-    from napari_medseg.core.engine.cluster import as_finished, connect, worker_count
-    from napari_medseg.io.raster import read_slide
-
-    t0 = time.perf_counter()
-    rec = read_slide(slide_path)
-    obj = load_detector(str(model_ref))
-    plan = _plan_detect(rec, obj, tile, margin, level, target_mpp, tissue_only, region)
-    _, desc = _as_detector(obj, device, min_distance, batch_size, detect_kwargs)
-    filters = {"score_threshold": threshold, "min_size": min_size, "nms_iou": nms_iou}
-    total = len(plan.tiles)
-    yield Progress(0, total, "starting the dask cluster")
-    client, close_client = connect(scheduler)
-    col = _Collector()
-    done = 0
-    try:
-        n_workers = worker_count(client)
-        per = int(tiles_per_task or max(1, math.ceil(total / (4 * n_workers))))
-        opts = {
-            "device": device,
-            "min_distance": min_distance,
-            "batch_size": batch_size,
-            "detect_kwargs": detect_kwargs,
-            "filters": filters,
-            "outlines": outlines,
-        }
-        pd_plan = {**plan.__dict__}
-        runs = [list(range(i, min(total, i + per))) for i in range(0, total, per)]
-        argsets = [(str(slide_path), str(model_ref), pd_plan, r, opts) for r in runs]
-        yield Progress(0, total, f"{total} tiles in {len(runs)} tasks on {n_workers} workers")
-        with closing(as_finished(client, _dask_task, argsets)) as tasks:
-            for _, items in tasks:
-                for item in items:
-                    col.add(item)
-                    done += 1
-                yield Progress(done, total, f"tile {done}/{total}")
-    finally:
-        close_client()
-    return _finish(
-        rec, plan, col, desc, done, border_iou, outlines, t0,
-        {**filters, "border_iou": border_iou, "min_distance": min_distance, "device": device,
-         "tissue_only": tissue_only, "region": list(region) if region else None,
-         "scheduler": str(scheduler or "local")},
-    )  # fmt: skip

@@ -1,4 +1,4 @@
-"""Click reach on nuclei: Dice after simulated clicks for several ``reach_mm`` values.
+"""Click reach on nuclei: Dice after simulated clicks for several ``reach`` values (pixels).
 
 ``python benchmarks/bench_click_reach.py [random_walker|learned]``. On the 3 DSB tiles the
 built-in models hold out (``dsb_r000_c256``, ``dsb_r000_c384``, ``dsb_r256_c384``; 128x128,
@@ -42,7 +42,7 @@ def main() -> int:
             im, gt = img[r : r + 128, c : c + 128], mask[r : r + 128, c : c + 128]
             for kind, amount in STARTS:
                 start = imperfect_mask(gt, kind, amount)
-                dice, _ = simulate_session(im, gt, start, 5, method=method, reach_mm=reach)
+                dice, _ = simulate_session(im, gt, start, 5, method=method, reach=reach)
                 runs.append(dice)
         m = np.asarray(runs)[:, [0, 1, 3, 5]].mean(axis=0)
         print(f"| {reach:g} | " + " | ".join(f"{v:.3f}" for v in m) + " |")

@@ -135,7 +135,7 @@ def test_learned_refinement_keeps_the_reach_guarantee(cord_t2):
     reach = 6.0
     t0 = time.perf_counter()
     e = refine_with_clicks(
-        img, cur, 1, [click], [], sp, axis=1, method="learned", model=model, reach_mm=reach
+        img, cur, 1, [click], [], sp, axis=1, method="learned", model=model, reach=reach
     )
     print(f"learned refine of a 33x35 slice: {1000 * (time.perf_counter() - t0):.0f} ms")
     out = e.apply(cur)
@@ -152,7 +152,7 @@ def test_learned_refinement_keeps_the_reach_guarantee(cord_t2):
     cur2[20:30, k, 0:8] = 1  # a false blob away from the cord
     neg = np.array([25.0, k, 3.0])
     e2 = refine_with_clicks(
-        img, cur2, 1, [], [neg], sp, axis=1, method="learned", model=model, reach_mm=reach
+        img, cur2, 1, [], [neg], sp, axis=1, method="learned", model=model, reach=reach
     )
     out2 = e2.apply(cur2)
     ch2 = out2 != cur2

@@ -101,3 +101,25 @@ def test_2d_nuclei_positive_clicks_bring_back_missed_nuclei():
     far = ndi.distance_transform_edt(~np.isin(inst, ids)) > 30
     np.testing.assert_array_equal(out[far], cur[far])  # nothing changes away from the clicks
     assert _dice(out == 1, sem == 1) > _dice(cur == 1, sem == 1) + 0.01
+
+
+def test_reach_is_in_spacing_units_and_the_old_reach_mm_keyword_still_works():
+    """On a 2D image without a pixel size ``reach`` is pixels; ``reach_mm``/``seed_mm`` (the
+    former names) give the same edit as ``reach``/``seed_radius``."""
+    import tifffile
+
+    img = tifffile.imread(data_path("microscopy/dsb2018_nuclei/image.tif")).astype(np.float32)
+    inst = tifffile.imread(data_path("microscopy/dsb2018_nuclei/mask.tif"))
+    sem = (inst > 0).astype(np.uint8)
+    cur = sem.copy()
+    cur[inst == np.unique(inst)[5]] = 0
+    click = [np.argwhere(inst == np.unique(inst)[5]).mean(axis=0)]
+    new = refine_with_clicks(img, cur, 1, click, [], reach=8, seed_radius=2)
+    old = refine_with_clicks(img, cur, 1, click, [], reach_mm=8, seed_mm=2)
+    assert new.n_changed > 0
+    np.testing.assert_array_equal(new.apply(cur), old.apply(cur))
+    changed = np.argwhere(new.apply(cur) != cur)
+    assert np.linalg.norm(changed - click[0], axis=1).max() <= 8 + 1  # pixels, spacing 1
+    wider = refine_with_clicks(img, cur, 1, click, [], reach=8, seed_radius=2, spacing=(0.5, 0.5))
+    far = np.argwhere(wider.apply(cur) != cur)
+    assert np.linalg.norm(far - click[0], axis=1).max() > 8 + 1  # 8 units = 16 pixels

@@ -4,10 +4,10 @@ Model-free version: a random walker (Grady 2006, :func:`skimage.segmentation.ran
 on the image intensities inside a region of interest around the clicks. Seeds:
 
 * positive clicks (a small disc) are the structure, negative clicks are background;
-* the current mask is the structure except within ``reach_mm`` of a negative click, and the
-  background is background except within ``reach_mm`` of a positive click;
+* the current mask is the structure except within ``reach`` of a negative click, and the
+  background is background except within ``reach`` of a positive click;
 * those zones are decided by the random walker, which follows intensity edges. So a positive
-  click only adds, a negative click only removes, and further than ``reach_mm`` from every
+  click only adds, a negative click only removes, and further than ``reach`` from every
   click nothing changes.
 
 So a positive click in a missed region adds the region around it up to its edges, a negative
@@ -20,8 +20,8 @@ built-in ``click_refine_2d``, :func:`load_click_model`) takes four channels over
 of interest, ``[image scaled to [0, 1], current mask, positive-click map, negative-click map]``
 (:func:`click_model_input`; click maps are Gaussians of ``sigma`` pixels, :func:`click_maps`),
 and predicts the structure there. Its prediction is held to the same guarantee as the random
-walker: it may add only within ``reach_mm`` of a positive click and remove only within
-``reach_mm`` of a negative click (and, by default, only the connected piece touching a click),
+walker: it may add only within ``reach`` of a positive click and remove only within
+``reach`` of a negative click (and, by default, only the connected piece touching a click),
 the seed discs are forced to their click's side, and nothing else changes. It works in the 2D
 slice of each click (a 3D volume is refined slice by slice, in each click's slice) on the
 slice's pixels, without resampling.
@@ -85,8 +85,8 @@ def _refine_region(
     pos: list[np.ndarray],
     neg: list[np.ndarray],
     sp: np.ndarray,
-    reach_mm: float,
-    seed_mm: float,
+    reach: float,
+    seed_radius: float,
     beta: float,
     window: Sequence[float] | None = None,
 ) -> np.ndarray:
@@ -98,19 +98,19 @@ def _refine_region(
     near_pos = np.zeros(shape, bool)
     near_neg = np.zeros(shape, bool)
     for c in pos:
-        near_pos |= _disc(shape, c, reach_mm / sp)
+        near_pos |= _disc(shape, c, reach / sp)
     for c in neg:
-        near_neg |= _disc(shape, c, reach_mm / sp)
+        near_neg |= _disc(shape, c, reach / sp)
     # positive clicks only add, negative clicks only remove; away from the clicks (further
-    # than reach_mm) nothing changes: the current mask is the seed there
+    # than reach) nothing changes: the current mask is the seed there
     fg = cur & ~near_neg
     bg = ~cur & ~near_pos
     seeds[bg] = 2
     seeds[fg] = 1
     for c in pos:
-        seeds[_disc(shape, c, seed_mm / sp)] = 1
+        seeds[_disc(shape, c, seed_radius / sp)] = 1
     for c in neg:
-        seeds[_disc(shape, c, seed_mm / sp)] = 2
+        seeds[_disc(shape, c, seed_radius / sp)] = 2
     if not (seeds == 1).any():
         return np.zeros(shape, bool)
     if not (seeds == 2).any():
@@ -316,14 +316,14 @@ def apply_click_prediction(
     pos: Sequence[np.ndarray],
     neg: Sequence[np.ndarray],
     sp: Sequence[float] | np.ndarray,
-    reach_mm: float,
-    seed_mm: float,
+    reach: float,
+    seed_radius: float,
     connected: bool = True,
 ) -> np.ndarray:
     """Hold a predicted mask to the clicks' guarantee; returns the new mask of the region.
 
-    A pixel may be added only within ``reach_mm`` of a positive click and removed only within
-    ``reach_mm`` of a negative click; seed discs (``seed_mm``) are forced to their click's side;
+    A pixel may be added only within ``reach`` of a positive click and removed only within
+    ``reach`` of a negative click; seed discs (``seed_radius``) are forced to their click's side;
     with ``connected`` only the added (removed) pieces that touch a positive (negative) seed
     disc are kept, so a click changes the object under it and not a neighbour.
     """
@@ -337,11 +337,11 @@ def apply_click_prediction(
     seed_pos = np.zeros(shape, bool)
     seed_neg = np.zeros(shape, bool)
     for c in pos:
-        near_pos |= _disc(shape, c, reach_mm / sp)
-        seed_pos |= _disc(shape, c, seed_mm / sp)
+        near_pos |= _disc(shape, c, reach / sp)
+        seed_pos |= _disc(shape, c, seed_radius / sp)
     for c in neg:
-        near_neg |= _disc(shape, c, reach_mm / sp)
-        seed_neg |= _disc(shape, c, seed_mm / sp)
+        near_neg |= _disc(shape, c, reach / sp)
+        seed_neg |= _disc(shape, c, seed_radius / sp)
     pred |= seed_pos
     pred &= ~seed_neg
     add = pred & ~cur & near_pos
@@ -362,15 +362,15 @@ def _refine_region_learned(
     pos: list[np.ndarray],
     neg: list[np.ndarray],
     sp: np.ndarray,
-    reach_mm: float,
-    seed_mm: float,
+    reach: float,
+    seed_radius: float,
     window: Sequence[float] | None,
     connected: bool,
 ) -> np.ndarray:
     sigma = float((model.card.extra or {}).get("click_sigma_px", 2.0))
     x = click_model_input(to_unit_range(img, window), cur, pos, neg, sigma)
     pred = predict_clicks(model, x) > 0.5
-    return apply_click_prediction(pred, cur, pos, neg, sp, reach_mm, seed_mm, connected)
+    return apply_click_prediction(pred, cur, pos, neg, sp, reach, seed_radius, connected)
 
 
 def refine_with_clicks(
@@ -383,14 +383,16 @@ def refine_with_clicks(
     *,
     mode: str = "2d",
     axis: int = 0,
-    reach_mm: float = 25.0,
-    seed_mm: float = 1.5,
+    reach: float = 25.0,
+    seed_radius: float = 1.5,
     beta: float = 2000.0,
     window: Sequence[float] | None = None,
     overwrite: bool = False,
     method: str = "random_walker",
     model: Any = None,
     connected: bool = True,
+    reach_mm: float | None = None,
+    seed_mm: float | None = None,
 ) -> Edit:
     """Re-segment ``label`` around the clicks; returns the change as an :class:`Edit`.
 
@@ -411,14 +413,15 @@ def refine_with_clicks(
         3D box around all clicks.
     axis : int
         Slice axis for ``"2d"`` on a 3D map.
-    reach_mm : float
-        How far from a click the structure may change (the region is the clicks' box padded
-        by ``1.5 * reach_mm``).
-    seed_mm : float
-        Radius of the seed disc painted at each click.
+    reach : float
+        How far from a click the structure may change, in the units of ``spacing``: mm when
+        ``spacing`` is the scan's voxel size in mm, pixels for a 2D image without one (spacing
+        1). The region worked on is the clicks' box padded by ``1.5 * reach``.
+    seed_radius : float
+        Radius of the seed disc painted at each click (units of ``spacing``).
     beta : float
         Random-walker edge sensitivity (on intensities scaled to [0, 1]). The defaults
-        (``reach_mm=25``, ``beta=2000``) scored best of a small sweep on the spleen CT and the
+        (``reach=25``, ``beta=2000``) scored best of a small sweep on the spleen CT and the
         DSB nuclei (``benchmarks/bench_click_refine.py``).
     window : (low, high), optional
         Intensity window to work in (e.g. the contrast limits the reader sees, a CT soft-tissue
@@ -433,9 +436,12 @@ def refine_with_clicks(
         see :func:`load_click_model`).
     connected : bool
         Learned method: keep only the added/removed pieces that touch a click.
+    reach_mm, seed_mm : float, optional
+        Former names of ``reach`` and ``seed_radius`` (they are not always mm: on a 2D image
+        without a pixel size they are pixels); still accepted, and they win when given.
 
     Both methods keep the guarantee: a positive click only adds, a negative click only
-    removes, and nothing further than ``reach_mm`` from every click changes.
+    removes, and nothing further than ``reach`` from every click changes.
 
     Raises
     ------
@@ -459,6 +465,8 @@ def refine_with_clicks(
         raise ValueError(f"image {img.shape} and labels {labels_arr.shape} must share a grid")
     nd = labels_arr.ndim
     sp = np.ones(nd) if spacing is None else np.asarray(spacing, float)[-nd:]
+    reach = float(reach if reach_mm is None else reach_mm)
+    seed_radius = float(seed_radius if seed_mm is None else seed_mm)
     pos = [np.asarray(p, float)[-nd:] for p in positive]
     neg = [np.asarray(p, float)[-nd:] for p in negative]
     if not pos and not neg:
@@ -469,9 +477,9 @@ def refine_with_clicks(
         for k in ks:
             gp = [p for p in pos if round(p[axis]) == k]
             gn = [p for p in neg if round(p[axis]) == k]
-            groups.append((_region(labels_arr.shape, gp + gn, sp, reach_mm, axis, k), gp, gn))
+            groups.append((_region(labels_arr.shape, gp + gn, sp, reach, axis, k), gp, gn))
     elif mode in ("2d", "3d"):
-        groups.append((_region(labels_arr.shape, pos + neg, sp, reach_mm, None, None), pos, neg))
+        groups.append((_region(labels_arr.shape, pos + neg, sp, reach, None, None), pos, neg))
     else:
         raise ValueError(f"mode must be '2d' or '3d', got {mode!r}")
     parts = []
@@ -494,10 +502,10 @@ def refine_with_clicks(
         gn2 = [(p - off)[keep] for p in gn]
         if loaded is not None:
             new = _refine_region_learned(
-                loaded, sub_img, cur2, gp2, gn2, spk, reach_mm, seed_mm, window, connected
+                loaded, sub_img, cur2, gp2, gn2, spk, reach, seed_radius, window, connected
             )
         else:
-            new = _refine_region(sub_img, cur2, gp2, gn2, spk, reach_mm, seed_mm, beta, window)
+            new = _refine_region(sub_img, cur2, gp2, gn2, spk, reach, seed_radius, beta, window)
         if squeeze:
             new = np.expand_dims(new, tuple(squeeze))
         allowed = (sub_lab == 0) | (sub_lab == label) if not overwrite else np.ones_like(cur)
@@ -514,12 +522,12 @@ def _region(
     shape: Sequence[int],
     clicks: list[np.ndarray],
     sp: np.ndarray,
-    reach_mm: float,
+    reach: float,
     axis: int | None,
     k: int | None,
 ) -> tuple[slice, ...]:
     pts = np.array(clicks)
-    pad = np.ceil(1.5 * reach_mm / sp).astype(int)
+    pad = np.ceil(1.5 * reach / sp).astype(int)
     lo = np.floor(pts.min(axis=0)).astype(int) - pad
     hi = np.ceil(pts.max(axis=0)).astype(int) + pad + 1
     box = [slice(max(0, int(a)), min(int(n), int(b))) for a, b, n in zip(lo, hi, shape)]

@@ -390,8 +390,7 @@ def correct_case(model_dir: Path, dataset: Path, name: str, n_clicks: int) -> tu
     rec = read_image(ip)[0]
     truth = np.asarray(read_image(lp)[0].data)
     pred = run_sync(segment(rec, load_model_folder(model_dir), device="cpu")).labels
-    aff = np.asarray(rec.affine, float)
-    spacing = tuple(float(v) for v in np.linalg.norm(aff[:-1, :-1], axis=0))
+    spacing = rec.spacing  # voxel size along the file axes (mm), from the affine
     mask, info = click_correction(np.asarray(rec.data), truth, pred, n_clicks, spacing)
     info.update(
         name=name,

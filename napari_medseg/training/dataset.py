@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_medseg.errors import MedsegError
+from napari_medseg.io.geometry import spacing_from_affine
 
 VOLUME_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha")
 IMAGE2D_ENDINGS = (".png", ".tif", ".tiff")
@@ -337,9 +338,9 @@ def read_channels(name: str, paths: list[Path]) -> tuple[np.ndarray, np.ndarray,
 
 
 def affine_spacing(affine: np.ndarray) -> tuple[float, ...]:
-    """Voxel size along each spatial axis: the column norms of the affine's linear part."""
-    lin = np.asarray(affine)[:-1, :-1]
-    return tuple(float(v) for v in np.sqrt((lin**2).sum(axis=0)))
+    """Voxel size along each spatial axis: the column norms of the affine's linear part
+    (:func:`napari_medseg.io.geometry.spacing_from_affine`)."""
+    return spacing_from_affine(affine)
 
 
 def load_case(name: str, image_paths: list[Path], label_path: Path) -> Case:

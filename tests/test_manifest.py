@@ -42,7 +42,8 @@ def test_manifest_packaged_and_valid():
 
 
 def test_compute_packages_never_import_qt_or_napari():
-    """Import all compute modules in a fresh interpreter where Qt and napari cannot load."""
+    """Import all compute and command-line modules in a fresh interpreter where Qt and napari
+    cannot load."""
     code = r"""
 import sys, importlib, pkgutil
 class Block:
@@ -53,13 +54,13 @@ class Block:
         return None
 sys.meta_path.insert(0, Block())
 import napari_medseg
-for sub in ("io", "core", "models", "training"):
+for leaf in ("errors", "progress", "_files"):
+    importlib.import_module(f"napari_medseg.{leaf}")
+for sub in ("io", "core", "models", "training", "cli"):
     pkg = importlib.import_module(f"napari_medseg.{sub}")
     for m in pkgutil.walk_packages(pkg.__path__, f"napari_medseg.{sub}."):
-        if m.name.endswith("napari_io"):
-            pass
-        importlib.import_module(m.name)
-importlib.import_module("napari_medseg.cli")
+        if not m.name.endswith("__main__"):  # `python -m napari_medseg.cli` runs the CLI
+            importlib.import_module(m.name)
 print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
@@ -69,3 +70,19 @@ print("ok")
 def test_import_linter_contract():
     out = subprocess.run(["lint-imports"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+
+
+def test_manifest_claims_only_what_the_plugin_adds_and_saves_points_and_shapes():
+    """Plain PNG/JPEG are napari's (no reader-choice dialog); the slide formats the code reads
+    are listed; Points and Shapes layers can be saved (CSV, QuPath GeoJSON)."""
+    manifest = yaml.safe_load((REPO / "napari.yaml").read_text())
+    (reader,) = manifest["contributions"]["readers"]
+    patterns = set(reader["filename_patterns"])
+    assert not patterns & {"*.png", "*.jpg", "*.jpeg"}
+    assert {"*.scn", "*.btf", "*.svs", "*.ndpi", "*.csv", "*.geojson"} <= patterns
+    writers = {w["layer_types"][0]: w for w in manifest["contributions"]["writers"]}
+    assert set(writers["points"]["filename_extensions"]) == {".csv", ".geojson"}
+    assert set(writers["shapes"]["filename_extensions"]) == {".csv", ".geojson"}
+    # display names and menus stay as they were
+    widgets = [w["display_name"] for w in manifest["contributions"]["widgets"]]
+    assert widgets == ["Segment", "Register", "Denoise", "Correct & Train", "Detect", "Whole slide"]

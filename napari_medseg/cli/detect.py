@@ -33,11 +33,14 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "detect",
         help="detect objects (nuclei, cells, lesions) and write them as CSV or GeoJSON",
-        description="Run a segmentation model, split its foreground into objects with a "
-        "distance watershed and write one row (CSV) or feature (GeoJSON, QuPath convention, "
-        "2D only) per object: score, class, centre in array indices of IMAGE's axis order "
-        "(y, x; z, y, x in 3D) and in world units (pixels in 2D, RAS mm in 3D), box, area or "
-        "volume. -m classical uses Otsu + watershed instead of a network.",
+        description="Find objects and write one row (CSV) or feature (GeoJSON, QuPath "
+        "convention, 2D only) per object: score, class, centre in array indices of IMAGE's "
+        "axis order (y, x; z, y, x in 3D) and in world units (pixels in 2D, RAS mm in 3D), "
+        "box, area or volume. -m takes a box detector (a centre-heatmap model such as the "
+        "built-in fluo_nuclei_det_2d: its regressed boxes), a segmentation model (its "
+        "foreground split into objects with a distance watershed), or 'classical' (Otsu + "
+        "watershed; --stain hematoxylin for H&E). A slide (pyramidal TIFF/SVS) is tiled over "
+        "its tissue (--tile, --margin, --level, --scheduler).",
     )
     p.add_argument("image", help="image file or DICOM folder")
     p.add_argument("-m", "--model", required=True, help="model name, folder, or 'classical'")
@@ -208,8 +211,11 @@ def _run_detect_slide(args: argparse.Namespace, src: Path, out: Path) -> int:
 
     from napari_medseg.cli._common import provenance_path, write_json_atomic
     from napari_medseg.core.detect.classical import detect_classical
-    from napari_medseg.core.slides.detect import detect_slide
-    from napari_medseg.core.slides.export import write_slide_detections
+    from napari_medseg.core.slides.detect import (
+        detect_slide,
+        detect_slide_dask,
+        write_slide_detections,
+    )
     from napari_medseg.io.raster import read_slide
     from napari_medseg.progress import TextProgress, run_sync
 
@@ -234,7 +240,7 @@ def _run_detect_slide(args: argparse.Namespace, src: Path, out: Path) -> int:
         if not classical:
             _load_detection_model(ref)  # fail here, in one sentence, not on the workers
         device = args.device if args.device != "auto" else "cpu"
-        gen = detect_slide(src, ref, scheduler=args.scheduler, device=device, **opts)
+        gen = detect_slide_dask(src, ref, scheduler=args.scheduler, device=device, **opts)
     else:
         if classical:
             detector: Any = functools.partial(

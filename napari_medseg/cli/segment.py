@@ -30,7 +30,9 @@ def add_parser(sub: Any) -> None:
         "-o",
         "--output",
         required=True,
-        help="output labels file (.nii.gz, .nrrd, .mha; .png/.tif for 2D) or folder in batch mode",
+        help="output labels file (.nii.gz, .nii, .nrrd, .mha; .png/.tif for 2D), a folder in "
+        "batch mode, or for a slide .zarr (OME-Zarr multiscale labels) or .ome.tif (pyramidal "
+        "OME-TIFF)",
     )
     p.add_argument(
         "--overlap",

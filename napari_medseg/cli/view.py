@@ -10,22 +10,39 @@ from napari_medseg.cli._common import add_common, user_path
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("view", help="open napari with the plugin's Segment dock and images")
-    p.add_argument("images", nargs="*", help="images to open (default: the sample CT)")
+    p = sub.add_parser(
+        "view",
+        help="open napari with the plugin's Segment dock and images (default: the sample CT)",
+    )
+    p.add_argument("images", nargs="*", help="images or DICOM folders to open")
     p.add_argument(
         "--sample",
         default=None,
         choices=["ct", "mri", "pathology", "nuclei"],
-        help="open a sample image",
+        help="open a sample image (File > Open Sample > napari-medseg)",
     )
-    p.add_argument("--screenshot", metavar="PNG", help="save a screenshot of the window and quit")
+    p.add_argument("-m", "--model", help="model to choose in the Segment dock")
+    p.add_argument("--run", action="store_true", help="press Run once the window is up")
+    p.add_argument(
+        "--screenshot",
+        metavar="PNG",
+        help="save a screenshot of the window and quit (after the run, with --run)",
+    )
+    add_common(p)
     p.set_defaults(func=_view)
 
 
 def _view(args: argparse.Namespace) -> int:
     from napari_medseg.widgets.launch import launch
 
-    return launch(args.images, sample=args.sample, screenshot=args.screenshot)
+    return launch(
+        args.images,
+        sample=args.sample,
+        screenshot=args.screenshot,
+        model=args.model,
+        run=args.run,
+        device=args.device,
+    )
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -46,10 +63,11 @@ def _demo(args: argparse.Namespace) -> int:
             model,
             "-o",
             str(out / name),
-            "--overwrite",
             "--device",
             args.device,
-        ] + (["--quiet"] if args.quiet else [])
+        ]
+        argv += ["--overwrite"] if args.overwrite else []
+        argv += ["--quiet"] if args.quiet else []
         parser = argparse.ArgumentParser(prog="napari-medseg")
         segment.add_parser(parser.add_subparsers())
         ns = parser.parse_args(argv)
@@ -65,5 +83,8 @@ def add_demo_parser(sub: Any) -> None:
         "models and write masks with provenance",
     )
     p.add_argument("-o", "--output", default="medseg_demo", help="output folder")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace masks left by an earlier demo run"
+    )
     add_common(p)
     p.set_defaults(func=_demo)

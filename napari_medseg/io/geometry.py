@@ -203,6 +203,9 @@ def record_to_layer_data(record: Any, layer_type: str = "image") -> tuple[Any, d
         "affine": _embed(lay_aff, n_extra),
         "metadata": meta,
     }
+    if record.space == "RAS":
+        # world axes are RAS millimetres: napari's scale bar and status read these
+        kwargs["units"] = ("pixel",) * n_extra + ("mm",) * nsp
     if layer_type == "image":
         kwargs["rgb"] = rgb
         if record.multiscale:

@@ -1,8 +1,8 @@
 """The "Detect" dock widget: image + model -> editable Points (centres) and Shapes (boxes).
 
-Thin (DESIGN.md rule 3): :func:`napari_medseg.core.detect.detection.detect` (or the classical
-baseline) runs in a napari worker; its full table is kept, and the score threshold, minimum
-size and NMS IoU only re-filter that table (:func:`~napari_medseg.core.detect.detection.
+Thin (docs/ARCHITECTURE.md rule 3): :func:`napari_medseg.core.detect.detection.detect` (or the
+classical baseline) runs in a napari worker; its full table is kept, and the score threshold,
+minimum size and NMS IoU only re-filter that table (:func:`~napari_medseg.core.detect.detection.
 filter_detections`), so moving the slider updates the layers live without running the model.
 
 Layers: ``<image>_detections`` (Points at object centres, ``features`` = id, class, score,
@@ -10,11 +10,13 @@ area/volume; a dot coloured by score, a third of the object's diameter, so the o
 visible under it: the editable objects) and
 ``<image>_boxes`` (Shapes: a rectangle per object in 2D; in 3D a rectangle on every slice the
 box spans, along napari's slider axis). Both carry the image's transform, so they overlay the
-scan; hovering an object shows its features as a tooltip. A filter change is debounced (60 ms)
-and then only adds and removes the objects that entered or left the filtered table, so the
-slider stays fluid with thousands of objects and hand edits of the other objects stay.
-``Export...`` saves what the Points layer shows now, edits included (deleted, added and
-moved points), as CSV or QuPath GeoJSON.
+scan; hovering an object shows its features as a tooltip. The Points layer holds every object
+the model found; the score threshold, minimum size and NMS IoU only set its ``shown`` mask
+(debounced, 60 ms), so the slider stays fluid with thousands of objects and the user's edits
+and selection stay (hand-added points are always shown). The box outlines add and remove only
+the objects that entered or left the filtered table. ``Export...`` and File > Save Selected
+Layers save what the Points layer shows now, edits included (deleted, added and moved points),
+as CSV or QuPath GeoJSON.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from magicgui.widgets import (
 )
 
 from napari_medseg.progress import Progress
-from napari_medseg.widgets._task import ImageInput, WorkerControls
+from napari_medseg.widgets._task import ImageInput, JobRunner
 
 if TYPE_CHECKING:
     import napari
@@ -58,13 +60,12 @@ def _detect_job(record: Any, model_ref: str, device: str) -> Any:
     return (yield from detect(record, detector, device=device))
 
 
-class DetectWidget(ImageInput, WorkerControls, Container):
+class DetectWidget(ImageInput, Container):
     """Dock widget: image, model, score threshold (live), min size, NMS IoU, Run / Cancel."""
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
         super().__init__(labels=True)
         self._viewer = viewer
-        self._worker: Any = None
         self._t0 = 0.0
         self._result: Any = None
         self._record: Any = None
@@ -103,8 +104,8 @@ class DetectWidget(ImageInput, WorkerControls, Container):
                 self.export_button,
             ]
         )
+        self.job = JobRunner([self.run_button], self.cancel_button, self.progress, self.status)
         self.run_button.changed.connect(self._on_run)
-        self.cancel_button.changed.connect(self._on_cancel)
         self.export_button.changed.connect(self._on_export)
         from qtpy.QtCore import QTimer
 
@@ -171,7 +172,7 @@ class DetectWidget(ImageInput, WorkerControls, Container):
             return
         layer, record = chosen
         self._t0 = time.perf_counter()
-        self.start_worker(
+        self.job.start(
             _detect_job,
             record,
             self.model.value,
@@ -237,10 +238,12 @@ class DetectWidget(ImageInput, WorkerControls, Container):
     def _refresh(self, _v: Any = None, *, rebuild: bool = False) -> None:
         """Update the Points/Shapes layers from the kept table (no model run).
 
-        After a new result (or with ``rebuild``) the layers are built from scratch; after a
-        filter change only the objects that entered or left the filtered table are added or
-        removed, so a slider step costs milliseconds with thousands of objects, and the user's
-        edits to the other objects (moves, hand-added points, deletions) stay.
+        After a new result (or with ``rebuild``) the Points layer gets every object the model
+        found; a filter change then only sets the layer's ``shown`` mask (objects below the
+        threshold, too small or suppressed by NMS are hidden, not deleted), so a slider step
+        costs milliseconds with thousands of objects and the user's edits, selection and
+        hand-added points (``id`` 0, always shown) stay. The box outlines (a Shapes layer has
+        no ``shown``) add and remove only the objects that entered or left the filtered table.
         """
         if self._result is None:
             return
@@ -255,7 +258,7 @@ class DetectWidget(ImageInput, WorkerControls, Container):
             and type(layers[pname]).__name__ == "Points"
         )
         if not incremental:
-            self._show_points(*self._point_rows(table))
+            self._show_points(*self._point_rows(self._result.table))
             self._show_boxes(table)
             # hovering an object shows its id, class, score and size as a tooltip (this
             # session's viewer only; napari's saved preference is left alone)
@@ -263,9 +266,11 @@ class DetectWidget(ImageInput, WorkerControls, Container):
         else:
             gone = self._shown_ids - set(ids.tolist())
             new = table[~np.isin(ids, list(self._shown_ids))]
-            self._update_points(layers[pname], gone, new)
             if bname in layers and type(layers[bname]).__name__ == "Shapes":
                 self._update_boxes(layers[bname], gone, new)
+        points = layers[pname]
+        layer_ids = points.features["id"].to_numpy() if len(points.features) else np.zeros(0)
+        points.shown = np.isin(layer_ids, ids) | (layer_ids == 0)
         self._shown_ids = set(ids.tolist())
         self.n_refreshes += 1
         counts = table["class"].value_counts()
@@ -290,9 +295,14 @@ class DetectWidget(ImageInput, WorkerControls, Container):
         # the boxes show the extent
         return centres, features, np.clip(np.nan_to_num(diam, nan=9.0) / 3.0, 3.0, 12.0)
 
+    def _geometry_kw(self) -> dict:
+        """The image's transform, metadata and units (mm for scans) for the result layers."""
+        keys = ("affine", "metadata", "units")
+        return {k: self._layer_kw[k] for k in keys if k in self._layer_kw}
+
     def _show_points(self, centres: np.ndarray, features: Any, sizes: np.ndarray) -> None:
         name = f"{self._source_name}_detections"
-        kw = {"affine": self._layer_kw["affine"], "metadata": self._layer_kw["metadata"]}
+        kw = self._geometry_kw()
         layers = self._viewer.layers
         if name in layers and type(layers[name]).__name__ == "Points":
             layer = layers[name]
@@ -340,24 +350,6 @@ class DetectWidget(ImageInput, WorkerControls, Container):
                 feats.loc[idx, feats.columns[-1]] = np.nan
                 layer.refresh_colors()
 
-    def _update_points(self, layer: Any, gone: set, new: Any) -> None:
-        import pandas as pd
-
-        feats = layer.features.reset_index(drop=True)
-        keep = ~np.isin(feats["id"].to_numpy(), list(gone)) if gone else np.ones(len(feats), bool)
-        if keep.all() and not len(new):
-            return
-        c_new, f_new, s_new = self._point_rows(new)
-        nd = self._result.ndim
-        data = np.concatenate([np.asarray(layer.data, float).reshape(-1, nd)[keep], c_new])
-        sizes = np.asarray(layer.size, float).reshape(-1)
-        sizes = np.concatenate([sizes[keep] if sizes.size == keep.size else sizes[:0], s_new])
-        features = pd.concat([feats[keep], f_new], ignore_index=True)
-        layer.data = data
-        layer.features = features
-        layer.size = sizes if len(sizes) else 10
-        layer.refresh_colors()
-
     def _box_rects(self, table: Any) -> tuple[list[np.ndarray], Any]:
         """Rectangles (layer axis order) and their features for ``table`` rows.
 
@@ -404,7 +396,7 @@ class DetectWidget(ImageInput, WorkerControls, Container):
                 " (raise the score threshold to see boxes)."
             )
             return
-        kw = {"affine": self._layer_kw["affine"], "metadata": self._layer_kw["metadata"]}
+        kw = self._geometry_kw()
         if rects:
             self._viewer.add_shapes(
                 rects,
@@ -445,8 +437,9 @@ class DetectWidget(ImageInput, WorkerControls, Container):
     def edited_table(self) -> pd.DataFrame:
         """The table of what the Points layer shows now (after the user's edits).
 
-        Deleted points are gone; added points get ``id`` 0, score 1 and the default class;
-        moved points keep their id, score and class with the new centre (world coordinates
+        Points hidden by the filters are left out; deleted points are gone; added points get
+        ``id`` 0, score 1 and the default class; moved points keep their id, score and class
+        with the new centre (world coordinates
         recomputed from the image's affine; their box shrinks to the centre voxel).
         """
         import pandas as pd
@@ -457,8 +450,9 @@ class DetectWidget(ImageInput, WorkerControls, Container):
         nd = self._result.ndim
         names = axis_names(nd)
         inv = np.argsort(self._perm())
-        centres = np.asarray(layer.data, dtype=float).reshape(-1, nd)[:, inv]
-        feats = layer.features.reset_index(drop=True)
+        shown = np.asarray(layer.shown, bool)
+        centres = np.asarray(layer.data, dtype=float).reshape(-1, nd)[shown][:, inv]
+        feats = layer.features.reset_index(drop=True)[shown].reset_index(drop=True)
         full = self._result.table.set_index("id")
         rows = []
         seen: set[int] = set()

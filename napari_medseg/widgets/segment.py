@@ -1,6 +1,6 @@
 """The "Segment" dock widget: pick an image and a model, press Run, get a Labels layer.
 
-The widget is thin (DESIGN.md rule 3): it reads its inputs, runs
+The widget is thin (docs/ARCHITECTURE.md rule 3): it reads its inputs, runs
 :func:`napari_medseg.core.segment.segment.segment` in a napari worker (progress bar, Cancel via
 ``worker.quit()``, which stops the generator between two batches) and turns the result into a
 Labels layer ``<image>_seg`` on the image's geometry. Running again updates that layer.
@@ -8,7 +8,9 @@ Labels layer ``<image>_seg`` on the image's geometry. Running again updates that
 
 from __future__ import annotations
 
+import hashlib
 import time
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,8 +25,13 @@ from magicgui.widgets import (
 )
 
 from napari_medseg.progress import Progress
-from napari_medseg.widgets._layers import is_volume_layer, labels_layer_data, use_radiological_view
-from napari_medseg.widgets._task import ImageInput, WorkerControls
+from napari_medseg.widgets._layers import (
+    apply_view_convention,
+    is_volume_layer,
+    labels_layer_data,
+    view_convention_choice,
+)
+from napari_medseg.widgets._task import ImageInput, JobRunner
 
 if TYPE_CHECKING:
     import napari
@@ -52,15 +59,15 @@ def _segment_job(record: Any, model_ref: str, options: dict, trust: bool) -> Any
     return result
 
 
-class SegmentWidget(ImageInput, WorkerControls, Container):
+class SegmentWidget(ImageInput, Container):
     """Dock widget: image layer, model, device, overlap, TTA, probabilities, Run / Cancel."""
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
         super().__init__(labels=True)
         self._viewer = viewer
-        self._worker: Any = None
         self._extra_models: dict[str, str] = {}
         self._t0 = 0.0
+        self._written: Any = weakref.WeakKeyDictionary()  # Labels layer -> digest of our data
         self.image = ComboBox(label="Image", choices=self._image_choices, nullable=True)
         self.model = ComboBox(label="Model", choices=self._model_choices)
         self.load_button = PushButton(text=LOAD_MODEL)
@@ -73,6 +80,7 @@ class SegmentWidget(ImageInput, WorkerControls, Container):
         self.progress = ProgressBar(label="Progress", min=0, max=100, value=0)
         self.status = Label(label="", value="Choose an image and a model, then press Run.")
         self.model_info = Label(label="", value="")
+        self.display = view_convention_choice(viewer)
         self.extend(
             [
                 self.image,
@@ -87,10 +95,17 @@ class SegmentWidget(ImageInput, WorkerControls, Container):
                 self.cancel_button,
                 self.progress,
                 self.status,
+                self.display,
             ]
         )
+        self.job = JobRunner(
+            [self.run_button],
+            self.cancel_button,
+            self.progress,
+            self.status,
+            on_error=self._trust_and_rerun,
+        )
         self.run_button.changed.connect(self._on_run)
-        self.cancel_button.changed.connect(self._on_cancel)
         self.load_button.changed.connect(self._on_load_model)
         self.model.changed.connect(self._show_model_info)
         self._follow_layers()
@@ -133,7 +148,7 @@ class SegmentWidget(ImageInput, WorkerControls, Container):
                 is_volume_layer(layer)
                 and sum(is_volume_layer(lyr) for lyr in self._viewer.layers) == 1
             ):
-                use_radiological_view(self._viewer)
+                apply_view_convention(self._viewer)
             if self.image.value is None and layer in self._image_choices():
                 self.image.value = layer
 
@@ -194,7 +209,7 @@ class SegmentWidget(ImageInput, WorkerControls, Container):
             return
         layer, record = chosen
         self._t0 = time.perf_counter()
-        self.start_worker(
+        self.job.start(
             _segment_job,
             record,
             self.model.value,
@@ -203,12 +218,13 @@ class SegmentWidget(ImageInput, WorkerControls, Container):
             on_result=lambda result: self._on_result(layer, record, result),
         )
 
-    def _on_error(self, err: Exception) -> None:
+    def _trust_and_rerun(self, err: BaseException) -> bool:
+        """A bundle that needs trust: ask, and run again trusted when the user agrees."""
         if type(err).__name__ == "BundleTrustError" and self._ask_trust(str(err)):
-            self._worker = None  # the refused run is over; its late "finished" is ignored
+            self.job.detach()  # the refused run is over; its late "finished" is ignored
             self._on_run(trust=True)
-            return
-        super()._on_error(err)
+            return True
+        return False
 
     def _ask_trust(self, message: str) -> bool:
         from qtpy.QtWidgets import QMessageBox
@@ -225,7 +241,7 @@ class SegmentWidget(ImageInput, WorkerControls, Container):
         name = f"{source_layer.name}_seg"
         meta = {"provenance": result.provenance, "class_names": result.class_names}
         data, kwargs = labels_layer_data(source_layer, result.labels, record, name, meta)
-        self._show_labels(name, data, kwargs, result)
+        kept = self._show_labels(name, data, kwargs, result)
         if result.probabilities is not None:
             self._show_probabilities(source_layer, record, result)
         secs = time.perf_counter() - self._t0
@@ -240,8 +256,17 @@ class SegmentWidget(ImageInput, WorkerControls, Container):
         self.status.value = f"Done in {secs:.1f} s. " + (
             ", ".join(found) if found else "Nothing found."
         )
+        if kept:
+            self.status.value += " " + kept
 
-    def _show_labels(self, name: str, data: Any, kwargs: dict, result: Any) -> None:
+    def _show_labels(self, name: str, data: Any, kwargs: dict, result: Any) -> str:
+        """Put the result in ``name``, or beside it when that layer holds the user's edits.
+
+        A ``name`` layer still holding exactly what this dock wrote is updated in place as one
+        undo step (Ctrl+Z brings the previous result back); one that was edited (or that this
+        dock did not write) is kept as it is and the result becomes a new layer. Returns a
+        sentence for the status line when a layer was kept, else ``""``.
+        """
         from napari.layers import Labels
         from napari.utils.colormaps import DirectLabelColormap
 
@@ -250,24 +275,49 @@ class SegmentWidget(ImageInput, WorkerControls, Container):
         cmap = DirectLabelColormap(color_dict=colors)
         ids = sorted(result.class_names)
         features = {"index": ids, "class": [result.class_names[i] for i in ids]}
-        if name in self._viewer.layers and isinstance(self._viewer.layers[name], Labels):
-            layer = self._viewer.layers[name]
-            layer.data = data
-            layer.affine = kwargs["affine"]
-            layer.metadata = kwargs["metadata"]
+        old = self._viewer.layers[name] if name in self._viewer.layers else None
+        kept = ""
+        if isinstance(old, Labels) and self._replace_in_place(old, data, kwargs):
+            layer = old
             layer.colormap = cmap
             layer.features = features
         else:
+            if isinstance(old, Labels):
+                kept = f"Kept your edited {name}; this result is a new layer."
             layer = self._viewer.add_labels(
                 data,
                 name=name,
                 affine=kwargs["affine"],
+                units=kwargs.get("units"),  # mm for scans, like the image
                 metadata=kwargs["metadata"],
                 colormap=cmap,
                 features=features,
                 opacity=0.5,
             )
+            if kept:
+                kept = f"Kept your edited {name}; this result is {layer.name}."
+        self._written[layer] = _digest(layer.data)
         self._viewer.layers.selection.active = layer
+        return kept
+
+    def _replace_in_place(self, layer: Any, data: Any, kwargs: dict) -> bool:
+        """Write ``data`` into ``layer`` as one undo step if it holds only our last result."""
+        data = np.asarray(data)
+        current = layer.data
+        if (
+            not isinstance(current, np.ndarray)
+            or current.shape != data.shape
+            or self._written.get(layer) != _digest(current)  # edited, or not ours
+            or not _fits(data, current.dtype)
+        ):
+            return False
+        # metadata first: the Correct dock reads the new provenance when the paint event comes
+        layer.metadata = kwargs["metadata"]
+        layer.affine = kwargs["affine"]
+        changed = np.nonzero(current != data)
+        with layer.block_history():
+            layer.data_setitem(changed, data[changed])
+        return True
 
     def _show_probabilities(self, source_layer: Any, record: Any, result: Any) -> None:
         from napari_medseg.io.geometry import record_to_layer_data
@@ -288,3 +338,20 @@ class SegmentWidget(ImageInput, WorkerControls, Container):
         if name in self._viewer.layers:
             self._viewer.layers.remove(name)
         self._viewer.add_image(data, **kwargs)
+
+def _fits(data: np.ndarray, dtype: np.dtype) -> bool:
+    """Whether every value of ``data`` can be stored in ``dtype`` unchanged."""
+    if data.dtype == dtype or not data.size:
+        return True
+    if dtype.kind not in "iu" or data.dtype.kind not in "iub":
+        return False
+    info = np.iinfo(dtype)
+    return info.min <= int(data.min()) and int(data.max()) <= info.max
+
+
+def _digest(data: Any) -> str:
+    """Fingerprint of a label array (shape, dtype and bytes), to tell whether it was edited."""
+    arr = np.ascontiguousarray(data)
+    h = hashlib.sha1(f"{arr.shape}{arr.dtype}".encode(), usedforsecurity=False)
+    h.update(memoryview(arr).cast("B"))
+    return h.hexdigest()

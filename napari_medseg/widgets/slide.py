@@ -1,7 +1,7 @@
 """The "Whole slide" dock widget: run a 2D model over a slide, tile by tile.
 
-Thin (DESIGN.md rule 3): it reads the slide layer's file path and the chosen model and runs,
-in a napari worker (progress, ``Cancel`` = ``worker.quit()`` between two tiles or batches):
+Thin (docs/ARCHITECTURE.md rule 3): it reads the slide layer's file path and the chosen model and
+runs, in a napari worker (progress, ``Cancel`` = ``worker.quit()`` between two tiles or batches):
 
 * **Segment**: :func:`napari_medseg.core.slides.segment.segment_slide`, shown as a lazy multiscale
 Labels
@@ -36,6 +36,7 @@ from magicgui.widgets import (
 )
 
 from napari_medseg.progress import Progress
+from napari_medseg.widgets._task import JobRunner
 
 if TYPE_CHECKING:
     import napari
@@ -93,7 +94,6 @@ class SlideWidget(Container):
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
         super().__init__(labels=True)
         self._viewer = viewer
-        self._worker: Any = None
         self._extra_models: dict[str, str] = {}
         self._labels_layer: Any = None
         self._last_refresh = 0.0
@@ -130,7 +130,18 @@ class SlideWidget(Container):
         )
         self.view_button.changed.connect(lambda _v=None: self._start(view=True))
         self.run_button.changed.connect(lambda _v=None: self._start(view=False))
-        self.cancel_button.changed.connect(self._on_cancel)
+        self.job = JobRunner(
+            [self.view_button, self.run_button],
+            self.cancel_button,
+            self.progress,
+            self.status,
+            percent=True,
+            starting="Starting...",
+            cancelling="Cancelling (the partial result stays readable)...",
+            cancelled="Cancelled: the tiles done so far stay in the saved result, "
+            "marked incomplete; run again to finish.",
+            keeps_partial=True,
+        )
         self.task.changed.connect(self._on_task)
         self.threshold.changed.connect(self._filter_points)
         viewer.layers.events.inserted.connect(self._refresh_choices)
@@ -203,10 +214,9 @@ class SlideWidget(Container):
             return None
 
     def _start(self, view: bool) -> None:
-        from napari.qt.threading import create_worker
         from napari.utils.notifications import show_error
 
-        if self._worker is not None:
+        if self.job.running:
             return
         layer = self.image.value
         if layer is None:
@@ -228,25 +238,24 @@ class SlideWidget(Container):
             opts["region"] = self.current_view_region(layer)
         self._remove_labels(out)
         self._t0 = time.perf_counter()
-        job = _detect_slide_job if detect else _slide_job
-        worker = create_worker(
-            job, str(path), str(self.model.value), str(out), opts, _start_thread=False
-        )
+        args = (str(path), str(self.model.value), str(out), opts)
         if detect:
             self._start_points(out, layer)
-            worker.yielded.connect(self._on_detect_progress)
-            worker.returned.connect(lambda r: self._on_detected(r, out))
+            self.job.start(
+                _detect_slide_job,
+                *args,
+                on_result=lambda r: self._on_detected(r, out),
+                on_progress=self._on_detect_progress,
+                on_finished=self._on_finished,
+            )
         else:
-            worker.yielded.connect(lambda p: self._on_progress(p, out, layer))
-            worker.returned.connect(lambda r: self._on_result(r, out, layer))
-        worker.errored.connect(self._on_error)
-        worker.finished.connect(self._on_finished)
-        self._worker = worker
-        self.view_button.enabled = self.run_button.enabled = False
-        self.cancel_button.enabled = True
-        self.progress.value = 0
-        self.status.value = "Starting..."
-        worker.start()
+            self.job.start(
+                _slide_job,
+                *args,
+                on_result=lambda r: self._on_result(r, out, layer),
+                on_progress=lambda p: self._on_progress(p, out, layer),
+                on_finished=self._on_finished,
+            )
 
     def _remove_labels(self, out: Path) -> None:
         name = out.name.rsplit(".", 1)[0]
@@ -295,9 +304,6 @@ class SlideWidget(Container):
     def _on_detect_progress(self, p: Progress) -> None:
         import pandas as pd
 
-        if p.total:
-            self.progress.value = int(100 * p.done / p.total)
-        self.status.value = p.message
         rows = (p.info or {}).get("detections")
         if rows is not None and len(rows):
             self._live.append(rows)
@@ -347,9 +353,6 @@ class SlideWidget(Container):
         )
 
     def _on_progress(self, p: Progress, out: Path, layer: Any) -> None:
-        if p.total:
-            self.progress.value = int(100 * p.done / p.total)
-        self.status.value = p.message
         if p.total and self._labels_layer is None and out.exists():
             self._show(out, layer)
         elif self._labels_layer is not None and p.info.get("tiles"):
@@ -369,25 +372,6 @@ class SlideWidget(Container):
             f"{result.tiles_done} tiles{bad}; saved {out.name}"
         )
 
-    def _on_error(self, err: Exception) -> None:
-        from napari.utils.notifications import show_error
-
-        self.status.value = f"Failed: {err}"
-        show_error(str(err))
-
-    def _on_cancel(self, _v: Any = None) -> None:
-        if self._worker is not None:
-            self._worker.quit()
-            self.status.value = "Cancelling (the partial result stays readable)..."
-
-    def _on_finished(self) -> None:
-        if self._worker is not None and getattr(self._worker, "abort_requested", False):
-            self.status.value = (
-                "Cancelled: the tiles done so far stay in the saved result, "
-                "marked incomplete; run again to finish."
-            )
-        self._worker = None
-        self.view_button.enabled = self.run_button.enabled = True
-        self.cancel_button.enabled = False
+    def _on_finished(self, cancelled: bool) -> None:
         if self._labels_layer is not None:
             self._labels_layer.refresh()

@@ -40,8 +40,8 @@ def test_run_then_live_threshold_then_export_edits(make_napari_viewer, qtbot, tm
     widget.threshold.value = 0.0
     runs = []
     widget.run_button.native.click()  # as a user pressing Run
-    widget._worker.started.connect(lambda: runs.append(1))
-    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    widget.job.worker.started.connect(lambda: runs.append(1))
+    qtbot.waitUntil(lambda: widget.job.worker is None, timeout=60_000)
     assert widget.status.value.startswith("Done"), widget.status.value
     points = viewer.layers["nuclei_detections"]
     boxes = viewer.layers["nuclei_boxes"]
@@ -63,27 +63,32 @@ def test_run_then_live_threshold_then_export_edits(make_napari_viewer, qtbot, tm
     cut = float(np.round(scores[len(scores) // 2] + 0.005, 2))
     refreshes = widget.n_refreshes
     widget.threshold.value = cut
-    assert widget._worker is None
+    assert widget.job.worker is None
     qtbot.waitUntil(lambda: widget.n_refreshes == refreshes + 1, timeout=2000)  # debounced
     n_cut = int((scores >= cut).sum())
-    assert 0 < len(points.data) == n_cut < n_all
-    assert (points.features["score"] >= cut).all()
+    # the objects below the threshold are hidden (napari's `shown`), not deleted
+    assert len(points.data) == n_all and 0 < int(points.shown.sum()) == n_cut < n_all
+    assert (points.features["score"][points.shown] >= cut).all()
+    assert (points.features["score"][~points.shown] < cut).all()
     assert len(viewer.layers["nuclei_boxes"].data) == n_cut
     assert f"nucleus: {n_cut}" in widget.counts.value
 
-    # user edits: delete one point, add one, move one; export saves exactly that
-    points.selected_data = {0}
+    # user edits: delete one shown point, add one, move one; export saves exactly what is shown
+    first, second = np.nonzero(points.shown)[0][:2]
+    points.selected_data = {int(first)}
     points.remove_selected()
     points.add(np.array([[5.0, 7.0]]))
+    assert points.shown[-1]  # a point added by hand is shown
     moved = points.data.copy()
-    moved[0] = moved[0] + [3.0, -2.0]
+    second = int(second) - 1  # one row above it was removed
+    moved[second] = moved[second] + [3.0, -2.0]
     points.data = moved
     out = widget.export(str(tmp_path / "edited.csv"))
     from napari_medseg.io.detections import read_detections
 
     t = read_detections(out)
     assert len(t) == n_cut  # -1 deleted +1 added
-    np.testing.assert_allclose(t[["y", "x"]].to_numpy(), points.data, atol=1e-4)
+    np.testing.assert_allclose(t[["y", "x"]].to_numpy(), points.data[points.shown], atol=1e-4)
     assert t.iloc[-1]["id"] == 0 and t.iloc[-1]["score"] == 1.0
     gj = widget.export(str(tmp_path / "edited.geojson"))
     feats = json.loads(gj.read_text())["features"]
@@ -101,7 +106,7 @@ def test_volume_gets_points_on_the_scan_and_boxes_on_slices(make_napari_viewer, 
     assert "fluo_nuclei_det_2d" not in values  # a 2D box detector does not run on a volume
     widget.model.value = "classical"
     widget.run_button.native.click()
-    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    qtbot.waitUntil(lambda: widget.job.worker is None, timeout=60_000)
     assert widget.status.value.startswith("Done"), widget.status.value
     name = f"{image.name}_detections"
     points = viewer.layers[name]
@@ -164,20 +169,58 @@ def test_thousands_of_objects_update_incrementally_and_keep_edits(make_napari_vi
     moved = points.data.copy()
     moved[i] += [1.5, -1.0]
     points.data = moved
+    points.selected_data = {i}
     boxes_layer_id = id(boxes)
     for cut in (0.3, 0.35, 0.6, 0.2):
         before = widget.n_refreshes
         widget.threshold.value = cut
         qtbot.waitUntil(lambda b=before: widget.n_refreshes == b + 1, timeout=5000)
         n = int((table["score"] >= cut).sum())
-        assert len(points.data) == len(viewer.layers["grid_boxes"].data) == n
-        assert (points.features["score"] >= cut).all()
-        assert sorted(points.features["id"]) == sorted(widget.shown_table()["id"])
-        assert sorted(viewer.layers["grid_boxes"].features["id"]) == sorted(points.features["id"])
+        shown = points.shown
+        assert len(points.data) == k  # every object stays in the layer, hidden or shown
+        assert int(shown.sum()) == len(viewer.layers["grid_boxes"].data) == n
+        assert (points.features["score"][shown] >= cut).all()
+        assert sorted(points.features["id"][shown]) == sorted(widget.shown_table()["id"])
+        assert sorted(viewer.layers["grid_boxes"].features["id"]) == sorted(
+            points.features["id"][shown]
+        )
     # same layers updated in place (not rebuilt), and the moved point kept its new place
     assert id(viewer.layers["grid_boxes"]) == boxes_layer_id
     j = int(np.nonzero(points.features["id"].to_numpy() == oid)[0][0])
     np.testing.assert_allclose(points.data[j], moved[i])
+    assert points.selected_data == {j}  # the selection survives the threshold steps
+
+
+def test_save_selected_points_layer_writes_what_is_shown(make_napari_viewer, tmp_path):
+    """File > Save Selected Layers on the detections: only the objects above the threshold."""
+    from napari_medseg.core.detect.instances import measure_instances
+    from napari_medseg.core.detect.result import DetectionResult
+    from napari_medseg.io.detections import read_detections
+    from napari_medseg.io.record import ImageRecord
+    from napari_medseg.progress import run_sync
+
+    inst = np.zeros((60, 60), np.int32)
+    for k in range(1, 26):
+        y, x = divmod(k - 1, 5)
+        inst[y * 12 : y * 12 + 5, x * 12 : x * 12 + 5] = k
+    score = np.linspace(0, 1, 26)[inst]
+    aff = np.eye(3)
+    table = run_sync(measure_instances(inst, aff, "pixel", score_map=score))
+    viewer = make_napari_viewer()
+    image = viewer.add_image(inst.astype(np.float32), name="grid")
+    widget = _widget(viewer)
+    widget.threshold.value = 0.6
+    record = ImageRecord(data=inst, affine=aff, space="pixel", name="grid")
+    widget._on_result(image, record, DetectionResult(table, inst, aff, "pixel"))
+    points = viewer.layers["grid_detections"]
+    n = int((table["score"] >= 0.6).sum())
+    assert 0 < n < 25 and int(points.shown.sum()) == n
+    viewer.layers.selection = {points}
+    out = tmp_path / "shown.csv"
+    assert viewer.layers.save(str(out), selected=True, plugin="napari-medseg") == [str(out)]
+    saved = read_detections(out)
+    assert len(saved) == n and (saved["score"] >= 0.6).all()
+    np.testing.assert_allclose(saved[["y", "x"]].to_numpy(), points.data[points.shown], atol=1e-6)
 
 
 def test_cached_nms_then_threshold_equals_filter_detections(make_napari_viewer):
@@ -229,11 +272,11 @@ def test_box_detector_from_the_dock_exports_rectangles(make_napari_viewer, qtbot
     widget.model.value = "fluo_nuclei_det_2d"
     widget.device.value = "cpu"
     widget.run_button.native.click()
-    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    qtbot.waitUntil(lambda: widget.job.worker is None, timeout=60_000)
     assert widget.status.value.startswith("Done"), widget.status.value
     points, boxes = viewer.layers["nuclei_detections"], viewer.layers["nuclei_boxes"]
     t = widget.shown_table()
-    assert len(points.data) == len(boxes.data) == len(t) >= 10
+    assert int(points.shown.sum()) == len(boxes.data) == len(t) >= 10
     assert (t["score"] >= 0.5).all()
     assert np.ptp(boxes.data[0][:, 0]) == pytest.approx(t["y_max"].iloc[0] - t["y_min"].iloc[0])
     out = widget.export(str(tmp_path / "boxes.geojson"))
@@ -249,7 +292,7 @@ def test_he_sample_with_the_classical_haematoxylin_detector(make_napari_viewer, 
     assert "classical-he" in values  # offered for RGB images
     widget.model.value = "classical-he"
     widget.run_button.native.click()
-    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    qtbot.waitUntil(lambda: widget.job.worker is None, timeout=60_000)
     assert widget.status.value.startswith("Done"), widget.status.value
     points = viewer.layers[f"{image.name}_detections"]
-    assert 250 < len(points.data) < 400  # measured 318 nuclei with the same detector
+    assert 250 < int(points.shown.sum()) < 400  # measured 318 nuclei with the same detector

@@ -27,7 +27,7 @@ def test_run_on_current_view_shows_lazy_multiscale_labels(make_napari_viewer, qt
     assert region is not None and region[2] <= 1024 and region[3] <= 1024
     widget.view_button.native.click()  # as a user pressing the button
     assert widget.cancel_button.enabled
-    qtbot.waitUntil(lambda: widget._worker is None, timeout=30_000)
+    qtbot.waitUntil(lambda: widget.job.worker is None, timeout=30_000)
     out = tmp_path / "slide_tiny_rgb_view.zarr"
     assert out.is_dir()
     labels = viewer.layers["slide_tiny_rgb_view"]
@@ -56,7 +56,7 @@ def test_whole_slide_then_cancel_a_second_run(make_napari_viewer, qtbot, tmp_pat
     widget.tile.value = 256
     widget.run_button.native.click()
     assert not widget.view_button.enabled and widget.cancel_button.enabled
-    qtbot.waitUntil(lambda: widget._worker is None, timeout=120_000)
+    qtbot.waitUntil(lambda: widget.job.worker is None, timeout=120_000)
     assert widget.status.value.startswith("Done"), widget.status.value
     out = tmp_path / "slide_tiny_rgb_seg.zarr"
     labels = viewer.layers["slide_tiny_rgb_seg"]
@@ -92,7 +92,7 @@ def test_whole_slide_then_cancel_a_second_run(make_napari_viewer, qtbot, tmp_pat
     qtbot.waitUntil(lambda: widget.progress.value > 0, timeout=60_000)
     t0 = time.perf_counter()
     widget.cancel_button.native.click()
-    qtbot.waitUntil(lambda: widget._worker is None, timeout=10_000)
+    qtbot.waitUntil(lambda: widget.job.worker is None, timeout=10_000)
     assert time.perf_counter() - t0 < 3.0  # between two batches
     assert widget.status.value.startswith("Cancelled"), widget.status.value
     assert widget.run_button.enabled and not widget.cancel_button.enabled
@@ -123,7 +123,7 @@ def test_detect_on_current_view_gives_points_and_geojson(make_napari_viewer, qtb
     region = widget.current_view_region(layer)
     assert region is not None
     widget.view_button.native.click()
-    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    qtbot.waitUntil(lambda: widget.job.worker is None, timeout=60_000)
     assert widget.status.value.startswith("Done"), widget.status.value
     points = viewer.layers["slide_classical-he_view"]
     n_all = len(widget._result.table)

@@ -80,13 +80,14 @@ def add_parser(sub: Any) -> None:
 def _first(path: str, what: str) -> Any:
     from napari_medseg.io import read_image
 
-    records = read_image(Path(path).expanduser())
-    if len(records) > 1:
+    (record,) = read_image(Path(path).expanduser(), series=0)  # only that series decoded
+    choice = record.metadata.get("series_choice")
+    if choice:
         print(
-            f"napari-medseg: {path} holds {len(records)} series; using the first as {what}",
+            f"napari-medseg: {path} holds {choice['n_series']} series; using the first as {what}",
             file=sys.stderr,
         )
-    return records[0]
+    return record
 
 
 def _register(args: argparse.Namespace) -> int:

@@ -148,6 +148,9 @@ def _register(args: argparse.Namespace) -> int:
     except BaseException:
         bar.close()  # end the progress line so the error stands on a line of its own
         raise
+    if args.quiet:  # labels lost outside the field of view: said even when warnings are hidden
+        for note in result.provenance.get("notes", []):
+            print(f"napari-medseg: warning: {note}", file=sys.stderr)
 
     def on_fixed(data: Any, modality: str, name: str) -> ImageRecord:
         return ImageRecord(

@@ -93,7 +93,8 @@ def segment_file(
 
     image_path, dest = Path(image_path), Path(dest)
     loaded = _model(model, "cpu", trust_bundle)
-    (record,) = read_image(image_path, series=0)  # one series decoded, the choice recorded
+    records = read_image(image_path)
+    record = records[0]
     result = yield from segment(
         record,
         loaded,
@@ -114,9 +115,8 @@ def segment_file(
     written = write_image(dest, labels, is_label=True, overwrite=True)
     prov = dict(result.provenance)
     prov.update(input=str(image_path), input_sha256=sha256_of(image_path), output=str(written))
-    choice = record.metadata.get("series_choice")
-    if choice:
-        prov["series_note"] = f"{choice['n_series']} series in the input; segmented {record.name}"
+    if len(records) > 1:
+        prov["series_note"] = f"{len(records)} series in the input; segmented {record.name}"
     counts = np.bincount(np.asarray(result.labels).ravel())
     prov["class_voxels"] = {
         str(result.class_names.get(i, i)): int(n) for i, n in enumerate(counts) if i and n

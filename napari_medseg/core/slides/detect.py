@@ -58,6 +58,12 @@ import numpy as np
 from napari_medseg.core.correct.mask_store import software_versions
 from napari_medseg.core.detect.detection import load_detector
 from napari_medseg.core.slides.run import run_tiles
+from napari_medseg.core.slides.tile_results import (
+    Collector,
+    TileDetections,
+    map_tile,
+    tile_record,
+)
 from napari_medseg.core.slides.tiles import (
     TilePlan,
     TileReader,
@@ -126,20 +132,6 @@ class SlideDetections:
     space: str = "pixel"
 
 
-@dataclass
-class _TileOut:
-    """Detections of one tile after the centre rule, mapped to level 0."""
-
-    index: int
-    region0: tuple[int, int, int, int]
-    table: Any  # DataFrame or None
-    outlines: list
-    border: np.ndarray  # bool per row: the box reaches outside the tile's core
-    colors: dict
-    provenance: dict
-    skipped: bool = False
-
-
 # --------------------------------------------------------------------------- detectors
 
 
@@ -192,131 +184,7 @@ def _run_detector(f: Detector, rec: ImageRecord) -> Generator[Progress, None, An
     return out
 
 
-# --------------------------------------------------------------------------- one tile
-
-
-def _tile_record(
-    record: ImageRecord, a: np.ndarray, origin: tuple[int, int], plan: TilePlan
-) -> ImageRecord:
-    from napari_medseg.io.record import ImageRecord
-
-    if record.data.ndim == 2 and a.ndim == 3:
-        a = a[..., 0]
-    mpp = (record.metadata or {}).get("mpp")
-    return ImageRecord(
-        data=a,
-        affine=np.eye(3),
-        space="pixel",
-        modality=record.modality,
-        name=f"{record.name}@L{plan.level}:{origin[0]},{origin[1]}",
-        path=None,
-        rgb=record.rgb,
-        metadata={
-            "mpp": mpp * plan.scale if mpp else None,
-            "slide": record.path,
-            "level": plan.level,
-            "origin": list(origin),
-        },
-    )
-
-
-def _drop_collinear(rc: np.ndarray) -> np.ndarray:
-    """Remove vertices of a closed contour that lie on a straight run (exact, vectorised)."""
-    if len(rc) < 5:
-        return rc
-    closed = np.array_equal(rc[0], rc[-1])
-    pts = rc[:-1] if closed else rc
-    d_prev = pts - np.roll(pts, 1, axis=0)
-    d_next = np.roll(pts, -1, axis=0) - pts
-    cross = d_prev[:, 0] * d_next[:, 1] - d_prev[:, 1] * d_next[:, 0]
-    keep = np.abs(cross) > 1e-9
-    if keep.sum() < 3:
-        return rc
-    pts = pts[keep]
-    return np.vstack([pts, pts[:1]])
-
-
-def _ring_outlines(
-    inst: np.ndarray | None, ids: np.ndarray, origin: tuple[int, int], s: int
-) -> list:
-    """Level-0 ``[x, y]`` rings (QuPath corners) of objects ``ids`` of a tile's instance map."""
-    if inst is None or np.ndim(inst) != 2 or not np.size(inst) or ids.size == 0:
-        return [None] * len(ids)
-    from scipy import ndimage as ndi
-
-    from napari_medseg.io.detections import object_outline
-
-    inst = np.asarray(inst)
-    objs = ndi.find_objects(inst)
-    off = np.array([origin[0], origin[1]], dtype=float)
-    out = []
-    for lab in ids:
-        lab = int(lab)
-        if not 0 < lab <= len(objs) or objs[lab - 1] is None:
-            out.append(None)
-            continue
-        rc = object_outline(inst, objs[lab - 1], lab)
-        if rc is None or len(rc) < 4:
-            out.append(None)
-            continue
-        rc = _drop_collinear(rc)
-        yx = s * (rc + off) + (s - 1) / 2.0 + 0.5
-        ring = np.ascontiguousarray(yx[:, ::-1], dtype=np.float32)
-        if not np.array_equal(ring[0], ring[-1]):
-            ring = np.vstack([ring, ring[:1]])
-        out.append(ring)
-    return out
-
-
-def _map_tile(
-    res: Any,
-    t: tuple[int, int, int, int],
-    origin: tuple[int, int],
-    plan: TilePlan,
-    affine: np.ndarray,
-    filters: dict,
-    outlines: bool,
-) -> tuple[Any, list, np.ndarray]:
-    """Centre rule, level-0 coordinates, filters and outlines for one tile's result."""
-    from napari_medseg.core.detect.result import filter_detections
-
-    tbl = res.table
-    if tbl is None or len(tbl) == 0:
-        return None, [], np.zeros(0, bool)
-    y0, x0, y1, x1 = t
-    ry0, rx0 = origin
-    cy = tbl["y"].to_numpy(float) + ry0
-    cx = tbl["x"].to_numpy(float) + rx0
-    keep = (cy >= y0 - 0.5) & (cy < y1 - 0.5) & (cx >= x0 - 0.5) & (cx < x1 - 0.5)
-    tbl = tbl[keep].copy()
-    if not len(tbl):
-        return None, [], np.zeros(0, bool)
-    s = plan.scale
-    off = (s - 1) / 2.0
-    inner = np.ones(len(tbl), bool)
-    for a, lo, hi, o in (("y", y0, y1, ry0), ("x", x0, x1, rx0)):
-        vmin = tbl[f"{a}_min"].to_numpy(float) + o
-        vmax = tbl[f"{a}_max"].to_numpy(float) + o
-        inner &= (vmin >= lo) & (vmax <= hi)
-        tbl[a] = s * (tbl[a].to_numpy(float) + o) + off
-        for col, v in ((f"{a}_min", vmin), (f"{a}_max", vmax)):
-            is_int = np.issubdtype(tbl[col].dtype, np.integer)  # boxes of a box detector: float
-            tbl[col] = np.round(s * v).astype(np.int64) if is_int else s * v
-    yx = tbl[["y", "x"]].to_numpy(float)
-    world = yx @ affine[:2, :2].T + affine[:2, 2]
-    tbl["world_y"], tbl["world_x"] = world[:, 0], world[:, 1]
-    if "area" in tbl.columns:
-        tbl["area"] = tbl["area"].to_numpy(float) * s * s
-    tbl["_border"] = ~inner
-    tbl = filter_detections(tbl, **filters)
-    border = tbl.pop("_border").to_numpy(bool)
-    ids = tbl["id"].to_numpy() if "id" in tbl.columns else np.zeros(len(tbl), int)
-    rings = (
-        _ring_outlines(getattr(res, "instances", None), ids, origin, s)
-        if outlines
-        else [None] * len(tbl)
-    )
-    return tbl, rings, border
+# --------------------------------------------------------------------------- tiles
 
 
 def _detect_tiles(
@@ -326,10 +194,10 @@ def _detect_tiles(
     indices: Sequence[int],
     filters: dict,
     outlines: bool,
-) -> Iterator[Progress | _TileOut]:
+) -> Iterator[Progress | TileDetections]:
     """Run ``detector`` on tiles ``plan.tiles[i] for i in indices`` (next one prefetched).
 
-    Yields the detector's :class:`Progress` (re-labelled) and one :class:`_TileOut` per tile.
+    Yields the detector's :class:`Progress` (re-labelled) and one :class:`TileDetections` per tile.
     """
     reader = TileReader(record, plan.level)
     h, w = plan.work_shape
@@ -352,9 +220,9 @@ def _detect_tiles(
             t = plan.tiles[i]
             region0 = tuple(int(v * plan.scale) for v in t)
             if bad:
-                yield _TileOut(i, region0, None, [], np.zeros(0, bool), {}, {}, skipped=True)
+                yield TileDetections(i, region0, None, [], np.zeros(0, bool), {}, {}, skipped=True)
                 continue
-            rec = _tile_record(record, a, origin, plan)
+            rec = tile_record(record, a, origin, plan)
             del a
             gen = _run_detector(detector, rec)
             while True:
@@ -364,8 +232,8 @@ def _detect_tiles(
                     res = stop.value
                     break
                 yield Progress(p.done, p.total, p.message, {"tile_index": i})
-            tbl, rings, border = _map_tile(res, t, origin, plan, affine, filters, outlines)
-            yield _TileOut(
+            tbl, rings, border = map_tile(res, t, origin, plan, affine, filters, outlines)
+            yield TileDetections(
                 i,
                 region0,
                 tbl,
@@ -388,7 +256,7 @@ def detect_tiles(
     filters: dict,
     outlines: bool,
     detector_opts: dict,
-) -> Iterator[Progress | _TileOut]:
+) -> Iterator[Progress | TileDetections]:
     """Detect on tiles ``plan.tiles[i] for i in indices``: the work function of
     :func:`detect_slide`, in this process or on a dask worker.
 
@@ -404,99 +272,6 @@ def detect_tiles(
         detector_opts["detect_kwargs"],
     )
     yield from _detect_tiles(record, f, plan, indices, filters, outlines)
-
-
-# --------------------------------------------------------------------------- merging
-
-
-def _border_nms(
-    boxes: np.ndarray, scores: np.ndarray, tiles: np.ndarray, iou: float, cell: float
-) -> np.ndarray:
-    """Greedy NMS (by score) between boxes of different tiles; returns the kept mask.
-
-    ``boxes`` ``(N, 4)`` ``y_min, x_min, y_max, x_max``; neighbours are found through a grid of
-    ``cell``-sized buckets, so the cost grows with the number of border objects, not N^2.
-    """
-    from napari_medseg.core.detect.result import box_iou
-
-    n = len(boxes)
-    keep = np.ones(n, bool)
-    if n < 2:
-        return keep
-    grid: dict[tuple[int, int], list[int]] = {}
-    cells = []
-    for j, (a, b, c, d) in enumerate(boxes):
-        cs = [
-            (gy, gx)
-            for gy in range(int(a // cell), int(max(a, c - 1e-9) // cell) + 1)
-            for gx in range(int(b // cell), int(max(b, d - 1e-9) // cell) + 1)
-        ]
-        cells.append(cs)
-        for key in cs:
-            grid.setdefault(key, []).append(j)
-    for i in np.argsort(-scores, kind="stable"):
-        if not keep[i]:
-            continue
-        near = {j for key in cells[i] for j in grid[key] if j != i and keep[j]}
-        near = [j for j in near if tiles[j] != tiles[i]]
-        if not near:
-            continue
-        ious = box_iou(boxes[i : i + 1], boxes[near])[0]
-        for j, v in zip(near, ious):
-            if v > iou and (scores[j], -j) <= (scores[i], -i):
-                keep[j] = False
-    return keep
-
-
-class _Collector:
-    """Accumulates tile outputs; merges them (in tile order) into a :class:`SlideDetections`."""
-
-    def __init__(self) -> None:
-        self.parts: dict[int, _TileOut] = {}
-        self.colors: dict = {}
-        self.skipped: list = []
-        self.first_prov: dict = {}
-
-    def add(self, out: _TileOut) -> None:
-        if out.skipped:
-            self.skipped.append(out.region0)
-            return
-        self.colors.update(out.colors)
-        if not self.first_prov and out.provenance:
-            self.first_prov = out.provenance
-        if out.table is not None and len(out.table):
-            self.parts[out.index] = out
-
-    def merge(self, border_iou: float | None, cell: float) -> tuple[Any, list, int]:
-        import pandas as pd
-
-        order = sorted(self.parts)
-        if not order:
-            from napari_medseg.core.detect.instances import measure_instances
-            from napari_medseg.progress import run_sync
-
-            empty = run_sync(measure_instances(np.zeros((1, 1), np.int32), np.eye(3), "pixel"))
-            return empty, [], 0
-        tables = [self.parts[i].table for i in order]
-        table = pd.concat(tables, ignore_index=True)
-        rings = [r for i in order for r in self.parts[i].outlines]
-        border = np.concatenate([self.parts[i].border for i in order])
-        tiles = np.concatenate([np.full(len(self.parts[i].table), i) for i in order])
-        removed = 0
-        if border_iou is not None and border_iou < 1.0 and border.any():
-            idx = np.flatnonzero(border)
-            sub = table.iloc[idx]
-            boxes = sub[["y_min", "x_min", "y_max", "x_max"]].to_numpy(float)
-            kept = _border_nms(boxes, sub["score"].to_numpy(float), tiles[idx], border_iou, cell)
-            drop = idx[~kept]
-            if len(drop):
-                removed = len(drop)
-                alive = np.ones(len(table), bool)
-                alive[drop] = False
-                table = table[alive].reset_index(drop=True)
-                rings = [r for r, a in zip(rings, alive) if a]
-        table["id"] = np.arange(1, len(table) + 1, dtype=np.int64)
-        return table, rings, removed
 
 
 # --------------------------------------------------------------------------- public API
@@ -642,7 +417,7 @@ def detect_slide(
     }
     total = len(plan.tiles)
     yield Progress(0, total, f"{total} tiles over tissue (level {plan.level})")
-    col = _Collector()
+    col = Collector()
     done = 0
     n_obj = 0
     for item in run_tiles(
@@ -687,7 +462,7 @@ def detect_slide(
 def _finish(
     record: ImageRecord,
     plan: TilePlan,
-    col: _Collector,
+    col: Collector,
     desc: dict,
     done: int,
     border_iou: float | None,

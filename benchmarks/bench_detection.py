@@ -92,7 +92,7 @@ def _match_boxes(pred: np.ndarray, gt: np.ndarray, thr: float = 0.5) -> int:
 
 def _ap50(dets: list[tuple[float, int, np.ndarray]], gts: list[np.ndarray]) -> float:
     """dets: (score, tile index, box); gts: boxes per tile (VOC all-point AP at IoU 0.5)."""
-    from napari_medseg.core.detect.boxes import average_precision
+    from napari_medseg.core.detect.scores import average_precision
 
     return average_precision(dets, gts, 0.5)
 

@@ -445,13 +445,13 @@ def train_detection(
         centernet_loss,
         class_list,
         decode,
-        detection_scores,
         detector_spec,
         head_channels,
         init_heatmap_bias,
         is_box_detector,
         predict_maps,
     )
+    from napari_medseg.core.detect.scores import detection_scores
     from napari_medseg.core.engine.windows import resolve_device
     from napari_medseg.models.networks import build_network, load_model_folder, save_model
 

@@ -5,16 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_medseg.core.detect.boxes import (
-    decode,
-    detection_scores,
-    encode_targets,
-    head_channels,
-    to_source_boxes,
-)
+from napari_medseg.core.detect.boxes import decode, encode_targets, head_channels, to_source_boxes
 from napari_medseg.core.detect.classical import detect_classical
 from napari_medseg.core.detect.detection import detect
 from napari_medseg.core.detect.result import axis_names, boxes_of, filter_detections
+from napari_medseg.core.detect.scores import detection_scores
 from napari_medseg.errors import MedsegError
 from napari_medseg.io.record import ImageRecord
 from napari_medseg.progress import run_sync

@@ -128,10 +128,11 @@ def run_denoise(args: argparse.Namespace) -> int:
             raise MedsegError("--save-model needs a trained method: use --method n2v2 or n2v")
     records = []
     for path, _ in jobs:
-        recs = read_image(path)
-        if len(recs) > 1 and not args.quiet:
+        recs = read_image(path, series=0)  # only the series used is decoded
+        choice = recs[0].metadata.get("series_choice")
+        if choice and not args.quiet:
             print(
-                f"napari-medseg: {path} holds {len(recs)} series; denoising the first "
+                f"napari-medseg: {path} holds {choice['n_series']} series; denoising the first "
                 f"({recs[0].name})",
                 file=sys.stderr,
             )
@@ -176,6 +177,8 @@ def run_denoise(args: argparse.Namespace) -> int:
         written = write_image(dest, rec, is_label=False, overwrite=True)
         prov = dict(result.provenance)
         prov.update(input=str(path), output=str(written))
+        if record.metadata.get("read_notes"):  # series choice, missing slices, even --quiet
+            prov["read_notes"] = list(record.metadata["read_notes"])
         if args.save_model:
             prov["model_saved_to"] = str(Path(args.save_model).expanduser())
         if args.model:

@@ -131,11 +131,11 @@ def run_detect(args: argparse.Namespace) -> int:
 
     if src.is_file() and is_slide(src):
         return _run_detect_slide(args, src, out)
-    recs = read_image(src)
-    record = recs[0]
-    if len(recs) > 1 and not args.quiet:
+    (record,) = read_image(src, series=0)  # only the series used is decoded
+    choice = record.metadata.get("series_choice")
+    if choice and not args.quiet:
         print(
-            f"napari-medseg: {args.image} holds {len(recs)} series; using the first "
+            f"napari-medseg: {args.image} holds {choice['n_series']} series; using the first "
             f"({record.name})",
             file=sys.stderr,
         )
@@ -176,6 +176,8 @@ def run_detect(args: argparse.Namespace) -> int:
         filters={"threshold": args.threshold, "min_size": args.min_size, "nms_iou": args.nms_iou},
         n_written=len(table),
     )
+    if record.metadata.get("read_notes"):  # series choice, missing slices: whatever --quiet says
+        prov["read_notes"] = list(record.metadata["read_notes"])
     write_json_atomic(provenance_path(written), prov)
     if not args.quiet:
         counts = table["class"].value_counts().to_dict() if len(table) else {}

@@ -21,25 +21,10 @@ def add_parser(sub: Any) -> None:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from napari_medseg.io import read_image
+    from napari_medseg.io.readers import read_info
 
-    records = read_image(args.image)
-    out = [_record_info(r) for r in records]
+    # headers only where that is all it needs: no voxel of a NIfTI/NRRD/TIFF/DICOM is decoded
+    # beyond one middle slice for the modality guess
+    out = read_info(args.image)
     print(json.dumps(out[0] if len(out) == 1 else out, indent=2))
     return 0
-
-
-def _record_info(rec: Any) -> dict:
-    return {
-        "path": rec.path,
-        "name": rec.name,
-        "shape": list(rec.shape),
-        "dtype": str(rec.data.dtype),
-        "spacing": [round(s, 6) for s in rec.spacing],
-        "affine": [[float(v) for v in row] for row in rec.affine],
-        "orientation": rec.orientation,
-        "space": rec.space,
-        "modality": rec.modality,
-        "rgb": rec.rgb,
-        "levels": [list(level.shape) for level in rec.multiscale] if rec.multiscale else None,
-    }

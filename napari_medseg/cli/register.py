@@ -80,13 +80,14 @@ def add_parser(sub: Any) -> None:
 def _first(path: str, what: str) -> Any:
     from napari_medseg.io import read_image
 
-    records = read_image(Path(path).expanduser())
-    if len(records) > 1:
+    (record,) = read_image(Path(path).expanduser(), series=0)  # only that series decoded
+    choice = record.metadata.get("series_choice")
+    if choice:
         print(
-            f"napari-medseg: {path} holds {len(records)} series; using the first as {what}",
+            f"napari-medseg: {path} holds {choice['n_series']} series; using the first as {what}",
             file=sys.stderr,
         )
-    return records[0]
+    return record
 
 
 def _register(args: argparse.Namespace) -> int:
@@ -147,6 +148,9 @@ def _register(args: argparse.Namespace) -> int:
     except BaseException:
         bar.close()  # end the progress line so the error stands on a line of its own
         raise
+    if args.quiet:  # labels lost outside the field of view: said even when warnings are hidden
+        for note in result.provenance.get("notes", []):
+            print(f"napari-medseg: warning: {note}", file=sys.stderr)
 
     def on_fixed(data: Any, modality: str, name: str) -> ImageRecord:
         return ImageRecord(

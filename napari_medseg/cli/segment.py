@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,23 @@ def add_parser(sub: Any) -> None:
         help="allow a MONAI bundle's config to run its Python expressions",
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="network precision: auto = bf16 where the device runs it natively (GPUs, CPUs with "
+        "avx512_bf16/AMX), fp32 elsewhere, and fp32 when bf16 would change the labels",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the network (slow first call; pays on long runs or a warm cache)",
+    )
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print the time of each stage and the precision, memory format and threads used",
+    )
     add_common(p)
     from napari_medseg.cli.slides import add_options as _add_slide_options
 
@@ -101,6 +119,8 @@ def _segment(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         tta=args.tta,
         trust_bundle=args.trust_bundle,
+        precision=args.precision,
+        compile=args.compile,
     )
     if args.scheduler and len(jobs) > 1:
         if args.probabilities:
@@ -111,9 +131,12 @@ def _segment(args: argparse.Namespace) -> int:
             TextProgress(quiet=args.quiet),
         )
     else:
+        t_load = time.perf_counter()
         model = load_model(
             args.model, device=str(resolve_device(args.device)), trust_bundle=args.trust_bundle
         )
+        if args.verbose:
+            print(f"model loaded in {time.perf_counter() - t_load:.2f} s", file=sys.stderr)
         provs = []
         for image_path, dest in jobs:
             prov = run_sync(
@@ -141,4 +164,20 @@ def _segment(args: argparse.Namespace) -> int:
                 f"wrote {prov['output']} ({counts}) and {Path(prov['provenance_file']).name}",
                 file=sys.stderr,
             )
+        if args.verbose:
+            print(verbose_summary(prov), file=sys.stderr)
     return 0
+
+
+def verbose_summary(prov: dict) -> str:
+    """Two lines for ``--verbose``: seconds per stage, and how the network ran."""
+    t = prov.get("timings_s") or {}
+    stages = ", ".join(f"{k} {v:.2f} s" for k, v in t.items())
+    fp = prov.get("fast_path") or {}
+    how = (
+        f"network: {fp.get('precision', '?')} ({fp.get('precision_requested', '?')} requested), "
+        f"{fp.get('memory_format', '?')}, {fp.get('batchnorm_folded', 0)} BatchNorm folded, "
+        f"threads {fp.get('threads')}, compiled {fp.get('compiled')}, on {prov.get('device')}; "
+        f"fidelity: {fp.get('fidelity', '?')}; CPU: {fp.get('cpu', '?')}"
+    )
+    return f"stages: {stages}\n{how}"

@@ -42,6 +42,7 @@ import numpy as np
 
 from napari_medseg.errors import ImageReadError
 from napari_medseg.io.geometry import affine_from_itk
+from napari_medseg.io.limits import require_regular_file
 from napari_medseg.io.record import ImageRecord
 from napari_medseg.progress import Progress, ProgressGen, run_sync
 
@@ -117,6 +118,8 @@ def is_dicom_path(path: str | Path, max_files: int = 50) -> bool:
             if name.startswith("."):
                 continue
             f = Path(root) / name
+            if not f.is_file():  # a FIFO or device would block the read
+                continue
             if f.suffix.lower() in DICOM_SUFFIXES or _has_dicm_preamble(f):
                 return True
             seen += 1
@@ -326,7 +329,9 @@ def _list_files(path: Path) -> list[str]:
         for name in sorted(names):
             if name.startswith(".") or name.upper() == "DICOMDIR":
                 continue
-            files.append(os.path.join(root, name))
+            full = os.path.join(root, name)
+            if os.path.isfile(full):  # regular files only: a FIFO or device would block the read
+                files.append(full)
     return files
 
 
@@ -520,12 +525,7 @@ def _geometry(frames: list[_Frame], name: str) -> tuple[list[_Frame], np.ndarray
                 f"DICOM series {name!r} has all its slices at one position and cannot be stacked."
             )
         if float(steps.max() - steps.min()) > max(0.01 * spacing, 1e-3):
-            warnings.warn(
-                f"DICOM series {name!r} has non-uniform slice spacing (from {steps.min():.3f} to "
-                f"{steps.max():.3f} mm, missing slices?); it is read with the mean spacing "
-                f"{spacing:.3f} mm, so positions between the first and last slice are approximate.",
-                stacklevel=4,
-            )
+            spacing, n = _regular_step(steps, name)
         step_vec = (pos[-1] - pos[0]) / (n - 1)
         inplane = step_vec - normal * spacing
         if np.linalg.norm(inplane) > 0.01 * spacing:
@@ -544,9 +544,30 @@ def _geometry(frames: list[_Frame], name: str) -> tuple[list[_Frame], np.ndarray
     return frames, affine, float(spacing)
 
 
-def _iter_build_record(
-    frames: list[_Frame], label: str, done0: int, total: int
-) -> ProgressGen[ImageRecord]:
+def _regular_step(steps: np.ndarray, name: str) -> tuple[float, int]:
+    """The regular slice step of a series with missing slices, and its slice count with gaps.
+
+    Gaps that are whole multiples of the smallest step are missing slices: the series is placed
+    on that step's grid, every slice at its true position, the missing ones left for the caller
+    to mark. Any other irregular spacing cannot be placed on one grid without resampling, and
+    resampling would blur the acquired slices and invent the ones in between: it is refused.
+    """
+    base = float(steps.min())
+    ratios = steps / base
+    whole = np.round(ratios)
+    n = int(whole.sum()) + 1
+    if np.all(np.abs(ratios - whole) <= 0.02) and n <= 2 * (len(steps) + 1):
+        return base, n
+    raise ImageReadError(
+        f"DICOM series {name!r} has irregular slice spacing (steps from {steps.min():.3f} to "
+        f"{steps.max():.3f} mm, not whole multiples of one step); napari-medseg does not "
+        "resample slices onto a regular grid, so it is not opened (convert it with a tool that "
+        "resamples, such as dcm2niix, knowingly)."
+    )
+
+
+def _series_name(frames: list[_Frame], label: str) -> tuple[str, str]:
+    """(name, modality) of a series as a person reads them."""
     ds0 = frames[0].header
     desc = str(ds0.get("SeriesDescription", "") or "").strip()
     modality = str(ds0.get("Modality", "") or "unknown").strip() or "unknown"
@@ -554,7 +575,27 @@ def _iter_build_record(
     name = desc or (f"{modality} series {number}".strip() if number != "" else modality)
     if label:
         name = f"{name} ({label})"
+    return name, modality
+
+
+def _slots(frames: list[_Frame], affine: np.ndarray, spacing: float) -> list[int] | None:
+    """Slice index of each sorted frame on the regular grid (``None`` when none is missing)."""
+    if len(frames) < 2 or frames[0].position is None or frames[0].orientation is None:
+        return None
+    iop = frames[0].orientation
+    normal = np.cross(iop[:3], iop[3:])
+    normal = normal / (np.linalg.norm(normal) or 1.0)
+    proj = np.array([f.position @ normal for f in frames])
+    slots = np.rint((proj - proj[0]) / spacing).astype(int).tolist()
+    return None if slots[-1] == len(frames) - 1 else slots
+
+
+def _iter_build_record(
+    frames: list[_Frame], label: str, done0: int, total: int
+) -> ProgressGen[ImageRecord]:
+    name, modality = _series_name(frames, label)
     frames, affine, spacing = _geometry(frames, name)
+    slots = _slots(frames, affine, spacing)
 
     rows, cols, samples = frames[0].rows, frames[0].cols, frames[0].samples
     cache: dict[str, np.ndarray] = {}
@@ -585,8 +626,26 @@ def _iter_build_record(
             yield Progress(done0 + k + 1, total, f"reading {name}: slice {k + 1}/{len(frames)}")
     assert raw is not None
     data = _apply_rescale(raw, frames, samples)
+    meta = _metadata(frames, len({f.path for f in frames}), spacing, label)
+    if slots is not None:
+        # every acquired slice at its true position; the missing ones are blank (the series'
+        # lowest value, air for CT), flagged here, in a warning and in every result's provenance
+        full = np.full((slots[-1] + 1, *data.shape[1:]), data.min(), dtype=data.dtype)
+        full[slots] = data
+        data = full
+        missing = sorted(set(range(slots[-1] + 1)) - set(slots))
+        note = (
+            f"DICOM series {name!r} has {len(missing)} missing slice(s) (slice spacing "
+            f"{spacing:.3f} mm); every acquired slice is at its true position and the missing "
+            f"ones (k = {', '.join(map(str, missing[:10]))}{', ...' if len(missing) > 10 else ''}) "
+            "are left blank at the lowest value: do not trust results there."
+        )
+        meta["missing_slices"] = missing
+        meta.setdefault("read_notes", []).append(note)
+        meta["n_slices"] = int(data.shape[0])
+        warnings.warn(note, UserWarning, stacklevel=3)
     perm = (2, 1, 0) if samples == 1 else (2, 1, 0, 3)
-    n_files = len({f.path for f in frames})
+    n_files = meta["n_files"]
     return ImageRecord(
         data=data.transpose(perm),
         affine=affine,
@@ -595,7 +654,7 @@ def _iter_build_record(
         name=name,
         path=str(Path(frames[0].path).parent if n_files > 1 else frames[0].path),
         rgb=samples in (3, 4),
-        metadata=_metadata(frames, n_files, spacing, label),
+        metadata=meta,
     )
 
 
@@ -631,34 +690,13 @@ def _apply_rescale(raw: np.ndarray, frames: list[_Frame], samples: int) -> np.nd
 # --------------------------------------------------------------------------- public API
 
 
-def iter_read_dicom(path: str | Path) -> ProgressGen[list[ImageRecord]]:
-    """Read a DICOM folder or file, yielding progress; returns one record per series.
-
-    Parameters
-    ----------
-    path : str or Path
-        A folder (searched recursively; file names and suffixes do not matter) or one file.
-
-    Yields
-    ------
-    Progress
-        Headers read, then slices decoded.
-
-    Returns
-    -------
-    list of ImageRecord
-        One per series (split further where geometry differs), sorted by SeriesNumber. Each
-        ``data`` is ``(i, j, k)`` = (column, row, slice) in the file order described in the
-        module docstring, ``affine`` maps it to RAS mm.
-
-    Raises
-    ------
-    ImageReadError
-        No DICOM images, a file that is not DICOM, missing or undecodable pixel data.
-    """
-    p = Path(path)
+def _iter_parts(p: Path) -> ProgressGen[list[tuple[str, list[_Frame]]]]:
+    """Read every header of a folder or file (no pixels); return ``(label, frames)`` per series,
+    in the order the records are returned (SeriesNumber, then UID, then first instance)."""
     if not p.exists():
         raise ImageReadError(f"{p} does not exist.")
+    if not p.is_dir():
+        require_regular_file(p)
     files = _list_files(p) if p.is_dir() else [str(p)]
     if not files:
         raise ImageReadError(f"Folder {p} is empty: it holds no DICOM images.")
@@ -709,21 +747,86 @@ def iter_read_dicom(path: str | Path) -> ProgressGen[list[ImageRecord]]:
     uid_count: dict[str, int] = {}
     for key, _label, _sub in parts:
         uid_count[key[0]] = uid_count.get(key[0], 0) + 1
-    total = sum(len(sub) for _, _, sub in parts)
-    records: list[ImageRecord] = []
-    done = 0
+    out: list[tuple[str, list[_Frame]]] = []
     seen_uid: dict[str, int] = {}
     for key, label, sub in parts:
         if uid_count[key[0]] > 1 and not label:
             seen_uid[key[0]] = seen_uid.get(key[0], 0) + 1
             label = f"part {seen_uid[key[0]]}"
+        out.append((label, sub))
+    return out
+
+
+def iter_read_dicom(path: str | Path, series: int | None = None) -> ProgressGen[list[ImageRecord]]:
+    """Read a DICOM folder or file, yielding progress; returns one record per series.
+
+    Parameters
+    ----------
+    path : str or Path
+        A folder (searched recursively; file names and suffixes do not matter) or one file.
+    series : int, optional
+        Decode only this series (index in the returned order; ``0`` is the first by
+        SeriesNumber). The others' headers are read, their pixels never. The record's
+        ``metadata["series_choice"]`` (and ``read_notes``) then says which one was taken out of
+        how many. ``None`` decodes every series.
+
+    Yields
+    ------
+    Progress
+        Headers read, then slices decoded.
+
+    Returns
+    -------
+    list of ImageRecord
+        One per series (split further where geometry differs), sorted by SeriesNumber (only
+        the chosen one with ``series``). Each ``data`` is ``(i, j, k)`` = (column, row, slice)
+        in the file order described in the module docstring, ``affine`` maps it to RAS mm. A
+        series with missing slices (gaps that are whole multiples of its slice step) has every
+        acquired slice at its true position and blank (lowest value) slices at the missing
+        ones, listed in ``metadata["missing_slices"]`` and ``metadata["read_notes"]``.
+
+    Raises
+    ------
+    ImageReadError
+        No DICOM images, a file that is not DICOM, missing or undecodable pixel data, slice
+        spacing that is irregular but not a case of missing slices, ``series`` out of range.
+    """
+    p = Path(path)
+    parts = yield from _iter_parts(p)
+    if series is not None:
+        if not 0 <= series < len(parts):
+            raise ImageReadError(
+                f"{p.name} holds {len(parts)} series; series {series + 1} does not exist."
+            )
+        chosen = parts[series]
+        names = [_series_name(sub, label)[0] for label, sub in parts]
+        rec = yield from _iter_build_record(chosen[1], chosen[0], 0, len(chosen[1]))
+        if len(parts) > 1:
+            others = [n for i, n in enumerate(names) if i != series]
+            shown = ", ".join(repr(n) for n in others[:5]) + (", ..." if len(others) > 5 else "")
+            note = (
+                f"{p.name} holds {len(parts)} DICOM series; used {names[series]!r} "
+                f"(number {series + 1} by SeriesNumber), not {shown}"
+            )
+            rec.metadata["series_choice"] = {
+                "n_series": len(parts),
+                "index": series,
+                "used": names[series],
+                "others": others,
+            }
+            rec.metadata.setdefault("read_notes", []).insert(0, note)
+        return [rec]
+    total = sum(len(sub) for _, sub in parts)
+    records: list[ImageRecord] = []
+    done = 0
+    for label, sub in parts:
         rec = yield from _iter_build_record(sub, label, done, total)
         done += len(sub)
         records.append(rec)
     return records
 
 
-def read_dicom(path: str | Path) -> list[ImageRecord]:
+def read_dicom(path: str | Path, series: int | None = None) -> list[ImageRecord]:
     """Read a DICOM folder or a single DICOM file; one :class:`ImageRecord` per series.
 
     Parameters
@@ -732,6 +835,8 @@ def read_dicom(path: str | Path) -> list[ImageRecord]:
         Folder (recursive, any file names) or one DICOM file. A single-frame file becomes a
         one-slice volume of shape ``(cols, rows, 1)`` whose slice thickness is SliceThickness
         (or 1 mm); a multi-frame file becomes a volume.
+    series : int, optional
+        Decode only this series (see :func:`iter_read_dicom`).
 
     Returns
     -------
@@ -745,4 +850,66 @@ def read_dicom(path: str | Path) -> list[ImageRecord]:
     ImageReadError
         With one sentence saying what is wrong.
     """
-    return run_sync(iter_read_dicom(path))
+    return run_sync(iter_read_dicom(path, series=series))
+
+
+def dicom_info(path: str | Path) -> list[dict[str, Any]]:
+    """Shape, stored dtype, geometry and modality of each series from the headers alone.
+
+    No pixel data is decoded (``info`` on a folder of several series costs its headers).
+
+    Returns
+    -------
+    list of dict
+        Per series, in :func:`read_dicom` order: ``name``, ``shape`` ``(i, j, k[, samples])``
+        (missing slices counted), ``dtype`` (the stored one; rescaled series say ``float32``
+        when slope/intercept are not integers, else ``int16``/``int32`` by the bit depth),
+        ``affine``, ``modality``, ``rgb``, ``path``, ``metadata``.
+    """
+    p = Path(path)
+    parts = run_sync(_iter_parts(p))
+    out = []
+    for label, sub in parts:
+        name, modality = _series_name(sub, label)
+        frames, affine, spacing = _geometry(sub, name)
+        slots = _slots(frames, affine, spacing)
+        n = slots[-1] + 1 if slots else len(frames)
+        f0 = frames[0]
+        shape = (f0.cols, f0.rows, n) + ((f0.samples,) if f0.samples != 1 else ())
+        n_files = len({f.path for f in frames})
+        meta = _metadata(frames, n_files, spacing, label)
+        if slots:
+            meta["missing_slices"] = sorted(set(range(n)) - set(slots))
+        out.append(
+            {
+                "name": name,
+                "shape": shape,
+                "dtype": _stored_dtype(frames),
+                "affine": affine,
+                "modality": modality,
+                "rgb": f0.samples in (3, 4),
+                "path": str(Path(f0.path).parent if n_files > 1 else f0.path),
+                "metadata": meta,
+            }
+        )
+    return out
+
+
+def _stored_dtype(frames: list[_Frame]) -> str:
+    ds = frames[0].header
+    bits = int(_num(ds.get("BitsAllocated"), 16))
+    signed = int(_num(ds.get("PixelRepresentation"), 0)) == 1
+    if bits == 32 and "FloatPixelData" in ds:
+        return "float32"
+    if bits == 64 and "DoubleFloatPixelData" in ds:
+        return "float64"
+    stored = f"{'int' if signed else 'uint'}{max(8, bits)}"
+    if all(f.slope == 1 and f.intercept == 0 for f in frames) or frames[0].samples != 1:
+        return stored
+    if all(float(f.slope).is_integer() and float(f.intercept).is_integer() for f in frames):
+        bits_stored = int(_num(ds.get("BitsStored"), bits))
+        lo = -(2 ** (bits_stored - 1)) if signed else 0
+        hi = 2 ** (bits_stored - 1) - 1 if signed else 2**bits_stored - 1
+        ends = [v * f.slope + f.intercept for f in frames for v in (lo, hi)]
+        return "int16" if -(2**15) <= min(ends) and max(ends) < 2**15 else "int32"
+    return "float32"

@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from napari_medseg.errors import ImageReadError
+from napari_medseg.io.limits import check_fits_memory, require_regular_file
 from napari_medseg.io.record import ImageRecord
 
 __all__ = [
@@ -277,16 +278,67 @@ def _record_2d(arr: np.ndarray, p: Path, rgb: bool, mpp: float | None, **extra: 
     )
 
 
-def _read_tiff(p: Path) -> ImageRecord:
+def _check_tiff_payload(series: Any, p: Path) -> None:
+    """Before decoding: every page's data inside the file, the decoded stack within memory."""
+    size = p.stat().st_size
+    for page in series.pages:
+        if page is None:
+            continue
+        try:
+            ends = [int(o) + int(c) for o, c in zip(page.dataoffsets, page.databytecounts) if o]
+        except Exception:  # noqa: BLE001 - a page tifffile cannot describe fails when decoded
+            continue
+        if ends and max(ends) > size:
+            raise ImageReadError(
+                f"{p.name} could not be read: it is truncated (its image data ends "
+                f"{max(ends) - size} bytes past the end of the file)."
+            )
+    shape = tuple(int(v) for v in series.shape)
+    check_fits_memory(p.name, int(np.prod(shape)) * np.dtype(series.dtype).itemsize, shape)
+
+
+def tiff_info(path: str | Path) -> dict[str, Any]:
+    """What :func:`read_raster` would return for a (non-slide) TIFF, from its tags alone.
+
+    Returns
+    -------
+    dict
+        ``name``, ``path``, ``shape`` (axis order as :func:`read_raster` gives it), ``dtype``,
+        ``affine``, ``space``, ``modality``, ``rgb``, ``metadata``. No pixel is decoded (a
+        zlib-compressed stack of a gigabyte costs its tags).
+    """
+    p = Path(path)
+    require_regular_file(p)
+    rec = _read_tiff(p, header_only=True)  # data: a zero-stride view, shape and dtype only
+    return {
+        "name": rec.name,
+        "path": rec.path,
+        "shape": rec.shape,
+        "dtype": str(rec.data.dtype),
+        "affine": rec.affine,
+        "space": rec.space,
+        "modality": rec.modality,
+        "rgb": rec.rgb,
+        "metadata": rec.metadata,
+    }
+
+
+def _read_tiff(p: Path, header_only: bool = False) -> ImageRecord:
     tf = _open_tiff(p)
     with tf:
         series = tf.series[0]
         axes = series.axes
         page = series.keyframe
-        try:
-            arr = series.asarray()
-        except Exception as exc:  # noqa: BLE001
-            raise ImageReadError(f"{p.name} is damaged or truncated and cannot be read.") from exc
+        if header_only:
+            arr = np.broadcast_to(np.zeros((), series.dtype), tuple(series.shape))
+        else:
+            _check_tiff_payload(series, p)
+            try:
+                arr = series.asarray()
+            except Exception as exc:  # noqa: BLE001
+                raise ImageReadError(
+                    f"{p.name} is damaged or truncated and cannot be read."
+                ) from exc
         imagej = tf.imagej_metadata if tf.is_imagej else None
         ome = _ome_physical_sizes(tf) if tf.is_ome else {}
         mx, my = _tag_mpp(page, imagej)
@@ -309,7 +361,10 @@ def _read_tiff(p: Path) -> ImageRecord:
         order = [axes.index("Y"), axes.index("X")]
         order += [i for i, a in enumerate(axes) if a not in "YXS"]
         order += [axes.index("S")] if "S" in axes else []
-        arr = np.ascontiguousarray(arr.transpose(order)) if order != sorted(order) else arr
+        if order != sorted(order):
+            arr = (
+                arr.transpose(order) if header_only else np.ascontiguousarray(arr.transpose(order))
+            )
         mpp = ome.get("X") or mx
         return _record_2d(arr, p, rgb=rgb, mpp=mpp, axes="".join(axes[i] for i in order))
     # 3D stack: (Z, Y, X, other..., S), geometry in LPS with identity direction

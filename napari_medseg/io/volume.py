@@ -20,6 +20,7 @@ import numpy as np
 from napari_medseg._files import atomic_path, split_ext
 from napari_medseg.errors import ImageReadError, ImageWriteError
 from napari_medseg.io.geometry import affine_from_itk, itk_from_affine
+from napari_medseg.io.limits import check_fits_memory, check_payload, require_regular_file
 from napari_medseg.io.modality import guess_modality
 from napari_medseg.io.record import ImageRecord
 
@@ -29,10 +30,7 @@ WRITE_EXT = (".nii.gz", ".nii", ".nrrd", ".mha")
 
 
 def _check_readable(path: Path) -> None:
-    if not path.exists():
-        raise ImageReadError(f"{path} does not exist.")
-    if path.is_dir():
-        raise ImageReadError(f"{path} is a folder, not an image file.")
+    require_regular_file(path)  # a FIFO or a device would block or never end
     try:
         with open(path, "rb") as f:
             f.read(1)
@@ -80,27 +78,9 @@ def read_nifti(path: str | os.PathLike) -> ImageRecord:
         ``data`` in nibabel's axis order ``(i, j, k[, t])``, native dtype unless the header's
         scaling makes it float; ``affine`` is ``img.affine`` (voxel to RAS mm).
     """
-    import nibabel as nib
-
     path = Path(path)
-    _check_readable(path)
     name, _ = split_ext(path)
-    try:
-        img = nib.load(str(path))
-    except Exception as e:
-        raise ImageReadError(
-            f"{path.name} is not a valid NIfTI file ({type(e).__name__}: {_short(e)})."
-        ) from e
-    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
-        raise ImageReadError(f"{path.name} is not a NIfTI image (it is {type(img).__name__}).")
-    shape = img.shape
-    if len(shape) > 4:
-        raise ImageReadError(
-            f"{path.name} has {len(shape)} dimensions (shape {shape}); napari-medseg opens "
-            "2D, 3D and 4D (time or channel) images."
-        )
-    if 0 in shape or len(shape) == 0:
-        raise ImageReadError(f"{path.name} has a zero-sized dimension (shape {shape}).")
+    img = _open_nifti(path)
     try:
         arr = np.asanyarray(img.dataobj)
     except (EOFError, zlib.error, OSError, ValueError) as e:
@@ -135,6 +115,97 @@ def read_nifti(path: str | os.PathLike) -> ImageRecord:
     )
 
 
+def _open_nifti(path: Path, stream: bool = False) -> Any:
+    """The nibabel image of a NIfTI file, header checked against the file; no voxels kept
+    (``stream``: a compressed file is decompressed to its claimed end, counted, not kept)."""
+    import nibabel as nib
+
+    _check_readable(path)
+    try:
+        img = nib.load(str(path))
+    except Exception as e:
+        raise ImageReadError(
+            f"{path.name} is not a valid NIfTI file ({type(e).__name__}: {_short(e)})."
+        ) from e
+    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        raise ImageReadError(f"{path.name} is not a NIfTI image (it is {type(img).__name__}).")
+    shape = img.shape
+    if len(shape) > 4:
+        raise ImageReadError(
+            f"{path.name} has {len(shape)} dimensions (shape {shape}); napari-medseg opens "
+            "2D, 3D and 4D (time or channel) images."
+        )
+    if 0 in shape or len(shape) == 0:
+        raise ImageReadError(f"{path.name} has a zero-sized dimension (shape {shape}).")
+    check_nifti_payload(path, img, stream)  # before allocating: a lying header ends here
+    return img
+
+
+def nifti_info(path: str | os.PathLike) -> dict[str, Any]:
+    """What :func:`read_nifti` would return, from the header and one middle slice.
+
+    Returns
+    -------
+    dict
+        ``name``, ``path``, ``shape`` (as :func:`read_nifti` gives it, 2D as one slice),
+        ``dtype``, ``affine`` (voxel to RAS mm), ``modality`` (guessed from the middle slice),
+        ``metadata``. Memory: one slice.
+    """
+    path = Path(path)
+    name, _ = split_ext(path)
+    img = _open_nifti(path, stream=True)  # a truncated file is found without decoding it
+    shape = tuple(int(v) for v in img.shape)
+    index: tuple = (slice(None), slice(None))
+    if len(shape) >= 3:
+        index += (shape[2] // 2,) + (0,) * (len(shape) - 3)
+    try:
+        sample = np.asanyarray(img.dataobj[index])
+    except (EOFError, zlib.error, OSError, ValueError) as e:
+        raise ImageReadError(
+            f"{path.name} is truncated or corrupt: its voxel data could not be read ({_short(e)})."
+        ) from e
+    dtype = np.dtype(np.float32) if sample.dtype == np.float64 else sample.dtype
+    return {
+        "name": name,
+        "path": str(path),
+        "shape": shape if len(shape) > 2 else (*shape, 1),
+        "dtype": str(dtype),
+        "affine": np.asarray(img.affine, dtype=np.float64),
+        "modality": guess_modality(name, sample, "RAS"),
+        "metadata": {"format": "nifti", "zooms": [float(z) for z in img.header.get_zooms()]},
+    }
+
+
+def check_nifti_payload(path: Path, img: Any, stream: bool = False) -> None:
+    """Compare a NIfTI header's claimed voxel bytes with the file, without decoding the voxels.
+
+    Raises
+    ------
+    ImageReadError
+        Truncated file or lying header (see :func:`napari_medseg.io.limits.check_payload`), or
+        an image that would not fit in memory.
+    """
+    hdr = img.header
+    dtype = hdr.get_data_dtype()
+    slope, inter = hdr.get_slope_inter()
+    scaled = (slope is not None and slope != 1) or (inter is not None and inter != 0)
+    check_payload(
+        path,
+        path.name,
+        shape=tuple(int(s) for s in hdr.get_data_shape()),
+        itemsize=dtype.itemsize,
+        offset=int(hdr.get_data_offset()),
+        gzipped=_is_gzip(path),
+        decoded_itemsize=8 if scaled else dtype.itemsize,  # nibabel scales in float64
+        stream=stream,
+    )
+
+
+def _is_gzip(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(2) == b"\x1f\x8b"
+
+
 def _short(e: BaseException) -> str:
     s = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return s[:160]
@@ -153,12 +224,9 @@ def read_itk(path: str | os.PathLike) -> ImageRecord:
     import SimpleITK as sitk
 
     path = Path(path)
-    _check_readable(path)
     name, ext = split_ext(path)
+    reader = _itk_reader(path)
     try:
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        reader.LoadPrivateTagsOn()
         img = reader.Execute()
     except RuntimeError as e:
         msg = str(e)
@@ -210,6 +278,150 @@ def read_itk(path: str | os.PathLike) -> ImageRecord:
         rgb=False,
         metadata=meta,
     )
+
+
+def _itk_reader(path: Path, stream: bool = False) -> Any:
+    """A SimpleITK reader with the header read and checked against the file; no voxels read
+    (``stream``: compressed voxels are decompressed to their claimed end, counted, not kept)."""
+    import SimpleITK as sitk
+
+    _check_readable(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.LoadPrivateTagsOn()
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as e:
+        raise ImageReadError(
+            f"{path.name} could not be read: it is not a valid image ({_first_itk_line(str(e))})."
+        ) from e
+    size = tuple(int(v) for v in reader.GetSize())
+    if 0 in size:
+        raise ImageReadError(f"{path.name} has a zero-sized dimension (size {size}).")
+    ncomp = int(reader.GetNumberOfComponents())
+    one = sitk.Image([1] * reader.GetDimension(), reader.GetPixelID(), ncomp)
+    item = sitk.GetArrayViewFromImage(one).dtype.itemsize * ncomp
+    data, offset, compressed, start = _itk_payload(path)
+    if data is None:  # an encoding we cannot size cheaply (ascii, bzip2, lists): memory only
+        check_fits_memory(path.name, int(np.prod(size)) * item, size)
+    else:
+        check_payload(
+            data,
+            path.name,
+            shape=size,
+            itemsize=item,
+            offset=offset,
+            gzipped=compressed,
+            data_start=start,
+            decoded_itemsize=max(item, 4 * ncomp),  # float64 becomes float32
+            stream=stream,
+        )
+    return reader
+
+
+def _header_text(path: Path, limit: int = 1 << 16) -> str:
+    with open(path, "rb") as fh:
+        return fh.read(limit).decode("latin-1")
+
+
+def _itk_payload(path: Path) -> tuple[Path | None, int, bool, int]:
+    """Where the voxels of a NRRD/MetaImage file are: ``(data file, offset, compressed,
+    start of the compressed stream)``; data file ``None`` when it cannot be told cheaply."""
+    text = _header_text(path)
+    _, ext = split_ext(path)
+    if ext in (".nrrd", ".nhdr"):
+        end = text.find("\n\n")
+        if end < 0:
+            return None, 0, False, 0
+        fields = {}
+        for line in text[:end].splitlines()[1:]:
+            if ":" in line and not line.startswith("#"):
+                k, v = line.split(":", 1)
+                fields[k.strip().lower()] = v.lstrip("=").strip()
+        enc = fields.get("encoding", "raw").lower()
+        if enc not in ("raw", "gzip", "gz") or "line skip" in fields or "lineskip" in fields:
+            return None, 0, False, 0
+        skip = int(fields.get("byte skip", fields.get("byteskip", "0")) or 0)
+        detached = fields.get("data file", fields.get("datafile"))
+        if skip < 0 or (detached and (" " in detached or detached.upper().startswith("LIST"))):
+            return None, 0, False, 0
+        data = (path.parent / detached) if detached else path
+        header_len = 0 if detached else len(text[: end + 2].encode("latin-1"))
+        if enc == "raw":
+            return data, header_len + skip, False, 0
+        return data, skip, True, header_len
+    # MetaImage: "Key = Value" lines up to ElementDataFile
+    fields = {}
+    header_len = 0
+    for line in text.splitlines(keepends=True):
+        header_len += len(line.encode("latin-1"))
+        if "=" in line:
+            k, v = line.split("=", 1)
+            fields[k.strip().lower()] = v.strip()
+        if line.strip().lower().startswith("elementdatafile"):
+            break
+    else:
+        return None, 0, False, 0
+    edf = fields.get("elementdatafile", "")
+    compressed = fields.get("compresseddata", "false").lower() == "true"
+    hsize = int(fields.get("headersize", "0") or 0)
+    if hsize < 0 or " " in edf or edf.upper().startswith("LIST") or "%" in edf:
+        return None, 0, False, 0
+    data = path if edf.upper() == "LOCAL" else path.parent / edf
+    start = header_len if edf.upper() == "LOCAL" else 0
+    if compressed:
+        return data, 0, True, start
+    return data, start + hsize, False, 0
+
+
+def itk_info(path: str | os.PathLike) -> dict[str, Any]:
+    """What :func:`read_itk` would return, from the header (and one middle slice).
+
+    Returns
+    -------
+    dict
+        ``name``, ``path``, ``shape`` ``(i, j, k[, c])``, ``dtype``, ``affine`` (voxel to RAS
+        mm), ``modality`` (guessed from the middle slice), ``metadata``.
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    name, ext = split_ext(path)
+    reader = _itk_reader(path, stream=True)
+    size = [int(v) for v in reader.GetSize()]
+    dim = len(size)
+    if dim > 3:
+        raise ImageReadError(
+            f"{path.name} has {dim} spatial dimensions; napari-medseg opens 2D and 3D images."
+        )
+    ncomp = int(reader.GetNumberOfComponents())
+    origin, spacing = reader.GetOrigin(), reader.GetSpacing()
+    direction = reader.GetDirection()
+    if dim == 3:  # the middle slice only (streamed where the format allows it)
+        reader.SetExtractIndex([0, 0, size[2] // 2])
+        reader.SetExtractSize([size[0], size[1], 0])
+    try:
+        sample = sitk.GetArrayFromImage(reader.Execute())
+    except RuntimeError as e:
+        raise ImageReadError(
+            f"{path.name} could not be read: it is truncated or corrupt "
+            f"({_first_itk_line(str(e))})."
+        ) from e
+    if dim == 2:
+        size, origin, spacing = [*size, 1], (*origin, 0.0), (*spacing, 1.0)
+        d3 = np.eye(3)
+        d3[:2, :2] = np.asarray(direction).reshape(2, 2)
+        direction = d3.ravel()
+    dtype = np.dtype(np.float32) if sample.dtype == np.float64 else sample.dtype
+    return {
+        "name": name,
+        "path": str(path),
+        "shape": tuple(size) + ((ncomp,) if ncomp > 1 else ()),
+        "dtype": str(dtype),
+        "affine": affine_from_itk(origin, spacing, direction),
+        "modality": guess_modality(name, sample, "RAS"),
+        "metadata": {"format": ext.lstrip(".")},
+    }
 
 
 def _itk_says_label(meta: dict) -> bool:

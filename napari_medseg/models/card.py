@@ -1,4 +1,4 @@
-"""Model cards: the ``model.json`` that makes a model a folder of data (DESIGN.md rule 5).
+"""Model cards: the ``model.json`` that makes a model a folder of data (ARCHITECTURE.md rule 5).
 
 A model folder holds ``model.json`` (this card) and its weights (``weights.safetensors``
 preferred; a ``.pt`` state dict is loaded with ``weights_only=True``). The card says everything
@@ -39,8 +39,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
+import stat
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 CARD_NAME = "model.json"
@@ -135,16 +138,46 @@ class ModelCard:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelCard:
+        """A card from the parsed ``model.json``, every field the code reads type-checked.
+
+        Raises
+        ------
+        ValueError
+            One sentence naming the first field that is missing or of the wrong type.
+        """
+        validate_card_dict(d)
         known = {f for f in cls.__dataclass_fields__}
         kwargs = {k: v for k, v in d.items() if k in known}
         extra = {k: v for k, v in d.items() if k not in known and k != "out_channels"}
         card = cls(**kwargs)
         card.extra.update(extra)
-        if card.task not in TASKS:
-            raise ValueError(f"model card task must be one of {TASKS}, got {card.task!r}")
-        if card.dims not in (2, 3):
-            raise ValueError(f"model card dims must be 2 or 3, got {card.dims!r}")
         return card
+
+    def weights_path(self, folder: str | Path) -> Path:
+        """The weights file of this card inside ``folder``, confined to that folder.
+
+        Raises
+        ------
+        ValueError
+            When ``weights`` is absolute, climbs out with ``..``, resolves (through a symlink)
+            outside ``folder``, or names something that is not a regular file (a FIFO or a device
+            would hang the sha256). A missing file is not an error here.
+        """
+        folder = Path(folder)
+        check_weights_name(self.weights)
+        path = folder / self.weights
+        root = folder.resolve()
+        real = path.resolve()
+        if real != root and root not in real.parents:
+            raise ValueError(
+                f"weights {self.weights!r} of model {self.name!r} lead outside its model folder "
+                "(a symlink); copy the weights file into the folder"
+            )
+        if path.exists() and not path.is_file():
+            raise ValueError(
+                f"weights {self.weights!r} of model {self.name!r} is not a regular file"
+            )
+        return path
 
     def save(self, folder: str | Path) -> Path:
         """Write ``model.json`` into ``folder`` (atomically) and return its path."""
@@ -162,6 +195,152 @@ class ModelCard:
         return cls.from_dict(json.loads(path.read_text()))
 
 
+# --------------------------------------------------------------------------- validation
+
+#: Intensity normalisation schemes :func:`napari_medseg.core.engine.preprocess.normalize` knows.
+SCHEMES = ("none", "ct", "zscore", "percentile", "rgb")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _bad(field_name: str, want: str, got: Any) -> ValueError:
+    shown = json.dumps(got, default=str)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    return ValueError(f"field {field_name!r} must be {want}, not {shown}")
+
+
+def check_weights_name(weights: Any) -> None:
+    """Refuse a card ``weights`` entry that is not a plain path inside the model folder."""
+    if not isinstance(weights, str):
+        raise _bad("weights", "a file name inside the model folder", weights)
+    pure = PurePosixPath(weights.replace("\\", "/"))
+    if pure.is_absolute() or PureWindowsPath(weights).is_absolute() or ".." in pure.parts:
+        raise ValueError(
+            f"field 'weights' must name a file inside the model folder, not {weights!r} "
+            "(no absolute path, no '..')"
+        )
+
+
+def validate_card_dict(d: Any) -> None:
+    """Check the types of every ``model.json`` field the code reads.
+
+    Parameters
+    ----------
+    d : Any
+        The parsed JSON.
+
+    Raises
+    ------
+    ValueError
+        One sentence naming the first bad field (``classes: 5``, ``spacing: "x"``, a top-level
+        list, ``weights: "/etc/passwd"``, ...).
+    """
+    if not isinstance(d, dict):
+        raise ValueError(
+            f"model.json must hold one JSON object of fields, not a {type(d).__name__}"
+        )
+    name = d.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise _bad("name", "a non-empty string", name)
+    task = d.get("task", "segmentation")
+    if task not in TASKS:
+        raise _bad("task", f"one of {', '.join(TASKS)}", task)
+    dims = d.get("dims", 3)
+    if dims not in (2, 3) or not _is_int(dims):
+        raise _bad("dims", "2 or 3", dims)
+    for key in ("modality", "orientation", "description", "license"):
+        if key in d and not isinstance(d[key], str):
+            raise _bad(key, "a string", d[key])
+    if "version" in d and not (isinstance(d["version"], str) or _is_num(d["version"])):
+        raise _bad("version", "a string", d["version"])
+    for key in ("sha256", "parent"):
+        if d.get(key) is not None and not isinstance(d[key], str):
+            raise _bad(key, "a string or null", d[key])
+    in_ch = d.get("in_channels", 1)
+    if not _is_int(in_ch) or in_ch < 1:
+        raise _bad("in_channels", "a positive integer", in_ch)
+    classes = d.get("classes", [{"id": 0, "name": "background"}])
+    if not isinstance(classes, list) or not classes:
+        raise _bad("classes", 'a non-empty list of {"id": ..., "name": ...} objects', classes)
+    ids = set()
+    for i, c in enumerate(classes):
+        if not isinstance(c, dict):
+            raise _bad(f"classes[{i}]", 'an object like {"id": 1, "name": "liver"}', c)
+        if not _is_int(c.get("id")) or c["id"] < 0:
+            raise _bad(f"classes[{i}].id", "a non-negative integer", c.get("id"))
+        if not isinstance(c.get("name"), str):
+            raise _bad(f"classes[{i}].name", "a string", c.get("name"))
+        if c.get("color") is not None and not isinstance(c["color"], str):
+            raise _bad(f"classes[{i}].color", 'a colour string like "#e6194b"', c["color"])
+        if c["id"] in ids:
+            raise ValueError(f"field 'classes' lists id {c['id']} twice")
+        ids.add(c["id"])
+    spacing = d.get("spacing")
+    if spacing is not None and (
+        not isinstance(spacing, list)
+        or len(spacing) != dims
+        or not all(_is_num(v) and v > 0 for v in spacing)
+    ):
+        raise _bad("spacing", f"null or a list of {dims} positive numbers (mm)", spacing)
+    patch = d.get("patch_size", [96] * dims)
+    if (
+        not isinstance(patch, list)
+        or len(patch) != dims
+        or not all(_is_int(v) and v > 0 for v in patch)
+    ):
+        raise _bad("patch_size", f"a list of {dims} positive integers (voxels)", patch)
+    overlap = d.get("overlap", 0.5)
+    if not _is_num(overlap) or not 0 <= overlap < 1:
+        raise _bad("overlap", "a number from 0 to below 1", overlap)
+    for key in (
+        "normalization",
+        "architecture",
+        "postprocessing",
+        "training",
+        "metrics",
+        "evaluation",
+        "extra",
+    ):
+        if key in d and not isinstance(d[key], dict):
+            raise _bad(key, "an object", d[key])
+    if "detection" in d and not isinstance(d["detection"], dict):
+        raise _bad("detection", "an object", d["detection"])
+    norm = d.get("normalization") or {"scheme": "none"}
+    scheme = norm.get("scheme", "none")
+    if not isinstance(scheme, str) or scheme.lower() not in SCHEMES:
+        raise _bad("normalization.scheme", f"one of {', '.join(SCHEMES)}", scheme)
+    window = norm.get("window")
+    if (
+        scheme.lower() == "ct"
+        and window is not None
+        and (
+            not isinstance(window, list) or len(window) != 2 or not all(_is_num(v) for v in window)
+        )
+    ):
+        raise _bad("normalization.window", "two numbers [low, high] (HU)", window)
+    for key in ("lower", "upper", "foreground_percentile"):
+        if key in norm and not _is_num(norm[key]):
+            raise _bad(f"normalization.{key}", "a number (percent)", norm[key])
+    for key in ("mean", "std"):
+        v = norm.get(key)
+        if v is not None and not (
+            _is_num(v) or (isinstance(v, list) and all(_is_num(x) for x in v))
+        ):
+            raise _bad(f"normalization.{key}", "a number or a list of numbers", v)
+    arch = d.get("architecture") or {}
+    if "name" in arch and not isinstance(arch["name"], str):
+        raise _bad("architecture.name", "a class name string", arch["name"])
+    if "kwargs" in arch and not isinstance(arch["kwargs"], dict):
+        raise _bad("architecture.kwargs", "an object of arguments", arch["kwargs"])
+    check_weights_name(d.get("weights", "weights.safetensors"))
+
+
 def _json_default(o: Any) -> Any:
     import numpy as np
 
@@ -175,6 +354,9 @@ def _json_default(o: Any) -> Any:
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in chunks."""
     h = hashlib.sha256()
+    # a FIFO or a device (``weights: /dev/zero``) would block or never end: regular files only
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise ValueError(f"{Path(path).name} is not a regular file")
     with open(path, "rb") as f:
         while True:
             b = f.read(chunk)

@@ -6,7 +6,7 @@ Only classes from :mod:`monai.networks.nets` (and this module's own) can be name
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +40,44 @@ def build_network(card: ModelCard) -> Any:
             "monai.networks.nets (e.g. UNet, BasicUNet, DynUNet, SegResNet)"
         )
     cls = getattr(nets, name)
+    kwargs = dict(arch.get("kwargs", {}))
+    dropped = drop_download_kwargs(kwargs)
+    if dropped:
+        card.extra["architecture_args_dropped"] = dropped
     try:
-        return cls(**dict(arch.get("kwargs", {})))
-    except TypeError as e:
+        return cls(**kwargs)
+    except Exception as e:  # noqa: BLE001 - constructors raise anything on arguments that do not fit
         raise ModelLoadError(f"model {card.name!r}: architecture arguments do not fit: {e}") from e
+
+
+def drop_download_kwargs(kwargs: dict) -> list[str]:
+    """Switch off, in place, every architecture argument that would download weights.
+
+    A model's weights come from its folder or bundle, never from the network: ``pretrained``,
+    ``pretrained_url``, ``pretrained_state_dict_key``, ``download``, ``progress`` and torchvision's
+    ``weights`` name are set to ``False`` (flags) or ``None`` (names, URLs) so that building the
+    network cannot open a connection (HoVerNet, DenseNet, EfficientNet, TorchVisionFCModel...).
+
+    Parameters
+    ----------
+    kwargs : dict
+        Constructor arguments from a card's ``architecture.kwargs`` or a bundle's ``network_def``.
+
+    Returns
+    -------
+    list of str
+        The names of the arguments that were switched off (for the card/provenance).
+    """
+    dropped = []
+    for k, v in list(kwargs.items()):
+        low = k.lower()
+        downloads = "pretrain" in low or "download" in low or "url" in low
+        if low == "weights" and isinstance(v, str):  # torchvision: weights="DEFAULT" downloads
+            downloads = True
+        if downloads and v:
+            kwargs[k] = False if isinstance(v, bool) else None
+            dropped.append(k)
+    return dropped
 
 
 def save_weights(network: Any, path: str | Path) -> str:
@@ -97,6 +131,8 @@ class LoadedModel:
     source: str = ""
     kind: str = "folder"  # "folder", "torchscript" or "bundle"
     weights_sha256: str | None = None
+    #: what loading did that the user should know (a bundle's TorchScript fallback, ...)
+    notes: list[str] = field(default_factory=list)
 
     def provenance(self) -> dict:
         """The ``"model"`` block of a result's provenance: name, version, where it came from,
@@ -109,7 +145,19 @@ class LoadedModel:
             "weights_sha256": self.weights_sha256,
             "card_sha256": self.card.sha256,
             "license": self.card.license,
+            "notes": self.load_notes(),
         }
+
+    def load_notes(self) -> list[str]:
+        """What loading changed or chose on the user's behalf (always in the provenance)."""
+        notes = list(self.notes)
+        dropped = self.card.extra.get("architecture_args_dropped")
+        if dropped:
+            notes.append(
+                f"architecture arguments {', '.join(dropped)} switched off: weights come from "
+                "the model folder, never from a download"
+            )
+        return notes
 
 
 def save_model(folder: str | Path, card: ModelCard, network: Any) -> Path:
@@ -137,7 +185,10 @@ def load_model_folder(folder: str | Path, device: str = "cpu", verify: bool = Tr
         card = ModelCard.load(folder)
     except (ValueError, TypeError) as e:
         raise ModelLoadError(f"{folder}/model.json is not a valid model card: {e}") from e
-    wpath = folder / card.weights
+    try:
+        wpath = card.weights_path(folder)
+    except ValueError as e:
+        raise ModelLoadError(f"{folder}/model.json is not a valid model card: {e}") from e
     if not wpath.exists():
         raise ModelLoadError(f"model {card.name!r} has no weights: {wpath.name} is missing")
     digest = sha256_file(wpath)

@@ -231,9 +231,9 @@ def load_model(
     if (path / CARD_NAME).is_file():
         try:
             card = ModelCard.load(path)
+            wpath = card.weights_path(path)
         except (ValueError, TypeError) as e:
             raise ModelLoadError(f"{path}/model.json is not a valid model card: {e}") from e
-        wpath = path / card.weights
         if wpath.suffix.lower() == ".ts" or card.extra.get("format") == "torchscript":
             if not wpath.is_file():
                 raise ModelLoadError(f"model {card.name!r} has no weights: {wpath.name} is missing")
@@ -278,9 +278,9 @@ def install_model(src_folder: str | Path, name: str | None = None, overwrite: bo
     if (src / CARD_NAME).is_file():
         try:
             card = ModelCard.load(src)
+            wpath = card.weights_path(src)
         except (ValueError, TypeError) as e:
             raise ModelLoadError(f"{src}/model.json is not a valid model card: {e}") from e
-        wpath = src / card.weights
         if not wpath.is_file():
             raise ModelLoadError(f"model {card.name!r} has no weights: {wpath.name} is missing")
         if card.sha256 and sha256_file(wpath) != card.sha256:

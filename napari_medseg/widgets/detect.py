@@ -240,10 +240,11 @@ class DetectWidget(ImageInput, Container):
 
         After a new result (or with ``rebuild``) the Points layer gets every object the model
         found; a filter change then only sets the layer's ``shown`` mask (objects below the
-        threshold, too small or suppressed by NMS are hidden, not deleted), so a slider step
-        costs milliseconds with thousands of objects and the user's edits, selection and
-        hand-added points (``id`` 0, always shown) stay. The box outlines (a Shapes layer has
-        no ``shown``) add and remove only the objects that entered or left the filtered table.
+        threshold, too small or suppressed by NMS are hidden, not deleted: milliseconds for
+        thousands of points), and the user's edits, selection and hand-added points (``id`` 0,
+        always shown) stay. The box outlines (a Shapes layer has no ``shown``) add and remove
+        only the objects that entered or left the filtered table; with thousands of boxes that
+        is most of a step's cost (docs/detection.md).
         """
         if self._result is None:
             return

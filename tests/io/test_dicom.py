@@ -297,6 +297,24 @@ def test_mixed_series_are_never_mixed(tmp_path):
     assert recs[0].metadata["SeriesInstanceUID"] != recs[1].metadata["SeriesInstanceUID"]
 
 
+def test_one_series_of_several_decodes_only_that_one(tmp_path, monkeypatch):
+    from napari_medseg.io import dicom, read_image
+
+    _write_series(tmp_path, 6, number=2, offset=100, prefix="a")
+    _write_series(tmp_path, 4, number=1, offset=500, prefix="b")
+    decoded = []
+    real = dicom._read_pixels
+    monkeypatch.setattr(dicom, "_read_pixels", lambda p, h: decoded.append(p) or real(p, h))
+    (rec,) = read_image(tmp_path, series=0)
+    assert rec.shape[2] == 4 and rec.data[5, 5].tolist() == [500, 501, 502, 503]
+    assert sorted(Path(p).name for p in decoded) == [f"b{k:03d}" for k in range(4)]
+    choice = rec.metadata["series_choice"]
+    assert choice["n_series"] == 2 and choice["index"] == 0 and len(choice["others"]) == 1
+    assert "holds 2 DICOM series; used" in rec.metadata["read_notes"][0]
+    with pytest.raises(ImageReadError, match="series 3 does not exist"):
+        read_image(tmp_path, series=2)
+
+
 def test_same_uid_different_orientation_is_split(tmp_path):
     uid = generate_uid()
     _write_series(tmp_path, 3, uid=uid, prefix="a")
@@ -320,15 +338,29 @@ def test_repeated_positions_split_by_echo(tmp_path):
     assert all("EchoNumbers" in r.name for r in recs)
 
 
-def test_non_uniform_spacing_warns_but_reads(tmp_path):
-    z = [0.0, 2.0, 4.0, 8.0, 10.0]  # one slice missing
+def test_missing_slice_is_placed_at_true_positions_and_flagged(tmp_path):
+    """A missing slice used to be read at the mean spacing (slices misplaced by up to 1.5 mm
+    here); now every slice sits at its true position and the gap is a flagged blank slice."""
+    z = [0.0, 2.0, 4.0, 8.0, 10.0]  # the slice at 6 mm is missing
     pos = [np.array([0.0, 0.0, v]) for v in z]
     _write_series(tmp_path, 5, row=(1, 0, 0), col=(0, 1, 0), positions=pos)
-    with pytest.warns(UserWarning, match="non-uniform slice spacing"):
+    with pytest.warns(UserWarning, match=r"1 missing slice\(s\).*k = 3"):
         (rec,) = read_dicom(tmp_path)
-    assert rec.shape[2] == 5
-    assert rec.spacing[2] == pytest.approx(2.5)
-    np.testing.assert_allclose((rec.affine @ [0, 0, 4, 1])[2], 10.0)
+    assert rec.shape[2] == 6 and rec.spacing[2] == pytest.approx(2.0)
+    for k, zk in zip([0, 1, 2, 4, 5], z):  # LPS z = RAS z: each slice at its own position
+        np.testing.assert_allclose((rec.affine @ [0, 0, k, 1])[2], zk)
+    np.testing.assert_array_equal(rec.data[5, 5, :], [0, 1, 2, -2, 3, 4])  # blank = lowest
+    assert rec.metadata["missing_slices"] == [3]
+    assert "missing slice" in rec.metadata["read_notes"][0]
+
+
+def test_irregular_spacing_is_refused(tmp_path):
+    z = [0.0, 2.0, 4.0, 7.0, 10.0]  # 3 mm is not a whole number of 2 mm steps
+    pos = [np.array([0.0, 0.0, v]) for v in z]
+    _write_series(tmp_path, 5, row=(1, 0, 0), col=(0, 1, 0), positions=pos)
+    with pytest.raises(ImageReadError, match="irregular slice spacing") as info:
+        read_dicom(tmp_path)
+    assert "\n" not in str(info.value)
 
 
 def test_gantry_tilt_keeps_every_slice_in_place(tmp_path):

@@ -338,6 +338,13 @@ def test_torchscript_needs_no_trust(tmp_path: Path) -> None:
     with torch.no_grad():
         y = lm.network(torch.rand(1, 1, 9, 10, 11))
     assert tuple(y.shape) == (1, lm.card.out_channels, 9, 10, 11)
+    # with a model.pt too, the network_def it needs cannot be built untrusted: the fall back to
+    # model.ts is said (warning) and kept in the provenance, never silent
+    torch.save(tiny.state_dict(), bundle / "models" / "model.pt")
+    with pytest.warns(UserWarning, match=r"running its TorchScript export models/model\.ts"):
+        lm = load_bundle(bundle)
+    assert lm.card.extra["bundle_weights_format"] == "torchscript"
+    assert "models/model.ts" in lm.provenance()["notes"][0]
     # a model.pt it cannot use without trust: TorchScript is taken instead
     torch.save({"w": torch.zeros(1)}, bundle / "models" / "model.pt")
     card = load_bundle(bundle).card

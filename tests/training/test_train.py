@@ -191,7 +191,8 @@ def test_dataset_errors(tmp_path, ct_dataset):
 
     bad3 = tmp_path / "bad3"
     shutil.copytree(ct_dataset, bad3)
-    _write_nifti(bad3 / "labelsTr/spl_a.nii.gz", (lb * 2).astype(np.uint8), aff)
+    _, _, aff_a = _ct_crop(*CT_CROPS["spl_a"])  # on spl_a's own grid: only the values are bad
+    _write_nifti(bad3 / "labelsTr/spl_a.nii.gz", (lb * 2).astype(np.uint8), aff_a)
     with pytest.raises(DatasetError, match="not listed"):
         load_dataset(bad3)
 

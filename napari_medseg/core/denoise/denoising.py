@@ -1,5 +1,5 @@
 """Denoising: self-supervised Noise2Void / N2V2 trained on the noisy image itself, and classical
-filters from scikit-image (DESIGN.md rule 2: long work is a generator).
+filters from scikit-image (docs/ARCHITECTURE.md rule 2: long work is a generator).
 
 Methods
 -------
@@ -994,11 +994,11 @@ def load_denoiser(ref: str | Path | LoadedModel, device: Any = "cpu") -> Trained
             raise ModelLoadError(f"{folder} is not a model folder: model.json is missing")
         try:
             card = ModelCard.load(folder)
+            wpath = card.weights_path(folder)  # confined to the folder, regular file
         except (ValueError, TypeError) as e:
             raise ModelLoadError(f"{folder}/model.json is not a valid model card: {e}") from e
         if card.task != "denoising":
             raise ModelLoadError(f"model {card.name!r} is a model for {card.task}, not a denoiser")
-        wpath = folder / card.weights
         if not wpath.is_file():
             raise ModelLoadError(f"model {card.name!r} has no weights: {wpath.name} is missing")
         if card.sha256 and sha256_file(wpath) != card.sha256:

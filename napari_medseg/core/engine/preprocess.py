@@ -213,6 +213,20 @@ def _positions(n_out: int, step: float) -> np.ndarray:
     return np.arange(n_out, dtype=np.float64) * float(step)
 
 
+def _take(x: Any, axis: int, idx: np.ndarray) -> Any:
+    """``x.index_select(axis, idx)``; on the CPU through :func:`numpy.take`.
+
+    torch's CPU ``index_select`` along an inner axis of a large tensor is 10-40x slower than
+    ``numpy.take`` (measured on a 274x274x375 float32 map, 2 cores: 3.5-4.6 s vs 0.1 s of CPU
+    time per axis); the result is the same array.
+    """
+    import torch
+
+    if x.device.type == "cpu" and x.dtype != torch.bfloat16:
+        return torch.from_numpy(np.take(x.detach().numpy(), idx, axis=axis))
+    return x.index_select(axis, torch.from_numpy(idx).to(x.device))
+
+
 def _resample_axis(x: Any, axis: int, pos: np.ndarray, mode: str) -> Any:
     """Resample a tensor along one axis at float positions (linear or nearest), clamped."""
     import torch
@@ -220,18 +234,17 @@ def _resample_axis(x: Any, axis: int, pos: np.ndarray, mode: str) -> Any:
     n = x.shape[axis]
     dev = x.device
     if mode == "nearest":
-        idx = torch.from_numpy(np.clip(np.rint(pos), 0, n - 1).astype(np.int64)).to(dev)
-        return x.index_select(axis, idx)
+        return _take(x, axis, np.clip(np.rint(pos), 0, n - 1).astype(np.int64))
     p = np.clip(pos, 0, n - 1)
     i0 = np.minimum(np.floor(p).astype(np.int64), max(n - 2, 0))
     w = p - i0
     if n == 1:
-        return x.index_select(axis, torch.zeros(len(pos), dtype=torch.int64, device=dev))
+        return _take(x, axis, np.zeros(len(pos), dtype=np.int64))
     shape = [1] * x.ndim
     shape[axis] = len(pos)
     wt = torch.from_numpy(w.astype(np.float32)).to(dev).reshape(shape)
-    a = x.index_select(axis, torch.from_numpy(i0).to(dev))
-    b = x.index_select(axis, torch.from_numpy(i0 + 1).to(dev))
+    a = _take(x, axis, i0)
+    b = _take(x, axis, i0 + 1)
     return a.lerp_(b, wt) if a.dtype == wt.dtype else a + (b - a) * wt
 
 
@@ -329,7 +342,11 @@ class GridMap:
             return x
         size = self.model_shape if to_model else self.oriented_shape
         out = x if mode == "nearest" else x.float()
-        for ax, (n_out, st) in enumerate(zip(size, self.step)):
+        # axes that shrink first, then those that grow: fewer voxels to interpolate (the
+        # separable steps commute; 512x512x300 <-> 274x274x375: 142M instead of 228M outputs)
+        order = sorted(range(len(size)), key=lambda a: size[a] / max(out.shape[a + 1], 1))
+        for ax in order:
+            n_out, st = size[ax], self.step[ax]
             if abs(st - 1.0) < 1e-9 and out.shape[ax + 1] == n_out:
                 continue
             pos = _positions(n_out, st if to_model else 1.0 / st)

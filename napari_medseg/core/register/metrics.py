@@ -10,7 +10,7 @@ import numpy as np
 
 from napari_medseg.core.register.transform import RegistrationTransform
 
-__all__ = ["folding_fraction", "jacobian_and_magnitude", "overlap_fraction"]
+__all__ = ["folding_fraction", "jacobian_and_magnitude", "labels_fov_report", "overlap_fraction"]
 
 
 def overlap_fraction(
@@ -86,3 +86,78 @@ def folding_fraction(jacobian: np.ndarray) -> float:
         Jacobian determinant on the fixed grid (:func:`jacobian_and_magnitude`).
     """
     return float((np.asarray(jacobian) <= 0).mean())
+
+
+def labels_fov_report(
+    labels: np.ndarray,
+    labels_affine: np.ndarray,
+    moving_shape: tuple,
+    moving_affine: np.ndarray,
+    warped_labels: np.ndarray,
+    fixed_affine: np.ndarray,
+    max_points: int = 200_000,
+) -> dict:
+    """How much of a label map lies inside the moving image and survives the warp.
+
+    Labels drawn on another grid can lie partly or wholly outside the moving image's field of
+    view; the warp then returns zeros there (all zeros when none overlaps) and nothing says so.
+
+    Parameters
+    ----------
+    labels : array
+        Moving labels in their file axis order; ``labels_affine`` maps their voxels to world mm.
+    moving_shape, moving_affine
+        The moving image's spatial shape and voxel-to-world affine.
+    warped_labels : array
+        The labels resampled onto the fixed grid; ``fixed_affine`` its voxel-to-world affine.
+    max_points : int
+        Labelled voxels tested (an even subsample beyond this many).
+
+    Returns
+    -------
+    dict
+        ``inside_moving_fov`` (fraction of labelled voxels inside the moving image's field of
+        view), ``volume_ml_before``/``volume_ml_after`` (labelled volume in mL before and after
+        the warp), ``kept`` (their ratio) and ``note`` (a sentence when labels were lost, else
+        ``""``).
+    """
+    lab = np.asarray(labels)
+    n = len(moving_shape)
+    idx = np.argwhere(lab != 0)
+    if len(idx) == 0:
+        return {"inside_moving_fov": 1.0, "volume_ml_before": 0.0, "volume_ml_after": 0.0,
+                "kept": 1.0, "note": ""}  # fmt: skip
+    if len(idx) > max_points:
+        idx = idx[:: int(np.ceil(len(idx) / max_points))]
+    to_moving = np.linalg.inv(np.asarray(moving_affine, float)) @ np.asarray(labels_affine, float)
+    m_idx = idx @ to_moving[:n, :n].T + to_moving[:n, n]
+    inside = float(
+        np.all((m_idx >= -0.5) & (m_idx <= np.asarray(moving_shape) - 0.5), axis=1).mean()
+    )
+
+    def voxel_ml(aff: np.ndarray) -> float:
+        return float(abs(np.linalg.det(np.asarray(aff, float)[:n, :n]))) / 1000.0
+
+    before = float(np.count_nonzero(lab)) * voxel_ml(labels_affine)
+    after = float(np.count_nonzero(np.asarray(warped_labels))) * voxel_ml(fixed_affine)
+    kept = after / before if before else 1.0
+    note = ""
+    if inside < 0.99:
+        note = (
+            f"{100 * (1 - inside):.0f}% of the labelled voxels lie outside the moving image's "
+            "field of view (the labels are on another grid?); "
+        )
+    if kept < 0.5 or after == 0:
+        note += (
+            f"the warped labels keep {100 * kept:.0f}% of the labelled volume "
+            f"({after:.2f} of {before:.2f} mL)" + ("; they are all zero" if after == 0 else "")
+        )
+    elif note:
+        note += f"the warped labels keep {100 * kept:.0f}% of the labelled volume"
+    return {
+        "inside_moving_fov": round(inside, 4),
+        "volume_ml_before": round(before, 4),
+        "volume_ml_after": round(after, 4),
+        "kept": round(kept, 4),
+        "note": note.strip("; "),
+    }

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -41,6 +42,7 @@ import numpy as np
 from napari_medseg.core.register.metrics import (
     folding_fraction,
     jacobian_and_magnitude,
+    labels_fov_report,
     overlap_fraction,
 )
 from napari_medseg.core.register.objective import Objective, PyramidLevel
@@ -589,7 +591,21 @@ def register(
         "similarity_before": before,
         "similarity_after": after,
         "folding_fraction": folding,
+        "notes": [],
     }
+    if moving_labels is not None and warped_labels is not None:
+        report = labels_fov_report(
+            np.asarray(moving_labels.data),
+            moving_labels.affine,
+            eng.m_shape,
+            eng.m_aff,
+            warped_labels,
+            eng.f_aff,
+        )
+        prov["labels"] = report
+        if report["note"]:  # never an all-zero label map in silence
+            prov["notes"].append(f"labels: {report['note']}")
+            warnings.warn(f"registration: labels: {report['note']}.", UserWarning, stacklevel=2)
     return RegistrationResult(
         transform=transform,
         warped=warped,

@@ -57,6 +57,8 @@ def segment_file(
     tta: bool = False,
     trust_bundle: bool = False,
     probabilities: str | Path | None = None,
+    precision: str = "auto",
+    compile: bool = False,
 ) -> Generator[Progress, None, dict]:
     """Segment one image file into ``dest``; yields progress, returns the provenance dict.
 
@@ -76,12 +78,17 @@ def segment_file(
         Allow a MONAI bundle's Python expressions (see :mod:`napari_medseg.models.loaders.bundle`).
     probabilities : path-like, optional
         Also write the class probabilities there (float32, classes on the last axis).
+    precision, compile
+        Network precision and ``torch.compile``, as
+        :func:`napari_medseg.core.segment.segment.segment`.
 
     Returns
     -------
     dict
-        The provenance (model, parameters, timings, input path and sha256, output path,
-        ``class_voxels``) as written beside ``dest``.
+        The provenance (model, parameters, fast path, input path and sha256, output path,
+        ``class_voxels``) as written beside ``dest``; ``timings_s`` holds the seconds of each
+        stage: read, preprocess, prepare_network, network, resample_back, postprocess, write,
+        and ``total`` (segment's own span) and ``file_total`` (read to write).
     """
     import numpy as np
 
@@ -93,8 +100,10 @@ def segment_file(
 
     image_path, dest = Path(image_path), Path(dest)
     loaded = _model(model, "cpu", trust_bundle)
+    t_read = time.perf_counter()
     records = read_image(image_path)
     record = records[0]
+    read_s = time.perf_counter() - t_read
     result = yield from segment(
         record,
         loaded,
@@ -103,6 +112,8 @@ def segment_file(
         batch_size=batch_size,
         tta=tta,
         return_probabilities=probabilities is not None,
+        precision=precision,
+        compile=compile,
     )
     labels = ImageRecord(
         data=result.labels,
@@ -112,8 +123,16 @@ def segment_file(
         name=f"{record.name}_seg",
         metadata=record.metadata,
     )
+    t_write = time.perf_counter()
     written = write_image(dest, labels, is_label=True, overwrite=True)
+    write_s = time.perf_counter() - t_write
     prov = dict(result.provenance)
+    prov["timings_s"] = {
+        "read": round(read_s, 3),
+        **prov.get("timings_s", {}),
+        "write": round(write_s, 3),
+        "file_total": round(time.perf_counter() - t_read, 3),
+    }
     prov.update(input=str(image_path), input_sha256=sha256_of(image_path), output=str(written))
     if len(records) > 1:
         prov["series_note"] = f"{len(records)} series in the input; segmented {record.name}"

@@ -169,6 +169,9 @@ def segment(
     postprocessing: dict | None = None,
     amp: bool | str = "auto",
     label_resampling: str = "auto",
+    precision: str = "auto",
+    compile: bool = False,
+    fast_path: bool = True,
 ) -> Generator[Progress, None, SegmentationResult]:
     """Segment one image; a generator that yields :class:`Progress` and returns the result.
 
@@ -193,9 +196,18 @@ def segment(
         Steps for :func:`napari_medseg.core.engine.postprocess.apply_postprocessing`; default: the
         card's ``postprocessing``; ``{}`` turns it off.
     amp : bool or "auto"
-        Mixed precision (bf16 autocast on CUDA with ``"auto"``).
+        Older switch for mixed precision: ``False`` means ``precision="fp32"``, ``True``
+        ``"bf16"`` (when ``precision`` is ``"auto"``).
     label_resampling : {"auto", "linear", "nearest"}
         How labels go back to the source grid when the model grid differs (module docstring).
+    precision : {"auto", "fp32", "bf16", "fp16"}
+        Network precision (:func:`napari_medseg.core.engine.fastpath.prepare_network`):
+        ``"auto"`` runs bf16 where the device runs it natively and fp32 elsewhere, and falls
+        back to fp32 when the first batches' labels differ from fp32's.
+    compile : bool
+        ``torch.compile`` the network (pays only for long runs or with a warm compile cache).
+    fast_path : bool
+        ``False`` runs the network as loaded (fp32, no folding, contiguous): the reference.
 
     Returns
     -------
@@ -205,9 +217,9 @@ def segment(
     import torch
 
     from napari_medseg.core.engine import postprocess as pp
+    from napari_medseg.core.engine.fastpath import prepare_network
     from napari_medseg.core.engine.preprocess import to_model_grid
     from napari_medseg.core.engine.windows import (
-        amp_dtype,
         plan_windows,
         resolve_device,
         slicewise,
@@ -230,10 +242,13 @@ def segment(
         raise MedsegError(f"model {card.name!r} asks for an unknown activation {activation!r}")
 
     check_memory(record, model, return_probabilities)
+    timings: dict[str, float] = {}
     yield Progress(0, 0, "preparing the image for the model")
+    t_stage = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         image, grid = to_model_grid(record, card, device=dev)
+    timings["preprocess"] = time.perf_counter() - t_stage
     n_bad = int(grid.info.get("nonfinite_replaced", 0))
     if n_bad:
         msg = (
@@ -246,7 +261,13 @@ def segment(
             warnings.warn(w.message, w.category, stacklevel=2)
 
     roi = [int(v) for v in card.patch_size]
-    net = model.network
+    if precision == "auto" and amp is not None and not isinstance(amp, str):
+        precision = "bf16" if amp else "fp32"
+    t_stage = time.perf_counter()
+    net, fast = prepare_network(
+        model.network, dev, precision, compile=compile, guard="labels", enabled=fast_path
+    )
+    timings["prepare_network"] = time.perf_counter() - t_stage
     if card.dims == 2 and len(grid.model_shape) == 3:
         roi = [*roi[:2], 1]
         predictor = slicewise(net)
@@ -267,6 +288,7 @@ def segment(
     total = n_passes + 3
     yield Progress(1, total, f"running {card.name} on {dev.type} ({n_passes} windows)")
 
+    t_stage = time.perf_counter()
     gen = sliding_window(
         image,
         predictor,
@@ -275,7 +297,7 @@ def segment(
         batch_size=batch_size,
         mode="gaussian",
         device=dev,
-        amp=amp,
+        amp=False,  # the prepared network runs its own precision
         tta_flips=tta,
         activation=activation,
     )
@@ -298,8 +320,12 @@ def segment(
         )
     final_dev = probs.device
     del image
+    timings["network"] = time.perf_counter() - t_stage
+    if fast.precision_requested == "auto" and fast.fidelity.endswith("instead"):
+        notes.append(fast.fidelity)  # reduced precision changed the labels: fp32 ran
 
     yield Progress(total - 2, total, "bringing the result back onto the image grid")
+    t_stage = time.perf_counter()
     ldt = pp.label_dtype(max(int(c["id"]) for c in card.classes) + 1)
     method = label_resampling
     if method == "auto":
@@ -334,6 +360,8 @@ def segment(
         labels = grid.labels_to_source(pp.argmax(probs).astype(ldt, copy=False))
     probabilities = grid.probs_to_source(probs) if return_probabilities else None
     del probs
+    timings["resample_back"] = time.perf_counter() - t_stage
+    t_stage = time.perf_counter()
 
     ids = [int(c["id"]) for c in card.classes]
     if activation == "softmax" and ids != list(range(K)):  # channel k is class classes[k]["id"]
@@ -345,9 +373,10 @@ def segment(
         yield Progress(total - 1, total, "cleaning up the label map")
         labels = pp.apply_postprocessing(labels, pp_cfg, spacing=record.spacing)
     labels = np.ascontiguousarray(labels, dtype=ldt)
+    timings["postprocess"] = time.perf_counter() - t_stage
 
     elapsed = time.perf_counter() - t0
-    ac = amp_dtype(final_dev, amp)
+    timings["total"] = elapsed
     provenance = {
         "task": "segmentation",
         "model": model.provenance(),
@@ -358,7 +387,8 @@ def segment(
             "roi_size": roi,
             "blend": f"gaussian, {activation} probabilities",
             "threshold": threshold if activation == "sigmoid" else None,
-            "amp": str(ac).replace("torch.", "") if ac is not None else "none",
+            "amp": {"fp32": "none", "bf16": "bfloat16", "fp16": "float16"}[fast.precision],
+            "precision": fast.precision,
             "postprocessing": pp_cfg or {},
             "label_resampling": method if grid.resampled else "none (exact)",
             "model_spacing": list(grid.model_spacing),
@@ -378,6 +408,8 @@ def segment(
         "device": str(final_dev),
         "device_requested": str(device),
         "elapsed_s": round(elapsed, 3),
+        "fast_path": fast.as_dict(),
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "notes": notes,
     }

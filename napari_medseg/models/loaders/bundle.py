@@ -9,7 +9,7 @@ A MONAI bundle is a folder::
     <bundle>/scripts/                            optional Python code the config may import
     <bundle>/LICENSE
 
-Safety (DESIGN.md rule 5). Bundle configs may hold ``$`` expressions (Python run through
+Safety (docs/ARCHITECTURE.md rule 5). Bundle configs may hold ``$`` expressions (Python run through
 ``eval``) and ``_target_`` entries that name any importable callable. Without ``trust=True`` this
 module executes nothing from the bundle: it reads only the config items it needs (``network_def``
 and what it references, the arguments of the preprocessing transforms it translates, the
@@ -48,7 +48,12 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
 from napari_medseg.models.card import PALETTE, ModelCard, sha256_file
-from napari_medseg.models.networks import LoadedModel, ModelLoadError, load_state_dict
+from napari_medseg.models.networks import (
+    LoadedModel,
+    ModelLoadError,
+    drop_download_kwargs,
+    load_state_dict,
+)
 
 CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
 TRUST_HINT = "pass --trust-bundle on the command line or confirm in napari"
@@ -195,8 +200,15 @@ def load_bundle(
                 raise
 
     card = _build_card(res, root, meta, network)
+    notes = []
     if build_error is not None:
         card.extra["bundle_network_def_skipped"] = str(build_error)
+        note = (
+            f"bundle '{name}': its network definition was not used ({build_error}); "
+            "running its TorchScript export models/model.ts instead"
+        )
+        notes.append(note)
+        warnings.warn(note, UserWarning, stacklevel=2)
 
     import torch
 
@@ -228,7 +240,12 @@ def load_bundle(
     card.architecture["class"] = type(network).__name__
     network.eval().to(device)
     return LoadedModel(
-        card=card, network=network, source=str(root), kind="bundle", weights_sha256=digest
+        card=card,
+        network=network,
+        source=str(root),
+        kind="bundle",
+        weights_sha256=digest,
+        notes=notes,
     )
 
 
@@ -528,9 +545,7 @@ class _Resolver:
 
     def call(self, cls: Any, kwargs: dict, id: str) -> Any:
         dropped = _drop_unknown_kwargs(cls, kwargs)
-        for k, v in list(kwargs.items()):  # weights come from the bundle: never download any
-            if "pretrained" in k.lower() and v:
-                kwargs[k] = False if isinstance(v, bool) else None
+        drop_download_kwargs(kwargs)  # weights come from the bundle: never download any
         try:
             with self.trusted_context() if self.trust else contextlib.nullcontext():
                 obj = cls(**kwargs)

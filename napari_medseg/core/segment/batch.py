@@ -101,8 +101,7 @@ def segment_file(
     image_path, dest = Path(image_path), Path(dest)
     loaded = _model(model, "cpu", trust_bundle)
     t_read = time.perf_counter()
-    records = read_image(image_path)
-    record = records[0]
+    (record,) = read_image(image_path, series=0)  # one series decoded, the choice recorded
     read_s = time.perf_counter() - t_read
     result = yield from segment(
         record,
@@ -134,8 +133,9 @@ def segment_file(
         "file_total": round(time.perf_counter() - t_read, 3),
     }
     prov.update(input=str(image_path), input_sha256=sha256_of(image_path), output=str(written))
-    if len(records) > 1:
-        prov["series_note"] = f"{len(records)} series in the input; segmented {record.name}"
+    choice = record.metadata.get("series_choice")
+    if choice:
+        prov["series_note"] = f"{choice['n_series']} series in the input; segmented {record.name}"
     counts = np.bincount(np.asarray(result.labels).ravel())
     prov["class_voxels"] = {
         str(result.class_names.get(i, i)): int(n) for i, n in enumerate(counts) if i and n

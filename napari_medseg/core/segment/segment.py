@@ -230,7 +230,9 @@ def segment(
     check_inputs(record, model)
     card = model.card
     dev = resolve_device(device)
-    notes: list[str] = []
+    # what reading the image chose or found (missing DICOM slices, one series of several):
+    # always in the provenance, whatever warnings a --quiet run hides
+    notes: list[str] = [str(n) for n in (record.metadata or {}).get("read_notes", [])]
     overlap = float(card.overlap if overlap is None else overlap)
     K = card.out_channels
     card_pp = dict(card.postprocessing or {})

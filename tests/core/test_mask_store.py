@@ -119,6 +119,52 @@ def test_autosave_roundtrip_and_clear(tmp_path):
     assert M.find_recovery(src, root=tmp_path / "rec") is None
 
 
+def test_recovery_is_per_layer(tmp_path):
+    """Two edited layers of one image: B's autosave never replaces A's, clearing B keeps A."""
+    src, root = tmp_path / "scan.nii.gz", tmp_path / "rec"
+    a_lab = np.zeros((33, 34, 35), np.uint8)
+    a_lab[1:4, 2:6, 3:9] = 1
+    b_lab = np.zeros((33, 34, 35), np.uint16)
+    b_lab[20:30, 5:7, 0:2] = 300
+    M.Autosaver(src, "scan_seg", root=root).save(a_lab, {"edits": 1})
+    M.Autosaver(src, "scan_seg [1]", root=root).save(b_lab, {"edits": 2})
+    a = M.find_recovery(src, "scan_seg", root=root)
+    b = M.find_recovery(src, "scan_seg [1]", root=root)
+    assert a is not None and b is not None and a.path != b.path
+    np.testing.assert_array_equal(a.labels, a_lab)
+    np.testing.assert_array_equal(b.labels, b_lab)
+    assert (a.layer, b.layer) == ("scan_seg", "scan_seg [1]")
+    assert [r.layer for r in M.find_recoveries(src, root=root)] == ["scan_seg", "scan_seg [1]"]
+    M.clear_recovery(src, "scan_seg [1]", root=root)  # B saved for good
+    assert M.find_recovery(src, "scan_seg [1]", root=root) is None
+    kept = M.find_recovery(src, "scan_seg", root=root)
+    assert kept is not None
+    np.testing.assert_array_equal(kept.labels, a_lab)
+    assert [r.layer for r in M.find_recoveries(src, root=root)] == ["scan_seg"]
+    # odd layer names (slashes, dots, unicode) stay inside the image's recovery folder
+    odd = M.Autosaver(src, "../../évil/name", root=root).save(a_lab)
+    assert odd.parent == M.recovery_dir(src, root) and odd.name.endswith(".autosave.npz")
+
+
+def test_saved_mask_and_folder_are_fsynced(spleen, tmp_path, monkeypatch):
+    """The mask's bytes and its directory entry reach the disk before save returns."""
+    _, rec = spleen
+    synced = []
+    real_fsync = os.fsync
+
+    def spy(fd):
+        synced.append(os.fstat(fd).st_ino)
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    path = M.save_mask_version(rec, tmp_path)
+    assert path.stat().st_ino in synced  # the mask file itself (hard link of the temp file)
+    assert tmp_path.stat().st_ino in synced  # and the folder that now names it
+    prov = path.with_name("spleen_mask.v001.provenance.json")
+    assert prov.stat().st_ino in synced
+    assert synced.index(path.stat().st_ino) < len(synced) - 1  # before the final folder sync
+
+
 _CHILD = textwrap.dedent(
     """
     import sys, time

@@ -11,12 +11,16 @@ it was and no partial file behind.
 
 Recovery
 --------
-:class:`Autosaver` keeps the latest unsaved labels of one image in
-``<user data dir>/recovery/<image name>-<hash of its path>/autosave.npz`` (``$MEDSEG_RECOVERY_DIR``
-overrides the root). Each autosave replaces the previous one atomically (temporary file, fsync,
-rename), so a crash (even ``kill -9``) at any moment leaves the last completed autosave readable:
-at most one autosave interval of editing is lost. :func:`find_recovery` reads it back and
-:func:`clear_recovery` removes it once the mask is saved.
+:class:`Autosaver` keeps the latest unsaved labels of one Labels layer drawn on one image in
+``<user data dir>/recovery/<image name>-<hash of its path>/<layer name>-<hash>.autosave.npz``
+(``$MEDSEG_RECOVERY_DIR`` overrides the root; labels saved without a layer name use
+``autosave.npz`` in that folder). Recovery is keyed per layer: two edited layers of one image
+have two autosaves, and saving one never removes the other's. Each autosave replaces the
+previous one of the same layer atomically (temporary file, fsync, rename), so a crash (even
+``kill -9``) at any moment leaves the last completed autosave readable: at most one autosave
+interval of editing is lost. :func:`find_recoveries` lists an image's autosaves,
+:func:`find_recovery` reads one back and :func:`clear_recovery` removes one once its mask is
+saved (and flushed to disk: :func:`save_mask_version` fsyncs the mask and its folder first).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_medseg._files import is_temp_name, split_ext, temp_sibling, write_bytes
+from napari_medseg._files import fsync_dir, is_temp_name, split_ext, temp_sibling, write_bytes
 from napari_medseg.errors import ImageWriteError
 
 __all__ = [
@@ -45,13 +49,16 @@ __all__ = [
     "build_provenance",
     "clear_recovery",
     "correction_stats",
+    "find_recoveries",
     "find_recovery",
     "list_versions",
     "recovery_dir",
+    "recovery_path",
     "recovery_root",
     "save_mask_version",
     "sha256_of",
     "software_versions",
+    "user_name",
 ]
 
 MASK_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".tif", ".png")
@@ -219,7 +226,7 @@ def save_mask_version(
     folder, base, e = _target(dest, name or getattr(labels_record, "name", None), ext)
     if not folder.is_dir():
         raise ImageWriteError(f"cannot save the mask: folder {folder} does not exist.")
-    tmp = temp_sibling(folder / f"{base}{e}")  # mode from the umask, not mkstemp's 0600
+    tmp = temp_sibling(folder / f"{base}{e}")  # mode from the umask, not 0600
     try:
         try:
             write_image(tmp, labels_record, is_label=True, overwrite=True)
@@ -227,6 +234,7 @@ def save_mask_version(
             raise
         except Exception as err:  # noqa: BLE001 - one sentence for a person
             raise ImageWriteError(f"could not save the mask in {folder}: {err}") from err
+        _fsync_file(tmp)  # the data is on disk before any autosave of it may be deleted
         digest = sha256_of(tmp)
         existing = list_versions(folder, base)
         n = (_version_of(existing[-1]) if existing else 0) + 1
@@ -255,9 +263,11 @@ def save_mask_version(
             json.dumps(_jsonable(prov), indent=2).encode(),
         )
     except OSError as err:
+        fsync_dir(folder)
         raise ImageWriteError(
             f"saved {final.name} but could not write its provenance file: {err}"
         ) from err
+    fsync_dir(folder)  # the new names (mask and provenance) survive a crash too
     return final
 
 
@@ -400,12 +410,13 @@ def build_provenance(
         "classes": correction_stats(prediction, corrected, spacing, class_names),
         "compared_to": "model prediction" if prediction is not None else None,
         "software": software_versions(),
-        "user": _user(),
+        "user": user_name(),
         "saved_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
 
-def _user() -> str | None:
+def user_name() -> str | None:
+    """The login name of the person saving (None where the system has none)."""
     try:
         return getpass.getuser()
     except Exception:  # noqa: BLE001 - no user name in some containers
@@ -433,10 +444,37 @@ def _key(source: str | os.PathLike) -> str:
 
 
 def recovery_dir(source: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
-    """Folder holding the autosave of the image at ``source`` (a path, or any stable key)."""
+    """Folder holding the autosaves of the image at ``source`` (a path, or any stable key)."""
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(str(source)).name)[:40] or "image"
     base = Path(root) if root is not None else recovery_root()
     return base / f"{stem}-{_key(source)}"
+
+
+AUTOSAVE_FILE = "autosave.npz"
+LAYER_SUFFIX = ".autosave.npz"
+
+
+def recovery_path(
+    source: str | os.PathLike, layer: str | None = None, root: str | os.PathLike | None = None
+) -> Path:
+    """The autosave file of Labels layer ``layer`` drawn on the image at ``source``.
+
+    Parameters
+    ----------
+    source : path-like or str
+        The image's path (or a stable key such as ``"unsaved:name"``).
+    layer : str, optional
+        The Labels layer's name. None: the one slot for labels without a layer name
+        (``autosave.npz``).
+    root : path-like, optional
+        The recovery root (default :func:`recovery_root`).
+    """
+    folder = recovery_dir(source, root)
+    if layer is None:
+        return folder / AUTOSAVE_FILE
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", layer).strip("._")[:40] or "labels"
+    digest = hashlib.sha256(layer.encode()).hexdigest()[:12]
+    return folder / f"{safe}-{digest}{LAYER_SUFFIX}"
 
 
 @dataclass
@@ -461,30 +499,41 @@ class Recovery:
     path: Path
     saved_at: float
 
-
-AUTOSAVE_FILE = "autosave.npz"
+    @property
+    def layer(self) -> str | None:
+        """Name of the Labels layer that was autosaved (None when it had none)."""
+        name = self.meta.get("layer")
+        return str(name) if name else None
 
 
 class Autosaver:
-    """Atomic autosaves of one image's unsaved labels (see module docstring).
+    """Atomic autosaves of one Labels layer's unsaved labels (see module docstring).
 
     Parameters
     ----------
     source : path-like or str
         Path of the image the labels belong to (or a stable key such as ``"unsaved:name"``).
+    layer : str, optional
+        Name of the Labels layer: each layer of an image has its own autosave.
     root : path-like, optional
         The recovery root (default :func:`recovery_root`).
     """
 
-    def __init__(self, source: str | os.PathLike, root: str | os.PathLike | None = None) -> None:
+    def __init__(
+        self,
+        source: str | os.PathLike,
+        layer: str | None = None,
+        root: str | os.PathLike | None = None,
+    ) -> None:
         self.source = str(source)
+        self.layer = layer
         self.root = Path(root) if root is not None else None
         self.dir = recovery_dir(source, root)
         self.last_saved: float | None = None
 
     @property
     def path(self) -> Path:
-        return self.dir / AUTOSAVE_FILE
+        return recovery_path(self.source, self.layer, self.root)
 
     def save(self, labels: Any, meta: Mapping[str, Any] | None = None) -> Path:
         """Write ``labels`` (only the bounding box of non-zero voxels is stored) atomically."""
@@ -496,6 +545,8 @@ class Autosaver:
         box = bounding_box(nz) or tuple(slice(0, 0) for _ in arr.shape)
         now = time.time()
         info = {**dict(meta or {}), "source": self.source, "saved_at": now}
+        if self.layer is not None:
+            info["layer"] = self.layer
         buf = io.BytesIO()
         np.savez(
             buf,
@@ -505,35 +556,21 @@ class Autosaver:
             meta=np.frombuffer(json.dumps(_jsonable(info)).encode(), dtype=np.uint8),
         )
         _atomic_write_bytes(self.path, buf.getvalue())
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
         self.last_saved = now
         return self.path
 
     def clear(self) -> None:
-        """Remove the autosave (after the mask was saved for good)."""
-        clear_recovery(self.source, root=self.root)
+        """Remove this layer's autosave (after its mask was saved for good)."""
+        clear_recovery(self.source, self.layer, root=self.root)
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
 
 
-def find_recovery(
-    source: str | os.PathLike, root: str | os.PathLike | None = None
-) -> Recovery | None:
-    """The autosave of the image at ``source``, or None (also when unreadable)."""
-    path = recovery_dir(source, root) / AUTOSAVE_FILE
-    if not path.is_file():
-        return None
+def _read_recovery(path: Path) -> Recovery | None:
     try:
         with np.load(path, allow_pickle=False) as z:
             shape = tuple(int(s) for s in z["shape"])
@@ -542,19 +579,60 @@ def find_recovery(
             meta = json.loads(bytes(z["meta"]).decode())
         labels = np.zeros(shape, dtype=crop.dtype)
         labels[tuple(slice(o, o + n) for o, n in zip(offset, crop.shape))] = crop
+        saved_at = float(meta.get("saved_at", path.stat().st_mtime))
     except Exception:  # noqa: BLE001 - a damaged autosave is no autosave
         return None
-    return Recovery(labels, meta, path, float(meta.get("saved_at", path.stat().st_mtime)))
+    return Recovery(labels, meta, path, saved_at)
 
 
-def clear_recovery(source: str | os.PathLike, root: str | os.PathLike | None = None) -> None:
-    """Delete the autosave of ``source`` (nothing happens when there is none)."""
+def find_recovery(
+    source: str | os.PathLike,
+    layer: str | None = None,
+    root: str | os.PathLike | None = None,
+) -> Recovery | None:
+    """The autosave of layer ``layer`` of the image at ``source``, or None (also when unreadable).
+
+    ``layer=None`` reads the slot of labels saved without a layer name; use
+    :func:`find_recoveries` for every layer's autosave.
+    """
+    path = recovery_path(source, layer, root)
+    if not path.is_file():
+        return None
+    return _read_recovery(path)
+
+
+def find_recoveries(
+    source: str | os.PathLike, root: str | os.PathLike | None = None
+) -> list[Recovery]:
+    """Every readable autosave of the image at ``source`` (one per layer), oldest first."""
     folder = recovery_dir(source, root)
-    (folder / AUTOSAVE_FILE).unlink(missing_ok=True)
-    for f in folder.glob(".*"):
-        if is_temp_name(f.name):  # left by a crash mid-autosave (napari_medseg._files names)
+    if not folder.is_dir():
+        return []
+    found = []
+    for f in sorted(folder.glob("*.npz")):
+        if f.name.startswith(".") or not f.is_file():
+            continue
+        rec = _read_recovery(f)
+        if rec is not None:
+            found.append(rec)
+    return sorted(found, key=lambda r: r.saved_at)
+
+
+def clear_recovery(
+    source: str | os.PathLike,
+    layer: str | None = None,
+    root: str | os.PathLike | None = None,
+) -> None:
+    """Delete the autosave of layer ``layer`` of ``source`` (nothing happens when there is none).
+
+    Other layers' autosaves of the same image are kept.
+    """
+    path = recovery_path(source, layer, root)
+    path.unlink(missing_ok=True)
+    for f in path.parent.glob(f".{split_ext(path)[0]}.*"):  # left by a crash mid-autosave
+        if is_temp_name(f.name):  # napari_medseg._files temporary names
             f.unlink(missing_ok=True)
     try:
-        folder.rmdir()
+        path.parent.rmdir()  # only when no other layer's autosave is left
     except OSError:
         pass

@@ -8,7 +8,10 @@
       corrected/     CASE.v001.nii.gz, CASE.v001.provenance.json, CASE.v002...: saved versions
       status.json    {"cases": {"CASE": {"status": "to do" | "corrected" | "approved", ...}}}
 
-The status file is rewritten atomically on every change. A case without an entry is "to do";
+The status file is rewritten atomically on every change, as a locked read-modify-write: the
+lock is ``status.json.lock`` beside it (an OS file lock, ``flock`` on POSIX and ``msvcrt.locking``
+on Windows, released by the OS when a process dies), so several people or processes updating one
+worklist never lose each other's changes. A case without an entry is "to do";
 saving a correction with :meth:`Worklist.save_corrected` marks it "corrected"; a reviewer marks
 it "approved". :meth:`Worklist.export_dataset` turns the corrected cases into an nnU-Net-layout
 dataset for fine-tuning (:func:`napari_medseg.training.segment.train`).
@@ -20,27 +23,109 @@ import datetime as _dt
 import json
 import os
 import shutil
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from napari_medseg._files import write_bytes
 from napari_medseg.core.correct.mask_store import (
-    _user,
     list_versions,
     save_mask_version,
+    user_name,
 )
 from napari_medseg.errors import MedsegError
 
-__all__ = ["STATUSES", "Case", "Worklist", "WorklistError"]
+__all__ = ["STATUSES", "Case", "StatusNotSavedError", "Worklist", "WorklistError"]
 
 STATUSES = ("to do", "corrected", "approved")
 IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".tif", ".tiff")
+LOCK_TIMEOUT_S = 30.0
 
 
 class WorklistError(MedsegError):
     """A worklist folder or case that cannot be used (one sentence for a person)."""
+
+
+class StatusNotSavedError(WorklistError):
+    """The corrected mask was saved, but the case's status could not be updated.
+
+    Attributes
+    ----------
+    path : pathlib.Path
+        The mask version that was saved.
+    """
+
+    def __init__(self, message: str, path: Path) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+@contextmanager
+def file_lock(path: Path, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Hold an exclusive OS lock on the file ``path`` (created if missing) while in the block.
+
+    ``flock`` on POSIX, ``msvcrt.locking`` on Windows: the OS releases it when the process
+    ends, even by ``kill -9``, so a crash never leaves the worklist locked. The file is kept
+    (removing it would let two processes lock two different files). Raises
+    :class:`WorklistError` after ``timeout`` seconds of waiting.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask decides who may share it
+    except PermissionError:
+        try:  # another user's lock file we may only read: flock works on it all the same
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise WorklistError(f"cannot lock the worklist status ({path}): {e}.") from e
+    except OSError as e:
+        raise WorklistError(f"cannot lock the worklist status ({path}): {e}.") from e
+    try:
+        deadline = time.monotonic() + timeout
+        while not _try_lock(fd):
+            if time.monotonic() > deadline:
+                raise WorklistError(
+                    f"the worklist status is locked by another program for over {timeout:.0f} s "
+                    f"({path}); try again."
+                )
+            time.sleep(0.01)
+        try:
+            yield
+        finally:
+            _unlock(fd)
+    finally:
+        os.close(fd)
+
+
+def _try_lock(fd: int) -> bool:
+    if os.name == "nt":
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):
+        return False
+    return True
+
+
+def _unlock(fd: int) -> None:
+    if os.name == "nt":
+        import msvcrt
+
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+        return
+    import fcntl
+
+    fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 def _split(name: str) -> tuple[str, str] | None:
@@ -129,6 +214,11 @@ class Worklist:
     def status_path(self) -> Path:
         return self.folder / "status.json"
 
+    @property
+    def lock_path(self) -> Path:
+        """The lock file of the status (``status.json.lock``)."""
+        return self.folder / "status.json.lock"
+
     def _read_status(self) -> dict[str, dict]:
         if not self.status_path.exists():
             return {}
@@ -201,22 +291,50 @@ class Worklist:
                 return c
         return None
 
-    def set_status(self, name: str, status: str, note: str | None = None) -> None:
-        """Set a case's status (``"to do"``, ``"corrected"`` or ``"approved"``)."""
+    def set_status(
+        self,
+        name: str,
+        status: str,
+        note: str | None = None,
+        *,
+        unless: Iterable[str] = (),
+    ) -> bool:
+        """Set a case's status (``"to do"``, ``"corrected"`` or ``"approved"``).
+
+        The read-modify-write of ``status.json`` holds the worklist's lock, so concurrent
+        updates from other processes are never lost.
+
+        Parameters
+        ----------
+        name, status : str
+        note : str, optional
+        unless : iterable of str
+            Leave the case as it is when its current status is one of these (checked under
+            the lock), e.g. ``("approved",)``.
+
+        Returns
+        -------
+        bool
+            Whether the status was written.
+        """
         if status not in STATUSES:
             raise WorklistError(f"status must be one of {', '.join(STATUSES)}, not {status!r}.")
         self.case(name)  # raises for an unknown case
-        cases = self._read_status()
-        entry = dict(cases.get(name) or {})
-        entry.update(
-            status=status,
-            updated=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            user=_user(),
-        )
-        if note is not None:
-            entry["note"] = note
-        cases[name] = entry
-        self._write_status(cases)
+        with file_lock(self.lock_path):
+            cases = self._read_status()
+            entry = dict(cases.get(name) or {})
+            if entry.get("status", "to do") in set(unless):
+                return False
+            entry.update(
+                status=status,
+                updated=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                user=user_name(),
+            )
+            if note is not None:
+                entry["note"] = note
+            cases[name] = entry
+            self._write_status(cases)
+        return True
 
     def summary(self) -> dict[str, int]:
         """Number of cases per status."""
@@ -228,12 +346,19 @@ class Worklist:
     def save_corrected(
         self, name: str, labels_record: Any, provenance: Mapping[str, Any] | None = None
     ) -> Path:
-        """Save a corrected mask as the case's next version and mark the case "corrected"."""
+        """Save a corrected mask as the case's next version and mark the case "corrected".
+
+        An approved case stays approved. Raises :class:`StatusNotSavedError` (with the saved
+        file as ``.path``) when the mask was saved but the status could not be written.
+        """
         self.case(name)
         path = save_mask_version(labels_record, self.folder / "corrected", provenance, name=name)
-        current = self.case(name).status
-        if current != "approved":
-            self.set_status(name, "corrected")
+        try:
+            self.set_status(name, "corrected", unless=("approved",))
+        except (WorklistError, OSError) as e:
+            raise StatusNotSavedError(
+                f"saved {path.name}, but the case status was not updated: {e}", path
+            ) from e
         return path
 
     # ------------------------------------------------------------------ training data

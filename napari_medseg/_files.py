@@ -36,6 +36,7 @@ __all__ = [
     "atomic_path",
     "fsync_dir",
     "is_temp_name",
+    "provenance_path",
     "split_ext",
     "temp_sibling",
     "write_bytes",
@@ -80,6 +81,17 @@ def split_ext(path: str | os.PathLike) -> tuple[str, str]:
             return name[: -len(ext)], ext
     stem, ext = os.path.splitext(name)
     return stem, ext.lower()
+
+
+def provenance_path(output: str | os.PathLike) -> Path:
+    """The provenance sidecar of an output file or folder: its whole name + ``.provenance.json``.
+
+    ``out/s2.nii.gz`` -> ``out/s2.nii.gz.provenance.json``; ``res.zarr`` ->
+    ``res.zarr.provenance.json``. Keyed by the whole name, so ``s2.nii.gz`` and ``s2.nrrd`` in
+    one folder keep their own sidecars.
+    """
+    p = Path(output)
+    return p.with_name(f"{p.name.rstrip('/')}.provenance.json")
 
 
 def is_temp_name(name: str) -> bool:

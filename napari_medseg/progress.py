@@ -1,4 +1,4 @@
-"""Progress protocol of long work (DESIGN.md rule 2: long work is a generator).
+"""Progress protocol of long work (docs/ARCHITECTURE.md rule 2: long work is a generator).
 
 Every long operation is a generator that yields :class:`Progress` records and *returns* its
 result (``return result`` inside the generator, i.e. ``StopIteration.value``). It does a bounded

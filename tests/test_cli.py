@@ -74,7 +74,7 @@ def test_segment_writes_on_input_grid_with_provenance(ct_crop, tmp_path, capsys)
     assert seg.shape == src.shape
     np.testing.assert_allclose(seg.affine, src.affine, atol=1e-4)
     assert np.issubdtype(seg.get_data_dtype(), np.integer)
-    prov = json.loads((tmp_path / "seg.provenance.json").read_text())
+    prov = json.loads((tmp_path / "seg.nii.gz.provenance.json").read_text())
     assert prov["input"] == str(ct_crop) and len(prov["input_sha256"]) == 64
     assert prov["model"]["name"] == "tiny_ct"
     # never overwrite without --overwrite

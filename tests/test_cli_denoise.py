@@ -60,7 +60,7 @@ def test_classical_keeps_grid_dtype_and_writes_provenance(tmp_path):
         np.abs(np.diff(data.astype(float), axis=1)).mean()
         < np.abs(np.diff(noisy.astype(float), axis=1)).mean()
     )
-    prov = json.loads((tmp_path / "out.provenance.json").read_text())
+    prov = json.loads((tmp_path / "out.tif.provenance.json").read_text())
     assert prov["method"] == "nlmeans" and prov["noise_sigma"] > 0
     with pytest.raises(MedsegError, match="--overwrite"):
         _run(["denoise", str(tmp_path / "in.tif"), "-o", str(out), "--method", "tv", "--quiet"])
@@ -108,7 +108,7 @@ def test_n2v2_saves_a_model_that_another_image_reuses(tmp_path):
         )
         == 0
     )
-    prov = json.loads((tmp_path / "b_dn.provenance.json").read_text())
+    prov = json.loads((tmp_path / "b_dn.nii.gz.provenance.json").read_text())
     assert prov["network"]["reused"] is True and prov["model"] == str(model)
     out = read_image(tmp_path / "b_dn.nii.gz")[0]
     assert out.spatial_shape[:2] == (48, 61)
@@ -178,8 +178,8 @@ def test_folder_trains_once_on_all_images(tmp_path):
         "a_denoised.tif",
         "b_denoised.tif",
     ]
-    pa = json.loads((tmp_path / "out" / "a_denoised.provenance.json").read_text())
-    pb = json.loads((tmp_path / "out" / "b_denoised.provenance.json").read_text())
+    pa = json.loads((tmp_path / "out" / "a_denoised.tif.provenance.json").read_text())
+    pb = json.loads((tmp_path / "out" / "b_denoised.tif.provenance.json").read_text())
     assert pa["network"]["training"]["n_images"] == 2 and pb["network"]["reused"] is True
 
 

@@ -43,7 +43,7 @@ def test_csv_then_geojson_and_no_overwrite(nuclei_tif, tmp_path, capsys):
     assert {"score", "class", "y", "x", "world_y", "world_x"} <= set(table.columns)
     assert (table.score >= 0.5).all()
     assert "wrote" in capsys.readouterr().err
-    prov = json.loads((tmp_path / "det.provenance.json").read_text())
+    prov = json.loads((tmp_path / "det.csv.provenance.json").read_text())
     assert prov["model"]["name"] == "fluo_nuclei_2d" and prov["n_written"] == len(table)
     before = out.read_bytes()
     with pytest.raises(MedsegError, match="overwrite"):
@@ -132,7 +132,7 @@ def test_detect_on_a_fluorescence_slide_with_the_builtin_model(tmp_path, capsys)
     # the 512x512 image holds 125 manually outlined nuclei; the slide is 1.95 copies of it
     assert 0.7 * 125 * 1.95 < len(t) < 1.3 * 125 * 1.95, len(t)
     assert (t.score >= 0.5).all() and t.y.between(0, 640).all() and t.x.between(0, 800).all()
-    prov = json.loads((tmp_path / "nuclei.provenance.json").read_text())
+    prov = json.loads((tmp_path / "nuclei.geojson.provenance.json").read_text())
     assert prov["model"]["name"] == "fluo_nuclei_2d" and prov["tiles_done"] == 6
     assert prov["parameters"]["level"] == 0 and prov["n_written"] == len(t)
     assert main([*args, "-o", str(gj), "--quiet"]) == 1  # exists, no --overwrite

@@ -35,7 +35,7 @@ def test_segment_slide_to_ome_zarr(tmp_path, capsys):
     levels = open_result(out)
     assert levels[0].shape == (2100, 1700) and levels[0].chunksize == (256, 256)
     assert len(levels) >= 3 and levels[0].compute().any()
-    prov = json.loads((tmp_path / "slide_seg.provenance.json").read_text())
+    prov = json.loads((tmp_path / "slide_seg.zarr.provenance.json").read_text())
     assert prov["model"]["name"] == "tiny_rgb" and prov["parameters"]["tile"] == 256
     assert 0 < prov["tiles_done"] == prov["tiles_total"]
     # existing output without --overwrite, and a slide with a non-zarr output: one-line errors
@@ -70,7 +70,7 @@ def test_segment_slide_to_ome_tiff_and_alongside_zarr(tmp_path):
     out = tmp_path / "labels.ome.tif"
     assert main([*base, "-o", str(out)]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["slide.tif", "tiny_rgb", "labels.ome.tif", "labels.provenance.json"]
+        ["slide.tif", "tiny_rgb", "labels.ome.tif", "labels.ome.tif.provenance.json"]
     )
     rec = read_slide(out)
     assert rec.data.shape == (1100, 900) and rec.metadata["mpp"] == 0.25
@@ -82,6 +82,6 @@ def test_segment_slide_to_ome_tiff_and_alongside_zarr(tmp_path):
     assert l0.any()
     np.testing.assert_array_equal(tifffile.imread(tif), l0)
     np.testing.assert_array_equal(rec.data.compute(), l0)  # same model, same slide
-    prov = json.loads((tmp_path / "seg.provenance.json").read_text())
+    prov = json.loads((tmp_path / "seg.zarr.provenance.json").read_text())
     assert prov["ome_tiff"] == str(tif)
     assert main([*base, "-o", str(out)]) == 1  # exists, no --overwrite

@@ -4,7 +4,7 @@
 [--model M] [--time-budget SECONDS] [--axis A] [--save-model DIR]``
 
 OUT lies on IMAGE's grid with its geometry, dtype and value range; a provenance JSON
-(``<OUT stem>.provenance.json``) is written beside it. IMAGE may be a folder of images: one
+(OUT's name + ``.provenance.json``) is written beside it. IMAGE may be a folder of images: one
 network is trained on all of them and OUT is a folder of ``<image>_denoised<ext>`` files.
 """
 
@@ -14,6 +14,13 @@ import argparse
 import sys
 from pathlib import Path
 from typing import Any
+
+from napari_medseg.cli._common import (
+    check_image_outputs,
+    check_outputs,
+    number,
+    provenance_path,
+)
 
 __all__ = ["add_parser", "run_denoise"]
 
@@ -45,15 +52,17 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--time-budget",
-        type=float,
+        type=number(float, 0),
         default=DEFAULT_TIME_BUDGET,
         help=f"seconds of training for n2v/n2v2 (default {DEFAULT_TIME_BUDGET:g}: a 512x512 "
-        "image in about two minutes on 2 CPU cores)",
+        "image in about two minutes on 2 CPU cores; 0: no time limit, with --max-steps)",
     )
-    p.add_argument("--max-steps", type=int, default=None, help="stop training after N steps")
+    p.add_argument(
+        "--max-steps", type=number(int, 1), default=None, help="stop training after N steps"
+    )
     p.add_argument(
         "--axis",
-        type=int,
+        type=number(int, 0),
         default=None,
         help="frame (time) axis of 4D data, in the file's axis order (NIfTI: 3); each frame is "
         "denoised and n2v trains one network on all frames",
@@ -68,7 +77,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--save-model", metavar="DIR", help="save the trained denoiser as a model folder"
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=number(int, 0), default=0)
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument(
         "--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="compute device"
@@ -117,15 +126,26 @@ def run_denoise(args: argparse.Namespace) -> int:
     out = Path(args.output).expanduser()
     jobs = _jobs(src, out)
     batch = len(jobs) > 1 or jobs[0][0] != src
-    for _, dest in jobs:
-        if dest.exists() and not args.overwrite:
-            raise ImageWriteError(f"{dest} exists; pass --overwrite to replace it.")
-    if args.save_model:
-        sm = Path(args.save_model).expanduser()
-        if sm.exists() and any(sm.iterdir()) and not args.overwrite:
-            raise MedsegError(f"{sm} exists and is not empty; pass --overwrite to replace it.")
-        if args.model or args.method not in ("n2v", "n2v2"):
-            raise MedsegError("--save-model needs a trained method: use --method n2v2 or n2v")
+    if args.time_budget == 0 and args.max_steps is None and not args.model:
+        if args.method in ("n2v", "n2v2"):
+            raise MedsegError("--time-budget 0 (no time limit) needs --max-steps")
+    sm = Path(args.save_model).expanduser() if args.save_model else None
+    if sm is not None and (args.model or args.method not in ("n2v", "n2v2")):
+        raise MedsegError("--save-model needs a trained method: use --method n2v2 or n2v")
+    model_in = Path(args.model).expanduser() if args.model else None
+    if not batch:
+        check_image_outputs(out)
+    empty_dir = sm is not None and sm.is_dir() and not any(sm.iterdir())
+    check_outputs(
+        [p for _, dest in jobs for p in (dest, provenance_path(dest))]
+        + [None if empty_dir else sm],
+        [src, *(f for f, _ in jobs), model_in if model_in and model_in.exists() else None],
+        overwrite=args.overwrite,
+        folders=[sm] if sm is not None else (),
+        created=[out] if batch else (),
+    )
+    if batch and out.exists() and not out.is_dir():
+        raise ImageWriteError(f"{out} is a file; a folder of images is denoised into a folder.")
     records = []
     for path, _ in jobs:
         recs = read_image(path, series=0)  # only the series used is decoded
@@ -183,7 +203,7 @@ def run_denoise(args: argparse.Namespace) -> int:
             prov["model_saved_to"] = str(Path(args.save_model).expanduser())
         if args.model:
             prov["model"] = str(args.model)
-        from napari_medseg.cli._common import provenance_path, write_json_atomic
+        from napari_medseg.cli._common import write_json_atomic
 
         prov_path = provenance_path(written)
         write_json_atomic(prov_path, prov)

@@ -10,7 +10,7 @@ foreground is split into objects by a distance watershed, or a detection model),
 ``classical`` (Gaussian + Otsu + watershed, no network; ``--dark-objects`` for dark nuclei on a
 bright background, e.g. haematoxylin in H&E). The CSV has one row per object (columns in
 :mod:`napari_medseg.core.detect.detection`); GeoJSON follows QuPath's convention (2D only). A
-provenance JSON is written beside OUT.
+provenance JSON (OUT's name + ``.provenance.json``) is written beside OUT.
 
 When IMAGE is a whole slide (:func:`napari_medseg.io.raster.is_slide`) it is searched tile by tile
 (:func:`napari_medseg.core.slides.detect.detect_slide`): tissue tiles only, each with a margin,
@@ -24,6 +24,8 @@ import argparse
 import sys
 from pathlib import Path
 from typing import Any
+
+from napari_medseg.cli._common import check_outputs, number, provenance_path
 
 __all__ = ["add_parser", "run_detect"]
 
@@ -46,24 +48,27 @@ def add_parser(sub: Any) -> None:
     p.add_argument("-m", "--model", required=True, help="model name, folder, or 'classical'")
     p.add_argument("-o", "--output", required=True, help="output .csv or .geojson")
     p.add_argument(
-        "--threshold", type=float, default=0.5, help="keep objects with score >= T (0.5)"
+        "--threshold",
+        type=number(float, 0, 1),
+        default=0.5,
+        help="keep objects with score >= T (0.5)",
     )
     p.add_argument(
         "--min-size",
-        type=float,
+        type=number(float, 0),
         default=0.0,
         help="keep objects with area >= S pixels (2D) or volume >= S mm^3 (3D)",
     )
     p.add_argument(
         "--nms-iou",
-        type=float,
+        type=number(float, 0, 1, lo_open=True),
         default=0.5,
         help="drop boxes overlapping a better one above I (default 0.5, as the Detect dock; "
         "1 turns it off)",
     )
     p.add_argument(
         "--min-distance",
-        type=float,
+        type=number(float, 0, lo_open=True),
         default=None,
         help="smallest distance between two object centres (px in 2D, mm in 3D; default 4 voxels)",
     )
@@ -85,20 +90,23 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--quiet", action="store_true", help="no progress or summary on stderr")
     g = p.add_argument_group("whole slides (IMAGE is a pyramidal or large tiled TIFF)")
-    g.add_argument("--tile", type=int, default=1024, help="tile side in pixels (1024)")
+    g.add_argument("--tile", type=number(int, 16), default=1024, help="tile side in pixels (1024)")
     g.add_argument(
-        "--margin", type=int, default=64, help="context around each tile, > object size (64)"
+        "--margin",
+        type=number(int, 0),
+        default=64,
+        help="context around each tile, > object size (64)",
     )
     g.add_argument("--all-tiles", action="store_true", help="also search background (glass)")
     g.add_argument(
         "--level",
-        type=int,
+        type=number(int, 0),
         default=None,
         help="pyramid level to search (default: from the model's spacing and the slide's mpp)",
     )
     g.add_argument(
         "--border-iou",
-        type=float,
+        type=number(float, 0, 1, lo_open=True),
         default=0.5,
         help="drop an object found again by a neighbouring tile above this box IoU (0.5)",
     )
@@ -123,10 +131,14 @@ def run_detect(args: argparse.Namespace) -> int:
     out = Path(args.output).expanduser()
     if out.suffix.lower() not in (".csv", ".geojson", ".json"):
         raise ImageWriteError(f"cannot write detections to {out.name}: use .csv or .geojson")
-    if out.exists() and not args.overwrite:
-        raise ImageWriteError(f"{out} exists; pass --overwrite to replace it.")
     _check_threshold(args.threshold)
     src = Path(args.image).expanduser()
+    model_path = Path(args.model).expanduser()
+    check_outputs(
+        [out, provenance_path(out)],
+        [src, model_path if args.model != "classical" and model_path.exists() else None],
+        overwrite=args.overwrite,
+    )
     from napari_medseg.io.raster import is_slide
 
     if src.is_file() and is_slide(src):
@@ -167,7 +179,7 @@ def run_detect(args: argparse.Namespace) -> int:
         class_colors=result.class_colors,
         overwrite=True,
     )
-    from napari_medseg.cli._common import provenance_path, write_json_atomic
+    from napari_medseg.cli._common import write_json_atomic
 
     prov = dict(result.provenance)
     prov.update(
@@ -211,13 +223,10 @@ def _run_detect_slide(args: argparse.Namespace, src: Path, out: Path) -> int:
     """``detect`` on a whole slide: :func:`napari_medseg.core.slides.detect.detect_slide`."""
     import functools
 
-    from napari_medseg.cli._common import provenance_path, write_json_atomic
+    from napari_medseg.cli._common import write_json_atomic
     from napari_medseg.core.detect.classical import detect_classical
-    from napari_medseg.core.slides.detect import (
-        detect_slide,
-        detect_slide_dask,
-        write_slide_detections,
-    )
+    from napari_medseg.core.slides.detect import detect_slide
+    from napari_medseg.core.slides.export import write_slide_detections
     from napari_medseg.io.raster import read_slide
     from napari_medseg.progress import TextProgress, run_sync
 
@@ -242,7 +251,7 @@ def _run_detect_slide(args: argparse.Namespace, src: Path, out: Path) -> int:
         if not classical:
             _load_detection_model(ref)  # fail here, in one sentence, not on the workers
         device = args.device if args.device != "auto" else "cpu"
-        gen = detect_slide_dask(src, ref, scheduler=args.scheduler, device=device, **opts)
+        gen = detect_slide(src, ref, scheduler=args.scheduler, device=device, **opts)
     else:
         if classical:
             detector: Any = functools.partial(

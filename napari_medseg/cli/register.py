@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from napari_medseg.cli._common import check_image_outputs, check_outputs, number
+
 
 def add_parser(sub: Any) -> None:
     """Add the ``register`` subcommand to an argparse subparsers object."""
@@ -45,15 +47,18 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--regularization",
-        type=float,
+        type=number(float, 0),
         default=0.3,
         help="deformation smoothness weight (default 0.3)",
     )
     p.add_argument("--regularizer", choices=["diffusion", "bending"], default="diffusion")
     p.add_argument(
-        "--iterations", type=int, default=100, help="iterations at the coarsest level (default 100)"
+        "--iterations",
+        type=number(int, 1),
+        default=100,
+        help="iterations at the coarsest level (default 100)",
     )
-    p.add_argument("--levels", type=int, default=3, help="pyramid levels (default 3)")
+    p.add_argument("--levels", type=number(int, 1), default=3, help="pyramid levels (default 3)")
     p.add_argument(
         "--init",
         choices=["identity", "com", "geometry"],
@@ -90,16 +95,47 @@ def _first(path: str, what: str) -> Any:
     return record
 
 
+def _check_labels(labels: Any, path: str) -> None:
+    """Refuse a label map that is not one (non-integer values) before anything is written."""
+    import numpy as np
+
+    from napari_medseg.errors import MedsegError
+
+    data = np.asarray(labels.data)
+    if data.dtype == bool or np.issubdtype(data.dtype, np.integer):
+        return
+    if not np.issubdtype(data.dtype, np.number) or not np.all(np.isfinite(data)):
+        raise MedsegError(f"--labels {path} holds values that are not label numbers (NaN or text).")
+    if not np.all(data == np.round(data)):
+        raise MedsegError(
+            f"--labels {path} holds non-integer values (a probability or intensity image?); "
+            "give a label map"
+        )
+
+
+def _transform_files(path: Path, fixed: Any, mode: str) -> list[Path]:
+    """The files ``save_transform`` writes for stem ``path`` (see its docstring)."""
+    stem = path.with_suffix("") if path.suffix.lower() in (".json", ".tfm") else path
+    itk = fixed.space == "RAS" and fixed.spatial_ndim == 3
+    files = [stem.with_name(stem.name + ".json")]
+    if itk:
+        files.append(stem.with_name(stem.name + ".tfm"))
+    if mode == "deformable":
+        ext = ".nii.gz" if itk else ".npy"
+        files.append(stem.with_name(f"{stem.name}_displacement{ext}"))
+    return files
+
+
 def _register(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from napari_medseg.core.register.optimise import RegistrationOptions, register
-    from napari_medseg.core.register.transform_io import (
+    from napari_medseg.core.register.registration import (
+        RegistrationOptions,
         read_points_csv,
-        save_transform,
+        register,
         write_points_csv,
     )
-    from napari_medseg.errors import ImageWriteError, MedsegError
+    from napari_medseg.errors import MedsegError
     from napari_medseg.io import write_image
     from napari_medseg.io.record import ImageRecord
     from napari_medseg.progress import TextProgress, run_sync
@@ -108,10 +144,12 @@ def _register(args: argparse.Namespace) -> int:
         raise MedsegError("--labels and --labels-out go together; give both or neither.")
     if bool(args.points) != bool(args.points_out):
         raise MedsegError("--points and --points-out go together; give both or neither.")
+    inputs = [args.fixed, args.moving, args.labels, args.fixed_mask, args.moving_mask, args.points]
     outputs = [args.output, args.labels_out, args.points_out, args.jacobian]
-    for out in outputs:
-        if out and Path(out).expanduser().exists() and not args.overwrite:
-            raise ImageWriteError(f"{out} exists; pass --overwrite to replace it.")
+    check_image_outputs(
+        *(Path(o).expanduser() for o in (args.output, args.labels_out, args.jacobian) if o)
+    )
+    check_outputs([Path(o).expanduser() for o in outputs if o], inputs, overwrite=args.overwrite)
     fixed = _first(args.fixed, "the fixed image")
     moving = _first(args.moving, "the moving image")
     labels = _first(args.labels, "the labels") if args.labels else None
@@ -120,6 +158,15 @@ def _register(args: argparse.Namespace) -> int:
         np.asarray(_first(args.moving_mask, "the moving mask").data) if args.moving_mask else None
     )
     points = read_points_csv(args.points, fixed.spatial_ndim) if args.points else None
+    if labels is not None:
+        _check_labels(labels, args.labels)
+    if args.save_transform:  # every file save_transform writes, known once FIXED is read
+        check_outputs(
+            [Path(o).expanduser() for o in outputs if o]
+            + _transform_files(Path(args.save_transform).expanduser(), fixed, args.mode),
+            inputs,
+            overwrite=args.overwrite,
+        )
     opts = RegistrationOptions(
         mode=args.mode,
         similarity=args.similarity,
@@ -192,7 +239,7 @@ def _register(args: argparse.Namespace) -> int:
             )
         )
     if args.save_transform:
-        written += save_transform(result.transform, Path(args.save_transform).expanduser())
+        written += result.transform.save(Path(args.save_transform).expanduser())
     if not args.quiet:
         fold = (
             f", folding {100 * result.folding_fraction:.3f}% of voxels"

@@ -8,7 +8,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from napari_medseg.cli._common import add_common, check_output, user_path
+from napari_medseg.cli._common import (
+    add_common,
+    check_image_outputs,
+    check_outputs,
+    number,
+    provenance_path,
+    user_path,
+)
 
 
 def add_parser(sub: Any) -> None:
@@ -16,7 +23,7 @@ def add_parser(sub: Any) -> None:
         "segment",
         help="segment an image (or a folder of images) with a model",
         description="Write OUT on IMAGE's own voxel grid and geometry (same shape and affine), "
-        "and OUT's provenance as JSON beside it (OUT stem + .provenance.json). IMAGE may be a "
+        "and OUT's provenance as JSON beside it (OUT's name + .provenance.json). IMAGE may be a "
         "folder of images: OUT is then a folder and each output is named <image>_seg.nii.gz "
         "(<image>_seg.tif for 2D PNG/JPEG/TIFF images); --scheduler runs such a batch on dask.",
     )
@@ -37,11 +44,11 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--overlap",
-        type=float,
+        type=number(float, 0, 0.9),
         default=None,
         help="sliding-window overlap 0..0.9 (default: the model card's)",
     )
-    p.add_argument("--batch-size", type=int, default=4, help="windows per batch")
+    p.add_argument("--batch-size", type=number(int, 1), default=4, help="windows per batch")
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
     p.add_argument(
         "--probabilities",
@@ -97,7 +104,6 @@ def _segment(args: argparse.Namespace) -> int:
         for f in src.iterdir()
     )
     if batch:
-        out.mkdir(parents=True, exist_ok=True)
         inputs = sorted(
             f for f in src.iterdir() if f.is_file() and split_ext(f)[1] in SUPPORTED_EXTENSIONS
         )
@@ -108,8 +114,22 @@ def _segment(args: argparse.Namespace) -> int:
         ]
     else:
         jobs = [(src, out)]
-    for _, dest in jobs:
-        check_output(dest, args.overwrite)
+    prob = user_path(args.probabilities) if args.probabilities else None
+    if prob is not None and len(jobs) > 1:
+        raise MedsegError("--probabilities writes one file: it needs a single input image")
+    if not batch:
+        check_image_outputs(out, prob)
+    model_path = user_path(args.model)
+    check_outputs(
+        [p for _, dest in jobs for p in (dest, provenance_path(dest))] + [prob],
+        [src, *(f for f, _ in jobs), model_path if model_path.exists() else None],
+        overwrite=args.overwrite,
+        created=[out] if batch else (),
+    )
+    if batch:
+        if out.exists() and not out.is_dir():
+            raise MedsegError(f"{out} is a file; batch mode writes into a folder.")
+        out.mkdir(parents=True, exist_ok=True)
     from napari_medseg.core.engine.windows import resolve_device
     from napari_medseg.core.segment.batch import segment_batch
 
@@ -123,8 +143,6 @@ def _segment(args: argparse.Namespace) -> int:
         compile=args.compile,
     )
     if args.scheduler and len(jobs) > 1:
-        if args.probabilities:
-            raise MedsegError("--probabilities writes one file: it needs a single input image")
         load_model(args.model, device="cpu", trust_bundle=args.trust_bundle)  # fail early
         provs = run_sync(
             segment_batch(jobs, args.model, scheduler=args.scheduler, **opts),
@@ -144,7 +162,7 @@ def _segment(args: argparse.Namespace) -> int:
                     image_path,
                     dest,
                     model,
-                    probabilities=user_path(args.probabilities) if args.probabilities else None,
+                    probabilities=prob,
                     **opts,
                 ),
                 TextProgress(quiet=args.quiet),

@@ -6,7 +6,10 @@
 
 Used when SLIDE is a pyramidal/large tiled TIFF (:func:`napari_medseg.io.raster.is_slide`) or
 OUT ends with ``.zarr``. Writes OME-Zarr multiscale labels (level 0 on the slide's full
-resolution grid, see :mod:`napari_medseg.core.slides.export`) and ``OUT.provenance.json`` beside it.
+resolution grid, see :mod:`napari_medseg.core.slides.export`) and ``OUT.provenance.json`` beside it
+(OUT's whole name + ``.provenance.json``). The Zarr is written under a temporary name beside OUT
+and put in OUT's place only when the run succeeds: with ``--overwrite`` a failing or interrupted
+run leaves the previous result as it was.
 With ``-o OUT.ome.tif`` (or ``.tif``/``.tiff``) the labels go to a temporary Zarr beside OUT,
 are exported as a tiled, pyramidal OME-TIFF (:func:`napari_medseg.core.slides.export.
 export_labels_ome_tiff`) and the Zarr is removed; ``--export-ome-tiff FILE`` keeps the Zarr
@@ -18,12 +21,20 @@ LocalCluster (2 workers), ``--scheduler tcp://...`` uses an existing dask schedu
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
-from napari_medseg._files import split_ext
+from napari_medseg._files import atomic_dir, temp_sibling
+from napari_medseg.cli._common import (
+    check_outputs,
+    number,
+    provenance_path,
+    user_path,
+    write_json_atomic,
+)
 
 __all__ = ["add_options", "is_slide_job", "run_segment_slide"]
 
@@ -37,12 +48,16 @@ def _is_tiff(path: Path) -> bool:
 def add_options(p: argparse.ArgumentParser) -> None:
     """Slide options of ``segment`` (ignored for ordinary images)."""
     g = p.add_argument_group("whole slides (SLIDE is a pyramidal TIFF or OUT ends with .zarr)")
-    g.add_argument("--tile", type=int, default=512, help="output tile side in pixels (512)")
-    g.add_argument("--margin", type=int, default=64, help="context around each tile (64)")
+    g.add_argument(
+        "--tile", type=number(int, 16), default=512, help="output tile side in pixels (512)"
+    )
+    g.add_argument(
+        "--margin", type=number(int, 0), default=64, help="context around each tile (64)"
+    )
     g.add_argument("--all-tiles", action="store_true", help="also run on background (glass)")
     g.add_argument(
         "--level",
-        type=int,
+        type=number(int, 0),
         default=None,
         help="pyramid level to run on (default: from the model's spacing and the slide's mpp)",
     )
@@ -74,30 +89,39 @@ def run_segment_slide(args: argparse.Namespace) -> int:
     from napari_medseg.io.raster import read_slide
     from napari_medseg.progress import TextProgress, run_sync
 
-    src, out = Path(args.image), Path(args.output)
+    src, out = user_path(args.image), user_path(args.output)
     tiff_out = out if _is_tiff(out) else None
     if tiff_out is None and not str(out).lower().rstrip("/").endswith(".zarr"):
         raise MedsegError(
             f"{src.name} is a slide: its labels are written as OME-Zarr or OME-TIFF; "
             "give an output ending with .zarr or .ome.tif"
         )
-    extra = Path(args.export_ome_tiff) if getattr(args, "export_ome_tiff", None) else None
+    extra = user_path(args.export_ome_tiff) if getattr(args, "export_ome_tiff", None) else None
     if extra is not None and tiff_out is not None:
         raise MedsegError("--export-ome-tiff goes with a .zarr output; OUT is already a TIFF")
-    for p in (out, extra):
-        if p is not None and p.exists() and not args.overwrite:
-            raise MedsegError(f"{p} exists; pass --overwrite to replace it")
-    zarr_out = out.with_name(f".{out.name}.zarr") if tiff_out is not None else out
+    prov_path = provenance_path(out)
+    model_path = user_path(args.model)
+    check_outputs(
+        [out, extra, prov_path],
+        [src, model_path if model_path.exists() else None],
+        overwrite=args.overwrite,
+        folders=[out] if tiff_out is None else (),
+    )
     opts: dict[str, Any] = dict(
         tile=args.tile,
         margin=args.margin,
         batch_size=args.batch_size,
         tissue_only=not args.all_tiles,
         level=getattr(args, "level", None),
-        overwrite=args.overwrite or tiff_out is not None,
+        overwrite=True,  # a fresh temporary folder of ours
     )
     bar = TextProgress(quiet=args.quiet)
-    try:
+    with contextlib.ExitStack() as stack:
+        if tiff_out is None:  # swapped into OUT's place only on success
+            zarr_out = stack.enter_context(atomic_dir(out, overwrite=args.overwrite))
+        else:  # scratch Zarr for the TIFF export, removed on any exit
+            zarr_out = temp_sibling(out.with_name(f"{out.name}.zarr"), folder=True)
+            stack.callback(shutil.rmtree, zarr_out, ignore_errors=True)
         if args.scheduler:
             gen = segment_slide(
                 src,
@@ -116,11 +140,6 @@ def run_segment_slide(args: argparse.Namespace) -> int:
         tif = tiff_out or extra
         if tif is not None:
             run_sync(export_labels_ome_tiff(zarr_out, tif, overwrite=True), bar)
-    finally:
-        if tiff_out is not None and zarr_out.exists():
-            import shutil
-
-            shutil.rmtree(zarr_out, ignore_errors=True)
     prov = dict(result.provenance)
     prov.update(
         input=str(src),
@@ -131,10 +150,7 @@ def run_segment_slide(args: argparse.Namespace) -> int:
     )
     if extra is not None:
         prov["ome_tiff"] = str(extra)
-    prov_path = out.with_name(f"{split_ext(out)[0]}.provenance.json")
-    tmp = prov_path.with_name(prov_path.name + ".tmp")
-    tmp.write_text(json.dumps(prov, indent=2, default=str) + "\n")
-    tmp.replace(prov_path)
+    write_json_atomic(prov_path, prov)
     if not args.quiet:
         also = f", {extra}" if extra is not None else ""
         print(

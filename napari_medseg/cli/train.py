@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from napari_medseg.cli._common import add_common, user_path
+from napari_medseg.cli._common import add_common, check_outputs, number, user_path
 
 
 def add_parser(sub: Any) -> None:
@@ -38,10 +38,17 @@ def add_parser(sub: Any) -> None:
         help="2D or 3D network (default: from the images)",
     )
     p.add_argument("--init", help="model (name or folder) to fine-tune from")
-    p.add_argument("--time-budget", type=float, default=600.0, help="seconds (default 600)")
-    p.add_argument("--max-epochs", type=int, default=None)
-    p.add_argument("--width", type=int, default=16, help="channels of the first U-Net level")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--time-budget",
+        type=number(float, 0, lo_open=True),
+        default=600.0,
+        help="seconds (default 600)",
+    )
+    p.add_argument("--max-epochs", type=number(int, 1), default=None)
+    p.add_argument(
+        "--width", type=number(int, 1), default=16, help="channels of the first U-Net level"
+    )
+    p.add_argument("--seed", type=number(int, 0), default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
     add_common(p)
     p.set_defaults(func=_train)
@@ -50,34 +57,38 @@ def add_parser(sub: Any) -> None:
 def _train(args: argparse.Namespace) -> int:
     from napari_medseg.errors import MedsegError
     from napari_medseg.progress import TextProgress, run_sync
+    from napari_medseg.training.options import TrainOptions
     from napari_medseg.training.segment import train
 
     detection = getattr(args, "task", "segmentation") == "detection"
     if detection:
         from napari_medseg.training.detect import train_detection as train
     out = user_path(args.output)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise MedsegError(f"{out} exists and is not empty; pass --overwrite to replace it.")
     init = args.init
     if init and not user_path(init).exists():
         from napari_medseg.models.registry import resolve_model
 
         init = str(resolve_model(init))
-    bar = TextProgress(quiet=args.quiet)
-    result = run_sync(
-        train(
-            user_path(args.dataset),
-            out,
-            dims=args.dims,
-            init=init,
-            time_budget=args.time_budget,
-            max_epochs=args.max_epochs,
-            device=args.device,
-            seed=args.seed,
-            width=args.width,
-        ),
-        bar,
+    if out.exists() and not out.is_dir():
+        raise MedsegError(f"{out} is a file; give a folder for the model.")
+    empty_dir = out.is_dir() and not any(out.iterdir())
+    check_outputs(
+        [None if empty_dir else out],
+        [user_path(args.dataset), user_path(init) if init else None],
+        overwrite=args.overwrite,
+        folders=[out],
     )
+    options = TrainOptions(
+        dims=args.dims,
+        init=init,
+        time_budget=args.time_budget,
+        max_epochs=args.max_epochs,
+        device=args.device,
+        seed=args.seed,
+        width=args.width,
+    )
+    bar = TextProgress(quiet=args.quiet)
+    result = run_sync(train(user_path(args.dataset), out, options), bar)
     if not args.quiet:
         best = result.best_val_f1 if detection else result.best_val_dice
         what = "box F1 at IoU 0.5" if detection else "Dice"

@@ -18,7 +18,7 @@ predicts the structure there. Training simulates what a user does:
    (:func:`~napari_medseg.core.correct.refine.apply_click_prediction`), becomes the next mask;
 4. Dice + cross-entropy between the last round's prediction and the ground truth.
 
-:func:`train_clicks` is a progress generator (DESIGN.md rule 2) that returns a
+:func:`train_clicks` is a progress generator (docs/ARCHITECTURE.md rule 2) that returns a
 :class:`ClickTrainResult`; :func:`evaluate_clicks` scores any method on held-out slices from
 the same starting masks (used for the card and by ``benchmarks/bench_click_refine.py``), and
 :func:`shared_data_cases` builds the training and held-out slices of the built-in model from

@@ -387,6 +387,94 @@ def check_same_grid(name: str, label_name: str, lab_affine: np.ndarray, affine: 
     )
 
 
+def check_same_grid(name: str, label_name: str, lab_affine: np.ndarray, affine: np.ndarray) -> None:
+    """Refuse a label whose voxel-to-world affine is not its image's.
+
+    Same shape is not same place: a 3 mm label on a 2 mm image of the same shape covers another
+    part of the body, and training on it teaches the network misaligned anatomy (nnU-Net checks
+    spacing, origin and direction too). Tolerances: 0.1% of the voxel size, 0.01 mm of origin,
+    1e-4 in the direction cosines.
+
+    Raises
+    ------
+    DatasetError
+        One sentence with both voxel sizes and the origin shift.
+    """
+    a, b = np.asarray(affine, dtype=float), np.asarray(lab_affine, dtype=float)
+    if a.shape != b.shape:
+        raise DatasetError(
+            f"case {name}: label {label_name} is {b.shape[0] - 1}D but its image is "
+            f"{a.shape[0] - 1}D."
+        )
+    sa, sb = np.array(affine_spacing(a)), np.array(affine_spacing(b))
+    same_spacing = np.allclose(sa, sb, rtol=1e-3, atol=1e-6)
+    same_origin = np.allclose(a[:-1, -1], b[:-1, -1], atol=1e-2)
+    same_dirs = same_spacing and np.allclose(a[:-1, :-1] / sa, b[:-1, :-1] / sb, atol=1e-4)
+    if same_spacing and same_origin and same_dirs:
+        return
+
+    def mm(v: np.ndarray) -> str:
+        return " x ".join(f"{x:.3g}" for x in v) + " mm"
+
+    what = []
+    if not same_spacing:
+        what.append(f"voxel size {mm(sb)} vs the image's {mm(sa)}")
+    if not same_origin:
+        shift = float(np.linalg.norm(a[:-1, -1] - b[:-1, -1]))
+        what.append(f"origin {shift:.2f} mm away")
+    if same_spacing and not same_dirs:
+        what.append("other axis directions")
+    raise DatasetError(
+        f"case {name}: label {label_name} is not on its image's grid ({'; '.join(what)}); "
+        "training on it would teach misaligned anatomy: resample the label onto the image "
+        "(same affine) first."
+    )
+
+
+def check_same_grid(name: str, label_name: str, lab_affine: np.ndarray, affine: np.ndarray) -> None:
+    """Refuse a label whose voxel-to-world affine is not its image's.
+
+    Same shape is not same place: a 3 mm label on a 2 mm image of the same shape covers another
+    part of the body, and training on it teaches the network misaligned anatomy (nnU-Net checks
+    spacing, origin and direction too). Tolerances: 0.1% of the voxel size, 0.01 mm of origin,
+    1e-4 in the direction cosines.
+
+    Raises
+    ------
+    DatasetError
+        One sentence with both voxel sizes and the origin shift.
+    """
+    a, b = np.asarray(affine, dtype=float), np.asarray(lab_affine, dtype=float)
+    if a.shape != b.shape:
+        raise DatasetError(
+            f"case {name}: label {label_name} is {b.shape[0] - 1}D but its image is "
+            f"{a.shape[0] - 1}D."
+        )
+    sa, sb = np.array(affine_spacing(a)), np.array(affine_spacing(b))
+    same_spacing = np.allclose(sa, sb, rtol=1e-3, atol=1e-6)
+    same_origin = np.allclose(a[:-1, -1], b[:-1, -1], atol=1e-2)
+    same_dirs = same_spacing and np.allclose(a[:-1, :-1] / sa, b[:-1, :-1] / sb, atol=1e-4)
+    if same_spacing and same_origin and same_dirs:
+        return
+
+    def mm(v: np.ndarray) -> str:
+        return " x ".join(f"{x:.3g}" for x in v) + " mm"
+
+    what = []
+    if not same_spacing:
+        what.append(f"voxel size {mm(sb)} vs the image's {mm(sa)}")
+    if not same_origin:
+        shift = float(np.linalg.norm(a[:-1, -1] - b[:-1, -1]))
+        what.append(f"origin {shift:.2f} mm away")
+    if same_spacing and not same_dirs:
+        what.append("other axis directions")
+    raise DatasetError(
+        f"case {name}: label {label_name} is not on its image's grid ({'; '.join(what)}); "
+        "training on it would teach misaligned anatomy: resample the label onto the image "
+        "(same affine) first."
+    )
+
+
 def load_case(name: str, image_paths: list[Path], label_path: Path) -> Case:
     """Read one case (all its channels and its label) and check that they fit.
 

@@ -1,6 +1,6 @@
 """Train or fine-tune a segmentation model from an nnU-Net-layout dataset.
 
-:func:`train` is a progress generator (DESIGN.md rule 2): it yields
+:func:`train` is a progress generator (docs/ARCHITECTURE.md rule 2): it yields
 :class:`~napari_medseg.progress.Progress` at least once per training iteration and per
 validation window (well under a second apart on a CPU) and returns a :class:`TrainResult`.
 The recipe follows nnU-Net in small: self-configuration from a dataset fingerprint

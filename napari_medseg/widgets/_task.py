@@ -1,77 +1,205 @@
-"""Run / Cancel / progress plumbing shared by the task docks (Segment, Detect, Register, Denoise).
+"""Run / Cancel / progress plumbing shared by the docks.
 
-A dock mixes in :class:`WorkerControls`, owns widgets named ``run_button``, ``cancel_button``,
-``progress`` and ``status``, and calls :meth:`start_worker` with a compute generator (DESIGN.md
-rule 2). The generator runs in a napari thread worker: each :class:`Progress` it yields moves
-the bar, Cancel (``worker.quit()``) stops it between two yields, and errors end in one sentence
-in the dock and a napari notification, never a traceback or a frozen viewer.
+A dock makes one :class:`JobRunner` per kind of job (Run, Train, ...), each with its own
+buttons, progress bar and status line, and calls :meth:`JobRunner.start` with a compute
+generator (docs/ARCHITECTURE.md, the generator protocol). The generator runs in a napari thread
+worker: each :class:`~napari_medseg.progress.Progress` it yields moves the bar and the status
+line, Cancel (``worker.quit()``) stops it between two yields, and an error ends in one sentence
+(:func:`report_error`) in the dock and a napari notification, never a traceback or a frozen
+viewer. Two runners in one dock run two jobs side by side.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from napari_medseg.progress import Progress
 
+__all__ = ["ImageInput", "JobRunner", "report_error"]
 
-class WorkerControls:
-    """Mixin for docks that run one compute generator at a time."""
 
-    _worker: Any = None
+def report_error(status: Any, err: BaseException | str, prefix: str = "Failed") -> None:
+    """Tell the user what went wrong in one sentence: ``"<prefix>: <err>"`` in the dock's
+    ``status`` Label and the error in a napari notification."""
+    from napari.utils.notifications import show_error
 
-    def start_worker(self, job: Callable[..., Any], *args: Any, on_result: Callable) -> Any:
-        """Run ``job(*args)`` (a progress generator) in a worker; ``on_result`` gets its result."""
+    text = str(err) or type(err).__name__
+    status.value = f"{prefix}: {text}"
+    show_error(text)
+
+
+def _drive(gen: Any) -> Any:
+    """Worker body: run a generator made in the GUI thread and return its result."""
+    result = yield from gen
+    return result
+
+
+class JobRunner:
+    """Runs one compute generator at a time in a napari thread worker for one set of controls.
+
+    Parameters
+    ----------
+    buttons : sequence of widgets
+        Disabled while a job runs (Run, Run on current view, ...).
+    cancel_button : widget
+        Enabled while a job runs; pressing it calls :meth:`cancel`.
+    progress : magicgui ProgressBar
+        ``done / total`` of the last Progress (``max`` set to ``total``), or percent with
+        ``percent=True``; left as it is for a Progress with ``total == 0`` (busy).
+    status : magicgui Label
+        Shows each Progress message, the error sentence and the cancel messages.
+    percent : bool
+        Keep the bar at 0-100 and show ``100 * done / total``.
+    on_error : callable, optional
+        Called first with a job's exception; returning True means the dock handled it (e.g.
+        asked to trust a bundle and started again), else :func:`report_error` tells the user.
+    error_prefix, starting, cancelling, cancelled : str
+        The status texts of a failure (``"<error_prefix>: <error>"``), of a start, while
+        cancelling, and after a cancelled job ended.
+    keeps_partial : bool
+        A cancelled job keeps what it did (a slide's finished tiles): the bar stays where it
+        stopped instead of going back to 0.
+
+    Attributes
+    ----------
+    worker : GeneratorWorker or None
+        The running worker (None when idle).
+    """
+
+    def __init__(
+        self,
+        buttons: Sequence[Any],
+        cancel_button: Any,
+        progress: Any,
+        status: Any,
+        *,
+        percent: bool = False,
+        on_error: Callable[[BaseException], bool] | None = None,
+        error_prefix: str = "Failed",
+        starting: str = "starting...",
+        cancelling: str = "cancelling...",
+        cancelled: str = "Cancelled; nothing was changed.",
+        keeps_partial: bool = False,
+    ) -> None:
+        self.buttons = list(buttons)
+        self.cancel_button = cancel_button
+        self.progress = progress
+        self.status = status
+        self.percent = percent
+        self.on_error = on_error
+        self.error_prefix = error_prefix
+        self.starting = starting
+        self.cancelling = cancelling
+        self.cancelled = cancelled
+        self.keeps_partial = keeps_partial
+        self.worker: Any = None
+        cancel_button.enabled = False
+        cancel_button.changed.connect(self.cancel)
+
+    @property
+    def running(self) -> bool:
+        """True while a job runs."""
+        return self.worker is not None
+
+    def start(
+        self,
+        job: Callable[..., Any],
+        *args: Any,
+        on_result: Callable[[Any], Any],
+        on_progress: Callable[[Progress], Any] | None = None,
+        on_finished: Callable[[bool], Any] | None = None,
+    ) -> Any:
+        """Run ``job(*args)``, a progress generator, in a worker.
+
+        Parameters
+        ----------
+        job : callable
+            Returns a generator yielding :class:`~napari_medseg.progress.Progress` and
+            returning the result.
+        *args
+            Passed to ``job``.
+        on_result : callable
+            Gets the result (in the GUI thread).
+        on_progress : callable, optional
+            Gets each Progress after the bar and status moved (live figures, growing layers).
+        on_finished : callable, optional
+            Called last when the job ended for any reason, with True when it was cancelled.
+
+        Returns
+        -------
+        GeneratorWorker or None
+            The started worker; None (nothing started) while another job runs.
+        """
         from napari.qt.threading import create_worker
 
+        if self.worker is not None:
+            return None
+        gen = job(*args)  # made here, so that it can be closed here (see below)
         worker = create_worker(
-            job,
-            *args,
+            _drive,
+            gen,
             _start_thread=False,
-            _ignore_errors=True,  # shown to the user by _on_error, not re-raised
+            _ignore_errors=True,  # told to the user by report_error, not re-raised
         )
-        worker.yielded.connect(self._on_progress)
+        worker.yielded.connect(lambda p: self._on_progress(p, on_progress))
         worker.returned.connect(on_result)
         worker.errored.connect(self._on_error)
-        worker.finished.connect(lambda: self._on_finished(worker))
-        self._worker = worker
-        self.run_button.enabled = False
+        worker.finished.connect(lambda: self._on_finished(worker, on_finished))
+        # napari's worker stops a cancelled generator without closing it: close it once the
+        # worker is done, so the job's clean-up (``finally``: temporary files, partial
+        # downloads) runs now rather than whenever the generator is garbage-collected
+        worker.finished.connect(gen.close)
+        self.worker = worker
+        for b in self.buttons:
+            b.enabled = False
         self.cancel_button.enabled = True
         self.progress.value = 0
-        self.status.value = "starting..."
+        self.status.value = self.starting
         worker.start()
         return worker
 
-    def _on_progress(self, p: Progress) -> None:
+    def cancel(self, _v: Any = None) -> None:
+        """Ask the running job to stop at its next yield."""
+        if self.worker is not None:
+            self.worker.quit()
+            self.status.value = self.cancelling
+
+    def detach(self) -> None:
+        """Forget the running worker: its later signals are ignored and a new job can start
+        (a dock restarting a refused run, e.g. after the user trusted a bundle)."""
+        self.worker = None
+
+    def _on_progress(self, p: Progress, then: Callable[[Progress], Any] | None) -> None:
         if p.total:
-            self.progress.max = p.total
-            self.progress.value = min(p.done, p.total)
-        self._show_info(p)
+            if self.percent:
+                self.progress.value = int(100 * min(p.done, p.total) / p.total)
+            else:
+                self.progress.max = p.total
+                self.progress.value = min(p.done, p.total)
         self.status.value = p.message
+        if then is not None:
+            then(p)
 
-    def _show_info(self, p: Progress) -> None:
-        """Docks with live figures (loss, ...) override this."""
+    def _on_error(self, err: BaseException) -> None:
+        if self.on_error is not None and self.on_error(err):
+            return
+        report_error(self.status, err, self.error_prefix)
 
-    def _on_cancel(self, _v: Any = None) -> None:
-        if self._worker is not None:
-            self._worker.quit()
-            self.status.value = "cancelling..."
-
-    def _on_finished(self, worker: Any = None) -> None:
-        if worker is not None and worker is not self._worker:
-            return  # a superseded run (e.g. restarted after trusting a bundle)
-        if self._worker is not None and getattr(self._worker, "abort_requested", False):
-            self.status.value = "Cancelled; nothing was changed."
-            self.progress.value = 0
-        self._worker = None
-        self.run_button.enabled = True
+    def _on_finished(self, worker: Any, then: Callable[[bool], Any] | None) -> None:
+        if worker is not self.worker:
+            return  # a superseded run (detached)
+        cancelled = bool(getattr(worker, "abort_requested", False))
+        if cancelled:
+            self.status.value = self.cancelled
+            if not self.keeps_partial:
+                self.progress.value = 0
+        self.worker = None
+        for b in self.buttons:
+            b.enabled = True
         self.cancel_button.enabled = False
-
-    def _on_error(self, err: Exception) -> None:
-        from napari.utils.notifications import show_error
-
-        self.status.value = f"Failed: {err}"
-        show_error(str(err))
+        if then is not None:
+            then(cancelled)
 
 
 class ImageInput:
@@ -85,6 +213,7 @@ class ImageInput:
     """
 
     _viewer: Any
+    status: Any
 
     def _image_choices(self, _w: Any = None) -> list:
         from napari.layers import Image
@@ -116,5 +245,5 @@ class ImageInput:
         try:
             return layer, record_from_layer(layer)
         except Exception as e:  # noqa: BLE001 - shown to the user as one sentence
-            self._on_error(e)
+            report_error(self.status, e)
             return None

@@ -1,6 +1,6 @@
 """The "Denoise" dock widget: pick an image and a method, press Run, get ``<image>_denoised``.
 
-Thin (DESIGN.md rule 3): it reads its inputs, runs
+Thin (docs/ARCHITECTURE.md rule 3): it reads its inputs, runs
 :func:`napari_medseg.core.denoise.denoising.denoise`
 in a napari worker (progress bar, live training loss, Cancel via ``worker.quit()``, which stops
 the generator between two training steps) and turns the result into an Image layer on the
@@ -29,7 +29,7 @@ from magicgui.widgets import (
 from napari_medseg.core.denoise.denoising import DEFAULT_TIME_BUDGET, METHODS, N2V_METHODS
 from napari_medseg.progress import Progress
 from napari_medseg.widgets._plot import TrainingPlot
-from napari_medseg.widgets._task import ImageInput, WorkerControls
+from napari_medseg.widgets._task import ImageInput, JobRunner, report_error
 
 if TYPE_CHECKING:
     import napari
@@ -63,13 +63,12 @@ def _frame_count(record: Any) -> int:
     return int(np.prod(extra)) if extra else 1
 
 
-class DenoiseWidget(ImageInput, WorkerControls, Container):
+class DenoiseWidget(ImageInput, Container):
     """Dock widget: image, method, training budget, Run / Cancel, loss plot, before/after."""
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
         super().__init__(labels=True)
         self._viewer = viewer
-        self._worker: Any = None
         self._models: dict[str, str] = {}
         self._t0 = 0.0
         self.last_result: Any = None
@@ -105,8 +104,8 @@ class DenoiseWidget(ImageInput, WorkerControls, Container):
         )
         self.loss_plot = TrainingPlot()
         self.native.layout().addWidget(self.loss_plot)
+        self.job = JobRunner([self.run_button], self.cancel_button, self.progress, self.status)
         self.run_button.changed.connect(self._on_run)
-        self.cancel_button.changed.connect(self._on_cancel)
         self.show_denoised.changed.connect(self._on_toggle)
         self.save_button.changed.connect(self._on_save_clicked)
         self.load_button.changed.connect(self._on_load_clicked)
@@ -171,8 +170,6 @@ class DenoiseWidget(ImageInput, WorkerControls, Container):
         return opts
 
     def _on_run(self, _v: Any = None) -> None:
-        from napari.utils.notifications import show_error
-
         chosen = self._chosen_record("denoise")
         if chosen is None:
             return
@@ -183,19 +180,19 @@ class DenoiseWidget(ImageInput, WorkerControls, Container):
                 f"{layer.name} is a time series of {n} frames: tick 'Denoise each frame' to "
                 "denoise every frame (one network is trained on all of them)."
             )
-            self.status.value = f"Failed: {msg}"
-            show_error(msg)
+            report_error(self.status, msg)
             return
         self._t0 = time.perf_counter()
         self.loss_plot.clear()
-        self.start_worker(
+        self.job.start(
             _denoise_job,
             record,
             self._options(record),
             on_result=lambda result: self._on_result(layer, record, result),
+            on_progress=self._show_loss,
         )
 
-    def _show_info(self, p: Progress) -> None:
+    def _show_loss(self, p: Progress) -> None:
         if "loss" in p.info:
             self.loss_plot.add(float(p.info["loss"]))
 

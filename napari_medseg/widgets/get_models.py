@@ -13,7 +13,7 @@ from typing import Any
 
 from magicgui.widgets import CheckBox, ComboBox, Container, Label, LineEdit, ProgressBar, PushButton
 
-from napari_medseg.widgets._task import WorkerControls
+from napari_medseg.widgets._task import JobRunner
 
 #: Suggestions offered in the source box (any other bundle name, URL or path can be typed).
 SUGGESTED_SOURCES = (
@@ -37,7 +37,7 @@ def _drive(gen: Any) -> Any:
     return result
 
 
-class GetModelsWidget(WorkerControls, Container):
+class GetModelsWidget(Container):
     """Source, optional name and sha256, Run / Cancel, progress; calls ``on_installed``."""
 
     def __init__(self, on_installed: Callable[[list], Any] | None = None) -> None:
@@ -72,8 +72,8 @@ class GetModelsWidget(WorkerControls, Container):
                 self.status,
             ]
         )
+        self.job = JobRunner([self.run_button], self.cancel_button, self.progress, self.status)
         self.run_button.changed.connect(self._on_run)
-        self.cancel_button.changed.connect(self._on_cancel)
         self.installed: list = []
 
     def source_text(self) -> str:
@@ -97,10 +97,8 @@ class GetModelsWidget(WorkerControls, Container):
             sha256=self.sha256.value.strip() or None,
             overwrite=bool(self.overwrite.value),
         )
-        worker = self.start_worker(_drive, gen, on_result=self._on_result)
-        # napari's worker stops a cancelled generator without closing it: close it once the
-        # worker is done, so its clean-up (the half-downloaded archive) runs now, not at GC
-        worker.finished.connect(gen.close)
+        # the runner closes the job when it ends, so a Cancel removes the partial download now
+        self.job.start(_drive, gen, on_result=self._on_result)
 
     def _on_result(self, models: list) -> None:
         self.installed = list(models)

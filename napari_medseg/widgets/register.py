@@ -1,6 +1,6 @@
 """The "Register" dock widget: align a moving image to a fixed image and carry labels over.
 
-Thin (DESIGN.md rule 3): it reads its inputs, runs
+Thin (docs/ARCHITECTURE.md rule 3): it reads its inputs, runs
 :func:`napari_medseg.core.register.optimise.register` in a napari worker (progress bar with the
 loss,
 Cancel via ``worker.quit()``) and turns the result into layers on the FIXED image's geometry:
@@ -36,7 +36,7 @@ from magicgui.widgets import (
 
 from napari_medseg.progress import Progress
 from napari_medseg.widgets._layers import labels_layer_data, record_from_layer
-from napari_medseg.widgets._task import ImageInput, WorkerControls
+from napari_medseg.widgets._task import ImageInput, JobRunner, report_error
 
 if TYPE_CHECKING:
     import napari
@@ -60,14 +60,13 @@ def _world_order(ndim: int) -> slice:
     return slice(None, None, -1) if ndim == 3 else slice(None)
 
 
-class RegisterWidget(ImageInput, WorkerControls, Container):
+class RegisterWidget(ImageInput, Container):
     """Dock widget: fixed, moving, optional moving labels and points, mode, similarity,
     regularisation, iterations, Run / Cancel, progress with the loss, quality views."""
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
         super().__init__(labels=True)
         self._viewer = viewer
-        self._worker: Any = None
         self._t0 = 0.0
         self._last: dict = {}
         self.fixed = ComboBox(label="Fixed", choices=self._image_choices, nullable=True)
@@ -129,8 +128,8 @@ class RegisterWidget(ImageInput, WorkerControls, Container):
                 self.blend,
             ]
         )
+        self.job = JobRunner([self.run_button], self.cancel_button, self.progress, self.status)
         self.run_button.changed.connect(self._on_run)
-        self.cancel_button.changed.connect(self._on_cancel)
         self.checkerboard.changed.connect(self._on_checkerboard)
         self.blend.changed.connect(self._on_blend)
         self._follow_layers()
@@ -202,11 +201,11 @@ class RegisterWidget(ImageInput, WorkerControls, Container):
             labels = record_from_layer(self.labels.value) if self.labels.value else None
             points = self._moving_points(moving.spatial_ndim)
         except Exception as e:  # noqa: BLE001 - shown to the user as one sentence
-            self._on_error(e)
+            report_error(self.status, e)
             return
         self._t0 = time.perf_counter()
         self.loss.value = ""
-        self.start_worker(
+        self.job.start(
             _register_job,
             fixed,
             moving,
@@ -214,9 +213,10 @@ class RegisterWidget(ImageInput, WorkerControls, Container):
             labels,
             points,
             on_result=lambda result: self._on_result(fixed_layer, moving_layer, fixed, result),
+            on_progress=self._show_loss,
         )
 
-    def _show_info(self, p: Progress) -> None:
+    def _show_loss(self, p: Progress) -> None:
         if "loss" in p.info:
             self.loss.value = f"{p.info['loss']:.4f} ({p.info.get('stage', '')})"
 

@@ -37,7 +37,7 @@ def test_cli_folder_in_process_and_on_dask_give_identical_outputs(nuclei_folder,
     assert main([*argv, "-o", str(dask), "--scheduler", "local"]) == 0
     names = sorted(p.name for p in dask.iterdir())
     assert names == sorted(
-        [f"{n}_seg.tif" for n in "abc"] + [f"{n}_seg.provenance.json" for n in "abc"]
+        [f"{n}_seg.tif" for n in "abc"] + [f"{n}_seg.tif.provenance.json" for n in "abc"]
     )
     assert sorted(p.name for p in single.iterdir()) == names
     for n in "abc":
@@ -46,7 +46,7 @@ def test_cli_folder_in_process_and_on_dask_give_identical_outputs(nuclei_folder,
         assert la.shape == read_image(nuclei_folder / f"{n}.tif")[0].data.shape
         assert 0 < int((la > 0).sum()) < la.size  # nuclei found, not everything
         np.testing.assert_array_equal(la, lb)
-        prov = json.loads((dask / f"{n}_seg.provenance.json").read_text())
+        prov = json.loads((dask / f"{n}_seg.tif.provenance.json").read_text())
         assert prov["input"] == str(nuclei_folder / f"{n}.tif") and prov["class_voxels"]
     # existing outputs are never replaced silently, with or without dask
     assert main([*argv, "-o", str(dask), "--scheduler", "local"]) == 1

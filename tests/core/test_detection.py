@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from napari_medseg._files import is_temp_name
 from napari_medseg.core.detect.classical import detect_classical
 from napari_medseg.core.detect.detection import detect
 from napari_medseg.core.detect.instances import instances_from_mask
@@ -130,7 +131,7 @@ def test_csv_and_geojson_round_trip(nuclei, tmp_path):
     assert list(back["class"]) == list(t["class"])
     with pytest.raises(ImageWriteError, match="exists"):
         write_detections(p, t)
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not [p for p in tmp_path.iterdir() if is_temp_name(p.name)]
 
     g = write_detections(
         tmp_path / "d.geojson", t, instances=result.instances, class_colors=result.class_colors

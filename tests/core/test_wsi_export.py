@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from napari_medseg._files import is_temp_name
 from napari_medseg.core.slides.export import export_labels_ome_tiff, open_result
 from napari_medseg.core.slides.segment import segment_slide
 from napari_medseg.errors import MedsegError
@@ -34,7 +35,7 @@ def test_ome_tiff_levels_equal_the_zarr_levels(result, tmp_path):
     out = tmp_path / "labels.ome.tif"
     seen = []
     got = run_sync(export_labels_ome_tiff(result, out), seen.append)
-    assert got == out and not (tmp_path / "labels.ome.tif.part").exists()
+    assert got == out and not [p for p in tmp_path.iterdir() if is_temp_name(p.name)]
     levels = open_result(result)
     assert len(levels) == 4 and seen[-1].done == seen[-1].total == 6 + 3 + 2 + 1
     with tifffile.TiffFile(out) as tf:

@@ -22,7 +22,7 @@ def _widget(viewer):
 
 def _run(widget, qtbot, timeout=60_000):
     widget.run_button.native.click()  # as a user pressing Run
-    qtbot.waitUntil(lambda: widget._worker is None, timeout=timeout)
+    qtbot.waitUntil(lambda: widget.job.worker is None, timeout=timeout)
 
 
 def test_classical_then_n2v2_with_live_loss_and_saved_model(make_napari_viewer, qtbot, tmp_path):
@@ -78,7 +78,7 @@ def test_cancel_stops_training_and_changes_nothing(make_napari_viewer, qtbot):
     qtbot.waitUntil(lambda: len(widget.loss_plot.values) >= 1, timeout=60_000)
     t0 = time.perf_counter()
     widget.cancel_button.native.click()
-    qtbot.waitUntil(lambda: widget._worker is None, timeout=10_000)
+    qtbot.waitUntil(lambda: widget.job.worker is None, timeout=10_000)
     assert time.perf_counter() - t0 < 1.0  # the bar: Cancel acts within a second
     assert "Cancelled" in widget.status.value
     assert len(viewer.layers) == 1
@@ -106,7 +106,7 @@ def test_time_series_asks_for_frames_then_denoises_each(make_napari_viewer, qtbo
     widget.method.value = "wavelet"
     widget.run_button.native.click()
     assert widget.status.value.startswith("Failed") and "3 frames" in widget.status.value
-    assert widget._worker is None and len(viewer.layers) == 1
+    assert widget.job.worker is None and len(viewer.layers) == 1
     widget.frames.value = True
     _run(widget, qtbot)
     assert widget.status.value.startswith("Done"), widget.status.value

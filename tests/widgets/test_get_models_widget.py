@@ -41,7 +41,7 @@ def test_get_models_installs_and_offers_the_model(
     assert get is not None and get.native.isVisible()
     get.set_source(f"{server.url}/zoo/lab_nuclei.zip")
     get.run_button.clicked.emit()
-    qtbot.waitUntil(lambda: get._worker is None and bool(get.installed), timeout=30000)
+    qtbot.waitUntil(lambda: get.job.worker is None and bool(get.installed), timeout=30000)
     assert [m.name for m in get.installed] == ["lab_nuclei"]
     assert (models / "lab_nuclei" / "model.json").is_file()
     assert "Installed lab_nuclei" in get.status.value
@@ -53,7 +53,7 @@ def test_get_models_installs_and_offers_the_model(
     dock.image.value = image
     dock.run_button.clicked.emit()
     qtbot.waitUntil(
-        lambda: dock._worker is None and f"{image.name}_seg" in viewer.layers, timeout=60000
+        lambda: dock.job.worker is None and f"{image.name}_seg" in viewer.layers, timeout=60000
     )
     assert viewer.layers[f"{image.name}_seg"].data.max() >= 1
 
@@ -72,7 +72,7 @@ def test_get_models_cancel_leaves_nothing(make_napari_viewer, qtbot, server, tmp
     get.run_button.clicked.emit()
     qtbot.waitUntil(lambda: get.status.value.startswith("downloading"), timeout=15000)
     get.cancel_button.clicked.emit()
-    qtbot.waitUntil(lambda: get._worker is None, timeout=5000)
+    qtbot.waitUntil(lambda: get.job.worker is None, timeout=5000)
     assert get.installed == []
     assert "Cancelled" in get.status.value
     assert not models.exists() or list(models.iterdir()) == []

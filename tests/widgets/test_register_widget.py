@@ -59,9 +59,9 @@ def test_run_puts_results_on_the_fixed_geometry(make_napari_viewer, qtbot):
     widget.iterations.value = 20
     seen = []
     widget.run_button.native.click()
-    widget._worker.yielded.connect(seen.append)
+    widget.job.worker.yielded.connect(seen.append)
     assert widget.cancel_button.enabled
-    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    qtbot.waitUntil(lambda: widget.job.worker is None, timeout=60_000)
     assert widget.status.value.startswith("Done"), widget.status.value
     assert "before" in widget.status.value and "after" in widget.status.value
     assert any("loss" in p.info for p in seen) and widget.loss.value
@@ -98,11 +98,11 @@ def test_cancel_stops_within_a_second(make_napari_viewer, qtbot):
     widget.iterations.value = 50_000
     seen = []
     widget.run_button.native.click()
-    widget._worker.yielded.connect(seen.append)
+    widget.job.worker.yielded.connect(seen.append)
     qtbot.waitUntil(lambda: any(p.total and p.done >= 2 for p in seen), timeout=60_000)
     t0 = time.perf_counter()
     widget.cancel_button.native.click()
-    qtbot.waitUntil(lambda: widget._worker is None, timeout=5_000)
+    qtbot.waitUntil(lambda: widget.job.worker is None, timeout=5_000)
     assert time.perf_counter() - t0 < 1.0
     assert seen[-1].done < seen[-1].total
     assert "mt1_registered" not in viewer.layers
@@ -118,7 +118,7 @@ def test_2d_with_3d_says_so(make_napari_viewer, qtbot):
     _add(viewer, flat)
     widget = _widget(viewer)
     widget.run_button.native.click()
-    qtbot.waitUntil(lambda: widget._worker is None, timeout=30_000)
+    qtbot.waitUntil(lambda: widget.job.worker is None, timeout=30_000)
     assert widget.status.value.startswith("Failed")
     assert "same dimensionality" in widget.status.value
     assert len(viewer.layers) == 2

@@ -58,7 +58,7 @@ def test_untrusted_bundle_asks_then_runs(make_napari_viewer, qtbot, tmp_path, mo
     widget.add_model_path(str(bundle))
     widget.run_button.native.click()
     qtbot.waitUntil(lambda: "CT abdomen_seg" in viewer.layers, timeout=60_000)
-    qtbot.waitUntil(lambda: widget._worker is None, timeout=30_000)
+    qtbot.waitUntil(lambda: widget.job.worker is None, timeout=30_000)
     assert len(asked) == 1 and "$1 + 2" in asked[0]
     assert viewer.layers["CT abdomen_seg"].data.shape == image.data.shape
     assert widget.run_button.enabled
@@ -77,6 +77,6 @@ def test_untrusted_bundle_refused_changes_nothing(make_napari_viewer, qtbot, tmp
     viewer.window.add_dock_widget(widget)
     widget.add_model_path(str(bundle))
     widget.run_button.native.click()
-    qtbot.waitUntil(lambda: widget._worker is None, timeout=30_000)
+    qtbot.waitUntil(lambda: widget.job.worker is None, timeout=30_000)
     assert "trust" in widget.status.value.lower()
     assert len(viewer.layers) == 1

@@ -32,7 +32,7 @@ def test_run_makes_labels_on_the_scan_geometry(make_napari_viewer, qtbot, tmp_pa
     assert widget.image.value is image
     widget.run_button.native.click()  # as a user pressing Run
     assert widget.cancel_button.enabled
-    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    qtbot.waitUntil(lambda: widget.job.worker is None, timeout=60_000)
     labels = viewer.layers["CT abdomen_seg"]
     assert type(labels).__name__ == "Labels"
     assert labels.data.shape == image.data.shape
@@ -43,7 +43,7 @@ def test_run_makes_labels_on_the_scan_geometry(make_napari_viewer, qtbot, tmp_pa
     # running again updates the same layer instead of adding another; probabilities on request
     widget.probabilities.value = True
     widget.run_button.native.click()
-    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    qtbot.waitUntil(lambda: widget.job.worker is None, timeout=60_000)
     assert [lyr.name for lyr in viewer.layers].count("CT abdomen_seg") == 1
     prob = viewer.layers["CT abdomen_prob"]
     assert prob.data.shape == (1, *image.data.shape)  # one foreground class
@@ -60,11 +60,11 @@ def test_cancel_stops_within_a_second_and_changes_nothing(make_napari_viewer, qt
     widget.overlap.value = 0.75
     seen = []
     widget.run_button.native.click()
-    widget._worker.yielded.connect(lambda p: seen.append(p))
+    widget.job.worker.yielded.connect(lambda p: seen.append(p))
     qtbot.waitUntil(lambda: any(p.total and p.done >= 1 for p in seen), timeout=60_000)
     t0 = time.perf_counter()
     widget.cancel_button.native.click()
-    qtbot.waitUntil(lambda: widget._worker is None, timeout=5_000)
+    qtbot.waitUntil(lambda: widget.job.worker is None, timeout=5_000)
     assert time.perf_counter() - t0 < 1.0
     assert seen[-1].done < seen[-1].total  # it really stopped early
     assert "CT abdomen_seg" not in viewer.layers
@@ -78,7 +78,7 @@ def test_model_that_does_not_fit_says_so(make_napari_viewer, qtbot, tmp_path):
     widget = _widget(viewer)
     widget.add_model_path(str(_tiny_ct_model(tmp_path / "tiny_ct")))
     widget.run_button.native.click()
-    qtbot.waitUntil(lambda: widget._worker is None, timeout=30_000)
+    qtbot.waitUntil(lambda: widget.job.worker is None, timeout=30_000)
     assert widget.status.value.startswith("Failed")
     assert "3D" in widget.status.value or "2D" in widget.status.value
     assert len(viewer.layers) == 1

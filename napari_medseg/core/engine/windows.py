@@ -1,4 +1,4 @@
-"""Sliding-window inference as a cancellable generator (DESIGN.md rule 2).
+"""Sliding-window inference as a cancellable generator (docs/ARCHITECTURE.md rule 2).
 
 The loop lives here (not in :func:`monai.inferers.sliding_window_inference`) so that it can
 yield :class:`~napari_medseg.progress.Progress` after every batch of windows and be

@@ -195,6 +195,47 @@ ROWS = [
     Row("train-output-is-a-file", TRAIN + " -o {seg} --overwrite", 1, "is a file"),
     Row("train-dataset-missing", "train {ws}/nodata -o {ws}/m", 1, "does not exist"),
     Row("train-output-folder-missing", TRAIN + " -o {ws}/no/where/m", 1, "does not exist"),
+    # ---- lying headers, special files, untrusted model folders, misaligned pairs (part B)
+    Row("info-nifti1-claims-1000-cubed", "info {liar1}", 1, "truncated or corrupt"),
+    Row("info-nifti2-claims-1e15-voxels", "info {liar2}", 1, "truncated or corrupt"),
+    Row(
+        "seg-nifti-claims-1000-cubed",
+        "segment {liar1} -m ct_spleen_3d -o {ws}/o.nii.gz",
+        1,
+        "truncated or corrupt",
+    ),
+    Row("info-fifo-named-nii-gz", "info {fifo}", 1, "named pipe"),
+    Row("seg-fifo-named-nii-gz", "segment {fifo} -m ct_spleen_3d -o {ws}/o.nii.gz", 1, "pipe"),
+    Row("info-dicom-irregular-spacing", "info {dicom_irregular}", 1, "irregular slice spacing"),
+    Row("seg-card-classes-5", "segment {ct} -m {card_classes} -o {ws}/o.nii.gz", 1, "'classes'"),
+    Row("seg-card-spacing-text", "segment {ct} -m {card_spacing} -o {ws}/o.nii.gz", 1, "'spacing'"),
+    Row(
+        "seg-card-top-level-list", "segment {ct} -m {card_list} -o {ws}/o.nii.gz", 1, "JSON object"
+    ),
+    Row(
+        "seg-card-weights-etc-passwd",
+        "segment {ct} -m {card_passwd} -o {ws}/o.nii.gz",
+        1,
+        "inside the model folder",
+    ),
+    Row(
+        "seg-card-weights-symlink-out",
+        "segment {ct} -m {card_symlink} -o {ws}/o.nii.gz",
+        1,
+        "outside its model folder",
+    ),
+    Row(
+        "seg-card-weights-fifo",
+        "segment {ct} -m {card_fifo} -o {ws}/o.nii.gz",
+        1,
+        "not a regular file",
+    ),
+    Row(
+        "train-label-3mm-on-2mm-image",
+        "train {dataset_grid} -o {ws}/m --quiet",
+        1,
+        "not on its image's grid",
+    ),
 ]
 if sys.platform.startswith("linux"):  # a folder nobody, not even root, can write into
     ROWS.append(Row("seg-output-folder-unwritable", SEG + " -o /proc/o.nii.gz", 1, "not writable"))
@@ -251,7 +292,78 @@ def ws(tmp_path_factory) -> dict[str, Path]:
         (f["dataset"] / sub).mkdir(parents=True)
     nib.save(nib.Nifti1Image(ct, aff), str(f["dataset"] / "imagesTr" / "case_0000.nii.gz"))
     nib.save(nib.Nifti1Image(labels, aff), str(f["dataset"] / "labelsTr" / "case.nii.gz"))
+    _part_b_files(f, root, tmp_path_factory.mktemp("special"), ct, labels, aff)
     return f
+
+
+def _part_b_files(f: dict, root: Path, special: Path, ct, labels, aff) -> None:
+    """Lying headers, model folders that must not be trusted, a misaligned dataset; FIFOs live
+    in ``special`` (outside the workspace, whose snapshot reads every file)."""
+    import gzip
+    import os
+
+    for key, header, shape in (
+        ("liar1", nib.Nifti1Header(), (1000, 1000, 1000)),
+        ("liar2", nib.Nifti2Header(), (100000, 100000, 100000)),
+    ):
+        header.set_data_shape(shape)
+        header.set_data_dtype(np.uint8)
+        f[key] = root / f"{key}.nii.gz"
+        f[key].write_bytes(gzip.compress(header.binaryblock + b"\0" * 4))
+    f["fifo"] = special / "scan.nii.gz"
+    os.mkfifo(f["fifo"])
+    card = {
+        "name": "bad",
+        "dims": 3,
+        "classes": [{"id": 0, "name": "background"}, {"id": 1, "name": "spleen"}],
+        "patch_size": [16, 16, 16],
+    }
+    for key, change in (
+        ("card_classes", {"classes": 5}),
+        ("card_spacing", {"spacing": "x"}),
+        ("card_passwd", {"weights": "/etc/passwd"}),
+        ("card_symlink", {"weights": "w.safetensors"}),
+    ):
+        f[key] = root / key
+        f[key].mkdir()
+        (f[key] / "model.json").write_text(json.dumps({**card, **change}))
+    (f["card_symlink"] / "w.safetensors").symlink_to("/etc/hostname")
+    f["card_list"] = root / "card_list"
+    f["card_list"].mkdir()
+    (f["card_list"] / "model.json").write_text(json.dumps([card]))
+    f["card_fifo"] = special / "card_fifo"
+    f["card_fifo"].mkdir()
+    (f["card_fifo"] / "model.json").write_text(json.dumps(card))
+    os.mkfifo(f["card_fifo"] / "weights.safetensors")
+    f["dataset_grid"] = root / "dataset_grid"  # a 3 mm label on a 2 mm image, same shape
+    for sub in ("imagesTr", "labelsTr"):
+        (f["dataset_grid"] / sub).mkdir(parents=True)
+    a2 = np.diag([2.0, 2.0, 2.0, 1.0])
+    a3 = np.diag([3.0, 3.0, 3.0, 1.0])
+    nib.save(nib.Nifti1Image(ct, a2), str(f["dataset_grid"] / "imagesTr" / "case_0000.nii.gz"))
+    nib.save(nib.Nifti1Image(labels, a3), str(f["dataset_grid"] / "labelsTr" / "case.nii.gz"))
+    f["dicom_irregular"] = root / "dicom_irregular"
+    f["dicom_irregular"].mkdir()
+    _irregular_dicom(f["dicom_irregular"])
+
+
+def _irregular_dicom(folder: Path) -> None:
+    """Five real-header CT slices at 0, 2, 4, 7, 10 mm (3 mm is not a whole number of steps)."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    base = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    uid = generate_uid()
+    for k, z in enumerate((0.0, 2.0, 4.0, 7.0, 10.0)):
+        ds = base.copy()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SeriesInstanceUID = uid
+        ds.SOPInstanceUID = generate_uid()
+        ds.InstanceNumber = k + 1
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [0.0, 0.0, z]
+        ds.save_as(folder / f"s{k}.dcm", enforce_file_format=True)
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -291,3 +403,70 @@ def test_the_table_holds_40_kinds_of_bad_input():
 @pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
 def test_bad_input(row: Row, ws, capsys):
     run_row(row, ws, capsys)
+
+
+# --------------------------------------------------------------------------- data loss
+
+
+def test_any_error_is_one_line_and_debug_adds_the_traceback(capsys, monkeypatch):
+    """Only five exception types were caught: anything else was a raw traceback."""
+    import napari_medseg.models.registry as registry
+
+    def broken():
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'NoneType'\nsecond line")
+
+    monkeypatch.setattr(registry, "list_models", broken)
+    assert main(["models"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "unexpected TypeError: unsupported operand" in err and "--debug" in err
+    assert main(["models", "--debug"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback") and "in broken" in err
+    assert err.strip().splitlines()[-1].startswith("napari-medseg: error: unexpected TypeError")
+
+
+def test_sidecars_of_two_outputs_with_one_stem_are_kept_apart(ws, tmp_path, capsys):
+    """``-o s2.nrrd`` beside ``s2.nii.gz`` replaced the other output's provenance."""
+    a, b = tmp_path / "s2.nii.gz", tmp_path / "s2.nrrd"
+    for out in (a, b):
+        assert (
+            main(["segment", str(ws["ct"]), "-m", "ct_spleen_3d", "-o", str(out), "--quiet"]) == 0
+        )
+    for out in (a, b):
+        prov = json.loads((tmp_path / f"{out.name}.provenance.json").read_text())
+        assert prov["output"] == str(out)
+    assert not list(tmp_path.glob("s2.provenance.json"))
+
+
+def test_failing_slide_run_with_overwrite_keeps_the_previous_result(tmp_path, capsys, monkeypatch):
+    """``segment SLIDE -o res.zarr --overwrite`` deleted the old result before the new run."""
+    import napari_medseg.core.slides.export as export
+    import napari_medseg.core.slides.segment as segment
+    from napari_medseg.progress import Progress
+    from tests.slide_helpers import make_slide, save_rgb_model
+
+    slide = make_slide(tmp_path / "slide.tif", (600, 500))
+    model = save_rgb_model(tmp_path / "tiny_rgb")
+    res = tmp_path / "res.zarr"
+    res.mkdir()
+    (res / "zarr.json").write_text('{"previous": "result"}\n')
+    (tmp_path / "res.zarr.provenance.json").write_text('{"previous": "provenance"}\n')
+    before = snapshot(tmp_path)
+
+    def fails_half_way(record, model, out_zarr, **kw):
+        Path(out_zarr, "zarr.json").write_text("{}")  # a half-written new result
+        yield Progress(1, 4, "tile 1/4")
+        raise RuntimeError("No space left on device")
+
+    monkeypatch.setattr(segment, "segment_slide", fails_half_way)
+    argv = ["segment", str(slide), "-m", str(model), "-o", str(res), "--overwrite", "--quiet"]
+    assert main(argv) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert snapshot(tmp_path) == before  # old result and its provenance as they were, no temp
+
+    monkeypatch.undo()
+    assert main([*argv, "--tile", "256", "--device", "cpu"]) == 0  # a good run replaces it
+    assert json.loads((tmp_path / "res.zarr.provenance.json").read_text())["output"] == str(res)
+    assert export.open_result(res)[0].shape == (600, 500)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

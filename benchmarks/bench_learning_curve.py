@@ -297,7 +297,7 @@ def evaluate_model(model_dir: Path, dataset: Path, names: list[str]) -> dict:
     """Pooled foreground Dice of a model folder on ``names`` (full :func:`segment` pipeline)."""
     from napari_medseg.core.segment.segment import segment
     from napari_medseg.io.readers import read_image
-    from napari_medseg.models.networks import load_model_folder
+    from napari_medseg.models.loaders.folder import load_model_folder
     from napari_medseg.progress import run_sync
 
     model = load_model_folder(model_dir)
@@ -383,7 +383,7 @@ def correct_case(model_dir: Path, dataset: Path, name: str, n_clicks: int) -> tu
     """Click-correct one case starting from a model's prediction; returns ``(mask, info)``."""
     from napari_medseg.core.segment.segment import segment
     from napari_medseg.io.readers import read_image
-    from napari_medseg.models.networks import load_model_folder
+    from napari_medseg.models.loaders.folder import load_model_folder
     from napari_medseg.progress import run_sync
 
     ip, lp = case_files(dataset, name)

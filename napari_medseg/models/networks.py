@@ -1,7 +1,8 @@
 """Build networks from a model card and move weights in and out of model folders.
 
 Only classes from :mod:`monai.networks.nets` (and this module's own) can be named in a card's
-``architecture``: a card is data and never executes code.
+``architecture``: a card is data and never executes code. :class:`LoadedModel` is what every
+loader returns; reading a model folder back is :mod:`napari_medseg.models.loaders.folder`.
 """
 
 from __future__ import annotations
@@ -168,42 +169,3 @@ def save_model(folder: str | Path, card: ModelCard, network: Any) -> Path:
     card.sha256 = save_weights(network, folder / card.weights)
     card.save(folder)
     return folder
-
-
-def load_model_folder(folder: str | Path, device: str = "cpu", verify: bool = True) -> LoadedModel:
-    """Load a model folder written by :func:`save_model` (or by hand, same layout).
-
-    Raises
-    ------
-    ModelLoadError
-        Missing card or weights, sha256 mismatch, weights that do not fit the architecture.
-    """
-    folder = Path(folder)
-    if not (folder / "model.json").exists():
-        raise ModelLoadError(f"{folder} is not a model folder: model.json is missing")
-    try:
-        card = ModelCard.load(folder)
-    except (ValueError, TypeError) as e:
-        raise ModelLoadError(f"{folder}/model.json is not a valid model card: {e}") from e
-    try:
-        wpath = card.weights_path(folder)
-    except ValueError as e:
-        raise ModelLoadError(f"{folder}/model.json is not a valid model card: {e}") from e
-    if not wpath.exists():
-        raise ModelLoadError(f"model {card.name!r} has no weights: {wpath.name} is missing")
-    digest = sha256_file(wpath)
-    if verify and card.sha256 and digest != card.sha256:
-        raise ModelLoadError(
-            f"weights of model {card.name!r} do not match the sha256 in its card "
-            "(the file was changed or is damaged)"
-        )
-    net = build_network(card)
-    state = load_state_dict(wpath)
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as e:
-        raise ModelLoadError(
-            f"weights of model {card.name!r} do not fit its architecture: {str(e)[:200]}"
-        ) from e
-    net.eval().to(device)
-    return LoadedModel(card=card, network=net, source=str(folder), weights_sha256=digest)

@@ -14,7 +14,8 @@ over user names (:func:`install_model` refuses to shadow one).
 TorchScript file (``torch.jit.save`` output, ``.ts``/``.pt``/``.pth``) with its card next to it
 (``<stem>.json``, else ``model.json`` in the same folder). TorchScript loading runs no Python
 pickles; state-dict ``.pt`` files belong in a model folder and are read with
-``weights_only=True``.
+``weights_only=True``. Each kind has its loader in :mod:`napari_medseg.models.loaders`
+(``folder``, ``torchscript``, ``bundle``, ``nnunet``); :func:`load_model` only chooses one.
 """
 
 from __future__ import annotations
@@ -22,12 +23,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
-from napari_medseg.models.card import CARD_NAME, ModelCard, sha256_file
-from napari_medseg.models.networks import LoadedModel, ModelLoadError, load_model_folder
+from napari_medseg.models.card import CARD_NAME, ModelCard
+from napari_medseg.models.loaders.bundle import is_bundle
+from napari_medseg.models.loaders.folder import network_from_folder, open_model_folder
+from napari_medseg.models.loaders.torchscript import (
+    TORCHSCRIPT_SUFFIXES,
+    card_for_file,
+    load_torchscript,
+)
+from napari_medseg.models.networks import LoadedModel, ModelLoadError
 
 __all__ = [
     "BUILTIN_DIR",
@@ -42,7 +49,6 @@ __all__ = [
 ]
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
-TORCHSCRIPT_SUFFIXES = (".ts", ".pt", ".pth", ".zip")
 
 
 def builtin_models_dir() -> Path:
@@ -62,12 +68,6 @@ def user_models_dir(create: bool = False) -> Path:
     if create:
         path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def is_bundle(folder: str | Path) -> bool:
-    """True when ``folder`` looks like a MONAI bundle (``configs/inference.json|yaml``)."""
-    cfg = Path(folder) / "configs"
-    return any((cfg / f"inference.{ext}").is_file() for ext in ("json", "yaml", "yml"))
 
 
 def _is_model_folder(folder: Path) -> bool:
@@ -155,47 +155,6 @@ def resolve_model(name_or_path: str | Path) -> Path:
     )
 
 
-def _card_for_file(path: Path) -> tuple[ModelCard, Path]:
-    """The card of a lone weights file: ``<stem>.json`` beside it, else ``model.json``."""
-    for cand in (path.with_suffix(".json"), path.parent / CARD_NAME):
-        if cand.is_file():
-            try:
-                return ModelCard.from_dict(json.loads(cand.read_text())), cand
-            except (ValueError, TypeError) as e:
-                raise ModelLoadError(f"{cand} is not a valid model card: {e}") from e
-    raise ModelLoadError(
-        f"{path.name} has no model card: put a {path.stem}.json or model.json (classes, "
-        "dimensions, spacing, normalisation) next to it"
-    )
-
-
-def _load_torchscript(path: Path, card: ModelCard, card_path: Path | None, device: str) -> Any:
-    import torch
-
-    digest = sha256_file(path)
-    checks_this_file = card.weights == path.name or (
-        card_path is not None and card_path.stem == path.stem
-    )
-    if card.sha256 and checks_this_file and digest != card.sha256:
-        raise ModelLoadError(
-            f"weights of model {card.name!r} do not match the sha256 in its card "
-            "(the file was changed or is damaged)"
-        )
-    try:
-        with warnings.catch_warnings():  # torch >= 2.9 marks TorchScript deprecated
-            warnings.simplefilter("ignore", DeprecationWarning)
-            net = torch.jit.load(str(path), map_location=device)
-    except Exception as e:  # noqa: BLE001 - any failure means "not a TorchScript file"
-        raise ModelLoadError(
-            f"{path.name} is not a TorchScript model (torch.jit.save) or is damaged; a state "
-            f"dict belongs in a model folder with a model.json ({str(e).splitlines()[0][:120]})"
-        ) from e
-    net.eval()
-    return LoadedModel(
-        card=card, network=net, source=str(path), kind="torchscript", weights_sha256=digest
-    )
-
-
 def load_model(
     name_or_path: str | Path, device: Any = "cpu", trust_bundle: bool = False
 ) -> LoadedModel:
@@ -226,19 +185,16 @@ def load_model(
                 f"{path.name} is not a model: give a model folder, a MONAI bundle folder or "
                 "a TorchScript file (.ts, .pt)"
             )
-        card, card_path = _card_for_file(path)
-        return _load_torchscript(path, card, card_path, device)
+        card, card_path = card_for_file(path)
+        return load_torchscript(path, card, card_path, device)
     if (path / CARD_NAME).is_file():
-        try:
-            card = ModelCard.load(path)
-            wpath = card.weights_path(path)
-        except (ValueError, TypeError) as e:
-            raise ModelLoadError(f"{path}/model.json is not a valid model card: {e}") from e
-        if wpath.suffix.lower() == ".ts" or card.extra.get("format") == "torchscript":
-            if not wpath.is_file():
-                raise ModelLoadError(f"model {card.name!r} has no weights: {wpath.name} is missing")
-            return _load_torchscript(wpath, card, path / CARD_NAME, device)
-        return load_model_folder(path, device=device)
+        checked = open_model_folder(path)  # the card read and the weights hashed, once
+        card = checked.card
+        if checked.weights.suffix.lower() == ".ts" or card.extra.get("format") == "torchscript":
+            return load_torchscript(
+                checked.weights, card, path / CARD_NAME, device, sha256=checked.sha256
+            )
+        return network_from_folder(checked, device)
     if is_bundle(path):
         from napari_medseg.models.loaders.bundle import (
             load_bundle,  # written separately; ImportError propagates
@@ -276,18 +232,7 @@ def install_model(src_folder: str | Path, name: str | None = None, overwrite: bo
         raise ModelLoadError(f"{src} is not a model folder (no model.json or configs/)")
     card = None
     if (src / CARD_NAME).is_file():
-        try:
-            card = ModelCard.load(src)
-            wpath = card.weights_path(src)
-        except (ValueError, TypeError) as e:
-            raise ModelLoadError(f"{src}/model.json is not a valid model card: {e}") from e
-        if not wpath.is_file():
-            raise ModelLoadError(f"model {card.name!r} has no weights: {wpath.name} is missing")
-        if card.sha256 and sha256_file(wpath) != card.sha256:
-            raise ModelLoadError(
-                f"weights of model {card.name!r} do not match the sha256 in its card "
-                "(the file was changed or is damaged)"
-            )
+        card = open_model_folder(src).card  # card readable, weights present, sha256 as stated
     name = name or (card.name if card is not None else src.name)
     if not name or any(c in name for c in "/\\") or name in (".", ".."):
         raise ModelLoadError(f"{name!r} is not a valid model name")

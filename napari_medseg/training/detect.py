@@ -453,7 +453,8 @@ def train_detection(
     )
     from napari_medseg.core.detect.scores import detection_scores
     from napari_medseg.core.engine.windows import resolve_device
-    from napari_medseg.models.networks import build_network, load_model_folder, save_model
+    from napari_medseg.models.loaders.folder import load_model_folder
+    from napari_medseg.models.networks import build_network, save_model
 
     yield Progress(0, 0, "planning")
     parent_net = None

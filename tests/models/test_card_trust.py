@@ -17,11 +17,11 @@ import torch
 
 from napari_medseg.models import registry
 from napari_medseg.models.card import ModelCard
+from napari_medseg.models.loaders.folder import load_model_folder
 from napari_medseg.models.networks import (
     ModelLoadError,
     build_network,
     drop_download_kwargs,
-    load_model_folder,
     save_model,
 )
 from tests.helpers import tiny_unet_card

@@ -76,7 +76,7 @@ def test_unknown_name_lists_what_exists(user_dir, folder):
 
 
 def test_torchscript_with_card(tmp_path, folder):
-    from napari_medseg.models.networks import load_model_folder
+    from napari_medseg.models.loaders.folder import load_model_folder
 
     ref = load_model_folder(folder)
     ts_dir = tmp_path / "ts"
@@ -109,7 +109,7 @@ def test_torchscript_with_card(tmp_path, folder):
 
 
 def test_state_dict_pt_is_not_torchscript(tmp_path, folder):
-    from napari_medseg.models.networks import load_model_folder
+    from napari_medseg.models.loaders.folder import load_model_folder
 
     pt = tmp_path / "weights.pt"
     torch.save(load_model_folder(folder).network.state_dict(), pt)
@@ -169,3 +169,36 @@ def test_builtin_models_load_if_any():
             with torch.no_grad():
                 assert lm.network(x).shape[1] == lm.card.out_channels
     assert np.isscalar(len(registry.list_models()))
+
+
+def test_load_model_reads_the_card_and_hashes_the_weights_once(folder, monkeypatch):
+    """A model folder's card is parsed once and its weights hashed once per load (the
+    verification lives in models/loaders/folder.py only)."""
+    from napari_medseg.models import card as card_module
+    from napari_medseg.models.loaders import folder as folder_loader
+
+    calls = {"card": 0, "sha256": 0}
+    real_load, real_sha = ModelCard.load.__func__, card_module.sha256_file
+
+    def counting_load(cls, path):
+        calls["card"] += 1
+        return real_load(cls, path)
+
+    def counting_sha(path, *a, **k):
+        calls["sha256"] += 1
+        return real_sha(path, *a, **k)
+
+    monkeypatch.setattr(ModelCard, "load", classmethod(counting_load))
+    monkeypatch.setattr(folder_loader, "sha256_file", counting_sha)
+    loaded = registry.load_model(folder)
+    assert calls == {"card": 1, "sha256": 1}
+    assert loaded.kind == "folder" and loaded.weights_sha256 == loaded.card.sha256
+    # a changed weights file is refused in that one check
+    w = folder / loaded.card.weights
+    w.write_bytes(w.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(ModelLoadError, match="sha256"):
+        registry.load_model(folder)
+    # the folder loader and the registry agree on what a MONAI bundle is
+    from napari_medseg.models.loaders import bundle
+
+    assert registry.is_bundle is bundle.is_bundle

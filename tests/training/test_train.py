@@ -331,7 +331,7 @@ def trained_ct(ct_dataset, tmp_path_factory):
 
 
 def test_train_3d_writes_loadable_model(trained_ct):
-    from napari_medseg.models.networks import load_model_folder
+    from napari_medseg.models.loaders.folder import load_model_folder
     from napari_medseg.training.segment import TrainResult
 
     result, seen, gap = trained_ct
@@ -392,7 +392,7 @@ def test_train_2d_nuclei_single_image_holds_out_rows(nuclei_dataset, tmp_path):
     """One 2D image only: a block of rows is held out, and the network learns something."""
     import shutil
 
-    from napari_medseg.models.networks import load_model_folder
+    from napari_medseg.models.loaders.folder import load_model_folder
     from napari_medseg.training.segment import train
 
     one = tmp_path / "one"

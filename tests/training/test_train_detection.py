@@ -80,7 +80,8 @@ def _heldout_loss(net, card, image: np.ndarray, mask: np.ndarray) -> float:
 
 def test_tiny_training_on_real_crops_improves_over_untrained(tmp_path):
     from napari_medseg.core.detect.boxes import head_channels, init_heatmap_bias
-    from napari_medseg.models.networks import build_network, load_model_folder
+    from napari_medseg.models.loaders.folder import load_model_folder
+    from napari_medseg.models.networks import build_network
 
     ds = _dataset(tmp_path)
     res = run_sync(
@@ -208,7 +209,7 @@ def test_3d_detector_trains_and_detects_on_awkward_ct_crops(tmp_path):
 
     from napari_medseg.core.detect.detection import detect
     from napari_medseg.io.readers import read_image
-    from napari_medseg.models.networks import load_model_folder
+    from napari_medseg.models.loaders.folder import load_model_folder
 
     img = nib.load(str(data_path("ct/spleen/image.nii.gz")))
     lab = nib.load(str(data_path("ct/spleen/label.nii.gz")))

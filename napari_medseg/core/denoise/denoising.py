@@ -974,7 +974,7 @@ def load_denoiser(ref: str | Path | LoadedModel, device: Any = "cpu") -> Trained
     MedsegError
         Not a model folder, not a denoising model, damaged weights.
     """
-    from napari_medseg.models.card import ModelCard, sha256_file
+    from napari_medseg.models.loaders.folder import open_model_folder
     from napari_medseg.models.networks import (
         LoadedModel,
         ModelLoadError,
@@ -990,22 +990,10 @@ def load_denoiser(ref: str | Path | LoadedModel, device: Any = "cpu") -> Trained
         folder = resolve_model(ref)
         if folder.is_file():
             folder = folder.parent
-        if not (folder / "model.json").is_file():
-            raise ModelLoadError(f"{folder} is not a model folder: model.json is missing")
-        try:
-            card = ModelCard.load(folder)
-            wpath = card.weights_path(folder)  # confined to the folder, regular file
-        except (ValueError, TypeError) as e:
-            raise ModelLoadError(f"{folder}/model.json is not a valid model card: {e}") from e
+        checked = open_model_folder(folder)  # card, weights in the folder, sha256
+        card, wpath = checked.card, checked.weights
         if card.task != "denoising":
             raise ModelLoadError(f"model {card.name!r} is a model for {card.task}, not a denoiser")
-        if not wpath.is_file():
-            raise ModelLoadError(f"model {card.name!r} has no weights: {wpath.name} is missing")
-        if card.sha256 and sha256_file(wpath) != card.sha256:
-            raise ModelLoadError(
-                f"weights of model {card.name!r} do not match the sha256 in its card "
-                "(the file was changed or is damaged)"
-            )
         arch = card.architecture or {}
         if arch.get("name") == _ARCH:
             try:

@@ -129,10 +129,10 @@ def _transform_files(path: Path, fixed: Any, mode: str) -> list[Path]:
 def _register(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from napari_medseg.core.register.registration import (
-        RegistrationOptions,
+    from napari_medseg.core.register.optimise import RegistrationOptions, register
+    from napari_medseg.core.register.transform_io import (
         read_points_csv,
-        register,
+        save_transform,
         write_points_csv,
     )
     from napari_medseg.errors import MedsegError
@@ -239,7 +239,7 @@ def _register(args: argparse.Namespace) -> int:
             )
         )
     if args.save_transform:
-        written += result.transform.save(Path(args.save_transform).expanduser())
+        written += save_transform(result.transform, Path(args.save_transform).expanduser())
     if not args.quiet:
         fold = (
             f", folding {100 * result.folding_fraction:.3f}% of voxels"

@@ -3,7 +3,8 @@
 One job = one input image (NIfTI, NRRD, MHA, DICOM folder, 2D raster) and one output labels
 file. :func:`segment_file` does one job: read, segment on the image's own grid, write the
 labels with the image's geometry, write the provenance JSON beside them
-(``<output stem>.provenance.json``), and return that provenance. :func:`segment_batch` runs a
+(``<output name>.provenance.json``, e.g. ``a_seg.nii.gz.provenance.json``), and return that
+provenance. :func:`segment_batch` runs a
 list of jobs, in this process (one model, loaded once) or as dask tasks (every worker loads the
 model once and keeps it), with progress and Cancel (closing the generator cancels the pending
 tasks). The output of a job does not depend on where it ran: the test compares a LocalCluster
@@ -92,7 +93,7 @@ def segment_file(
     """
     import numpy as np
 
-    from napari_medseg._files import split_ext
+    from napari_medseg._files import provenance_path, write_text
     from napari_medseg.core.correct.mask_store import sha256_of
     from napari_medseg.core.segment.segment import segment
     from napari_medseg.io import read_image, write_image
@@ -151,11 +152,8 @@ def segment_file(
         prov["probabilities"] = str(
             write_image(Path(probabilities), prob, is_label=False, overwrite=True)
         )
-    stem, _ = split_ext(written)
-    prov_path = written.with_name(f"{stem}.provenance.json")
-    tmp = prov_path.with_name(prov_path.name + ".tmp")
-    tmp.write_text(json.dumps(prov, indent=2, default=str) + "\n")
-    tmp.replace(prov_path)
+    prov_path = provenance_path(written)
+    write_text(prov_path, json.dumps(prov, indent=2, default=str) + "\n")
     prov["provenance_file"] = str(prov_path)
     return prov
 

@@ -175,7 +175,8 @@ def export_labels_ome_tiff(
     QuPath, OMERO, tifffile and :func:`napari_medseg.io.raster.read_slide` read). Each level is
     copied from the same level of the Zarr, so the TIFF's levels equal the Zarr's pixel for
     pixel. At most one row of ``tile x width`` pixels of one level is in memory (plus the TIFF
-    writer's buffers); the file is written as ``OUT.part`` and renamed when complete.
+    writer's buffers); the file is written under a hidden temporary name beside OUT and renamed
+    when complete (:func:`napari_medseg._files.atomic_path`).
 
     Parameters
     ----------

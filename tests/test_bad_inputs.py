@@ -53,6 +53,7 @@ ROWS = [
     # ---- whole command line
     Row("unknown-command", "frobnicate {ct}", 2, "invalid choice"),
     Row("models-unknown-option", "models --bogus", 2, "unrecognized arguments"),
+    Row("models-pull-timeout-0", "models pull {ws}/none.zip --timeout 0", 2, "--timeout"),
     Row("device-unknown", SEG + " -o {ws}/o.nii.gz --device tpu", 2, "invalid choice"),
     # ---- segment: outputs checked before any work
     Row("seg-output-is-input", SEG + " -o {ct}", 1, "also an input"),

@@ -6,6 +6,8 @@ import argparse
 import json
 from typing import Any
 
+from napari_medseg.cli._common import number
+
 
 def add_parser(sub: Any) -> None:
     """Add ``models`` (list) and ``models pull SOURCE`` to the subcommands."""
@@ -35,7 +37,12 @@ def add_parser(sub: Any) -> None:
     q.add_argument("--name", help="registry name for the installed model")
     q.add_argument("--sha256", help="expected sha256 (hex) of the archive")
     q.add_argument("--overwrite", action="store_true", help="replace an installed model")
-    q.add_argument("--timeout", type=float, default=60.0, help="network timeout in seconds")
+    q.add_argument(
+        "--timeout",
+        type=number(float, 0, lo_open=True),
+        default=60.0,
+        help="network timeout in seconds",
+    )
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=_pull)
 

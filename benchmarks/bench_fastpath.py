@@ -22,7 +22,8 @@ alternately ``--repeats`` times after one warm-up of each:
 * ``monai-bf16`` / ``ours --precision bf16``: only where the CPU runs bf16 natively
   (``avx512_bf16``/AMX); elsewhere the table says so.
 
-Reported: median wall time per process, peak RSS per process (``wait4``), the stage timings
+Reported: median wall time and CPU time (user + sys, a steadier figure on a shared machine)
+per process, peak RSS per process (``wait4``), the stage timings
 from our provenance, Dice agreement of the label files, the CPU model and the load average.
 ``--micro`` instead times the network alone on batches of four 96^3 windows (as loaded, BN
 folded, folded + channels_last_3d, and ``torch.compile`` with ``--compile``), alternating.
@@ -184,7 +185,11 @@ def _spawn_rss(cmd: list[str]) -> dict:
         errtext = err.read()
     if p.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{errtext[-3000:]}")
-    res: dict = {"wall_s": round(wall, 2), "peak_rss_mb": round(ru.ru_maxrss / 1024)}
+    res: dict = {
+        "wall_s": round(wall, 2),
+        "cpu_s": round(ru.ru_utime + ru.ru_stime, 2),
+        "peak_rss_mb": round(ru.ru_maxrss / 1024),
+    }
     for line in reversed(out.strip().splitlines()):
         if line.startswith("{"):
             res.update(json.loads(line))
@@ -277,6 +282,7 @@ def main() -> int:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--keep", help="folder for the inputs and outputs (default: a temp dir)")
+    ap.add_argument("--no-warmup", action="store_true", help="skip the warm-up runs")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -311,14 +317,15 @@ def main() -> int:
         runs["napari-medseg bf16"] = ours_cmd(image, bundle, tmp / "ours_bf16.nii.gz", "bf16")
     load0 = os.getloadavg()
     print(f"{cpu_name()}, {os.cpu_count()} CPUs, load before {load0}", flush=True)
-    for name, cmd in runs.items():  # warm-up: file cache, kernels
+    for name, cmd in runs.items() if not a.no_warmup else ():  # file cache, kernels
         _spawn_rss(cmd)
         print(f"warm-up {name} done", flush=True)
     res: dict[str, list] = {k: [] for k in runs}
     for r in range(a.repeats):
         for name, cmd in runs.items():
             res[name].append(_spawn_rss(cmd))
-            print(f"run {r + 1} {name}: {res[name][-1]['wall_s']} s", flush=True)
+            last = res[name][-1]
+            print(f"run {r + 1} {name}: {last['wall_s']} s, CPU {last['cpu_s']} s", flush=True)
     load1 = os.getloadavg()
     ours_lab = np.asarray(nib.load(str(tmp / "ours.nii.gz")).dataobj)
     monai_lab = np.asarray(nib.load(str(tmp / "ct512_monai.nii.gz")).dataobj).reshape(
@@ -327,18 +334,23 @@ def main() -> int:
     prov = json.loads((tmp / "ours.nii.gz.provenance.json").read_text())
     print(f"\n{cpu_name()}, {os.cpu_count()} CPUs; load average before {load0}, after {load1}")
     print(f"bf16: {why}" + ("" if bf16 else " -> bf16 rows not run"))
-    print("| pipeline | median wall s (runs) | peak RSS MB (max) |")
-    print("|---|---|---|")
+    print("| pipeline | median wall s (runs) | median CPU s (user+sys) | peak RSS MB (max) |")
+    print("|---|---|---|---|")
     for name, rs in res.items():
         walls = [r["wall_s"] for r in rs]
         print(
             f"| {name} | {statistics.median(walls):.1f} ({', '.join(f'{w:.1f}' for w in walls)}) "
+            f"| {statistics.median(r['cpu_s'] for r in rs):.1f} "
             f"| {max(r['peak_rss_mb'] for r in rs)} |"
         )
-    m = statistics.median(r["wall_s"] for r in res["monai fp32"])
-    o = statistics.median(r["wall_s"] for r in res["napari-medseg auto"])
+    ratio = {}
+    for k in ("wall_s", "cpu_s"):
+        m = statistics.median(r[k] for r in res["monai fp32"])
+        ratio[k] = m / statistics.median(r[k] for r in res["napari-medseg auto"])
+    dice = dice_per_class(ours_lab, monai_lab)
     print(
-        f"speed-up {m / o:.2f}x; Dice per class ours vs MONAI {dice_per_class(ours_lab, monai_lab)}"
+        f"speed-up {ratio['wall_s']:.2f}x wall, {ratio['cpu_s']:.2f}x CPU time; "
+        f"Dice per class ours vs MONAI {dice}"
     )
     print(f"foreground fraction ours {float((ours_lab > 0).mean()):.3f}")
     print("MONAI stages (last run):", res["monai fp32"][-1].get("timings_s"))

@@ -73,6 +73,13 @@ class SegmentWidget(ImageInput, Container):
         self.load_button = PushButton(text=LOAD_MODEL)
         self.device = ComboBox(label="Device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
         self.overlap = FloatSpinBox(label="Overlap", value=0.5, min=0.0, max=0.9, step=0.05)
+        self.precision = ComboBox(
+            label="Precision", choices=["auto", "fp32", "bf16", "fp16"], value="auto"
+        )
+        self.precision.tooltip = (
+            "auto: bf16 where the device runs it natively (GPUs, CPUs with avx512_bf16/AMX), "
+            "fp32 elsewhere, and fp32 whenever bf16 would change the labels"
+        )
         self.tta = CheckBox(text="Flip test-time augmentation", value=False)
         self.probabilities = CheckBox(text="Also show probabilities", value=False)
         self.run_button = PushButton(text="Run")
@@ -89,6 +96,7 @@ class SegmentWidget(ImageInput, Container):
                 self.model_info,
                 self.device,
                 self.overlap,
+                self.precision,
                 self.tta,
                 self.probabilities,
                 self.run_button,
@@ -196,6 +204,7 @@ class SegmentWidget(ImageInput, Container):
             "overlap": float(self.overlap.value),
             "tta": bool(self.tta.value),
             "return_probabilities": bool(self.probabilities.value),
+            "precision": str(self.precision.value),
         }
 
     def _on_run(self, _v: Any = None, trust: bool = False) -> None:

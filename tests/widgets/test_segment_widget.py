@@ -51,6 +51,21 @@ def test_run_makes_labels_on_the_scan_geometry(make_napari_viewer, qtbot, tmp_pa
     assert len(viewer.layers) == 3
 
 
+def test_precision_setting_reaches_the_provenance(make_napari_viewer, qtbot, tmp_path):
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-medseg", "ct")
+    widget = _widget(viewer)
+    widget.add_model_path(str(_tiny_ct_model(tmp_path / "tiny_ct")))
+    assert widget.precision.value == "auto"
+    widget.precision.value = "fp32"
+    widget.run_button.native.click()
+    qtbot.waitUntil(lambda: widget.job.worker is None, timeout=60_000)
+    prov = viewer.layers["CT abdomen_seg"].metadata["medseg"]["provenance"]
+    assert prov["fast_path"]["precision_requested"] == "fp32"
+    assert prov["fast_path"]["precision"] == "fp32" and prov["parameters"]["precision"] == "fp32"
+    assert prov["timings_s"]["network"] > 0
+
+
 def test_cancel_stops_within_a_second_and_changes_nothing(make_napari_viewer, qtbot, tmp_path):
     viewer = make_napari_viewer()
     viewer.open_sample("napari-medseg", "ct")

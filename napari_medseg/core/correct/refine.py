@@ -299,8 +299,11 @@ def predict_clicks(model: Any, x: np.ndarray) -> np.ndarray:
     if ph or pw:
         xb = np.pad(xb, ((0, 0), (0, 0), (0, ph), (0, pw)))
     dev = next(model.network.parameters()).device
+    from napari_medseg.core.engine.fastpath import prepare_network
+
+    net, _ = prepare_network(model.network, dev, "auto", fold_bn=False)  # one click: no copy
     with torch.inference_mode():
-        logits = model.network(torch.from_numpy(np.ascontiguousarray(xb, np.float32)).to(dev))
+        logits = net(torch.from_numpy(np.ascontiguousarray(xb, np.float32)).to(dev))
         prob = torch.softmax(logits.float(), dim=1)[:, 1, :h, :w].cpu().numpy()
     return prob[0] if single else prob
 

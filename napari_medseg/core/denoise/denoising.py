@@ -873,7 +873,9 @@ def predict_n2v(
     mean, std = _zscore_stats(a, 0)
     shp = (-1, *([1] * nsp))
     x = (a - mean.reshape(shp)) / std.reshape(shp)
-    net = model.network.to(dev).eval()
+    from napari_medseg.core.engine.fastpath import prepare_network
+
+    net, _ = prepare_network(model.network, dev, "auto", guard="values")
     edge = int(tile or (256 if model.dims == 2 else 64))
     if model.dims == 2 and nsp == 3:
         sa = 2 if slice_axis is None else int(slice_axis)

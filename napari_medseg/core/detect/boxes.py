@@ -502,7 +502,11 @@ def predict_maps(
             f"model {card.name!r} has a {len(roi)}D patch size that does not fit the "
             f"{len(image.shape) - 1}D image"
         )
-    predictor = head_activation(net, K)
+    from napari_medseg.core.engine.fastpath import prepare_network
+
+    precision = "fp32" if amp is False else ("bf16" if amp is True else "auto")
+    fast, _ = prepare_network(net, device, precision, guard="values")
+    predictor = head_activation(fast, K)
     predictor.to(device).eval()
     maps = yield from sliding_window(
         image,

@@ -213,9 +213,9 @@ def segment_tiles(
 
     dev = resolve_device(device)
     card = model.card
-    net = model.network
-    net.to(dev)
-    net.eval()
+    from napari_medseg.core.engine.fastpath import prepare_network
+
+    net, _ = prepare_network(model.network, dev, "auto")  # precision, folding, memory format
     ids = [int(c["id"]) for c in card.classes]
     lut = None if ids == list(range(len(ids))) else np.asarray(ids, dtype=np.uint8)
     arr0 = zarr.open_group(str(out), mode="r+")["0"]

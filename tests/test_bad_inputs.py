@@ -89,6 +89,12 @@ ROWS = [
         1,
         "does not exist",
     ),
+    Row(
+        "seg-output-in-model-folder",
+        "segment {ct} -m {model_dir} -o {model_dir}/o.nii.gz",
+        1,
+        "inside the model folder",
+    ),
     Row("seg-unknown-model", "segment {ct} -m no_such_model -o {ws}/o.nii.gz", 1, "no_such_model"),
     Row("seg-batch-size-0", SEG + " -o {ws}/o.nii.gz --batch-size 0", 2, "--batch-size.*>= 1"),
     Row("seg-batch-size-negative", SEG + " -o {ws}/o.nii.gz --batch-size -3", 2, "--batch-size"),

@@ -57,6 +57,7 @@ def check_outputs(
     overwrite: bool = False,
     folders: Iterable[Path] = (),
     created: Iterable[Path] = (),
+    models: Iterable[Path | str | None] = (),
 ) -> None:
     """Check every file a command will write, before any work starts.
 
@@ -76,6 +77,9 @@ def check_outputs(
     created : paths
         Folders the command creates before writing (a batch's output folder): outputs inside
         them need no existing parent, only a writable nearest existing ancestor.
+    models : paths (None entries are skipped)
+        Model folders the command reads (``-m``, ``--init``): no output may be written inside
+        one (``-o MODEL/weights...`` would replace the weights being read).
 
     Raises
     ------
@@ -95,6 +99,8 @@ def check_outputs(
 
             raise ImageReadError(f"{given_in} does not exist.")
     dirs = {_resolved(Path(p).expanduser()) for p in folders}
+    model_dirs = [_resolved(Path(p).expanduser()) for p in models if p]
+    model_dirs = [m for m in model_dirs if m.is_dir()]
     made = {_resolved(Path(p).expanduser()) for p in created}
     seen: dict[Path, Path] = {}
     for given in outputs:
@@ -106,6 +112,11 @@ def check_outputs(
             if out == src or _same_file(out, src):
                 raise ImageWriteError(
                     f"{given} is also an input of this command; write the result elsewhere."
+                )
+        for m in model_dirs:
+            if m in out.parents:
+                raise ImageWriteError(
+                    f"{given} is inside the model folder {m}; write the result elsewhere."
                 )
         if out in seen:
             raise ImageWriteError(f"{given} is given twice as an output; name each output once.")

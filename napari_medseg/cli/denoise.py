@@ -143,6 +143,7 @@ def run_denoise(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         folders=[sm] if sm is not None else (),
         created=[out] if batch else (),
+        models=[model_in],
     )
     if batch and out.exists() and not out.is_dir():
         raise ImageWriteError(f"{out} is a file; a folder of images is denoised into a folder.")

@@ -138,6 +138,7 @@ def run_detect(args: argparse.Namespace) -> int:
         [out, provenance_path(out)],
         [src, model_path if args.model != "classical" and model_path.exists() else None],
         overwrite=args.overwrite,
+        models=[model_path if args.model != "classical" else None],
     )
     from napari_medseg.io.raster import is_slide
 

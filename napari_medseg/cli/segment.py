@@ -125,6 +125,7 @@ def _segment(args: argparse.Namespace) -> int:
         [src, *(f for f, _ in jobs), model_path if model_path.exists() else None],
         overwrite=args.overwrite,
         created=[out] if batch else (),
+        models=[model_path],
     )
     if batch:
         if out.exists() and not out.is_dir():

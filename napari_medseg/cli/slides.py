@@ -106,6 +106,7 @@ def run_segment_slide(args: argparse.Namespace) -> int:
         [src, model_path if model_path.exists() else None],
         overwrite=args.overwrite,
         folders=[out] if tiff_out is None else (),
+        models=[model_path],
     )
     opts: dict[str, Any] = dict(
         tile=args.tile,

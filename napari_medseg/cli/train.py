@@ -77,6 +77,7 @@ def _train(args: argparse.Namespace) -> int:
         [user_path(args.dataset), user_path(init) if init else None],
         overwrite=args.overwrite,
         folders=[out],
+        models=[user_path(init) if init else None],
     )
     options = TrainOptions(
         dims=args.dims,

@@ -660,3 +660,27 @@ def test_segment_again_keeps_brush_edits_and_replaces_as_one_undo_step(
     assert new is not layer and new.name.startswith("CT abdomen_seg")
     np.testing.assert_array_equal(new.data, first)  # the same model as run 1
     assert "Kept your edited CT abdomen_seg" in seg.status.value and new.name in seg.status.value
+
+
+def test_lazy_multiscale_labels_are_left_alone(make_napari_viewer, tmp_path):
+    """A whole-slide result (multiscale, lazy) is neither copied, counted nor autosaved."""
+    import dask.array as da
+
+    from napari_medseg.widgets.correct import CorrectWidget
+
+    viewer = make_napari_viewer()
+    w = CorrectWidget(viewer)
+    viewer.window.add_dock_widget(w, name="Correct & Train")
+    levels = [
+        da.ones((4096, 4096), dtype=np.uint8, chunks=512),
+        da.ones((2048, 2048), dtype=np.uint8),
+    ]
+    meta = {"medseg": {"provenance": PROV}}
+    layer = viewer.add_labels(levels, multiscale=True, name="slide_seg", metadata=meta)
+    assert w.bound is layer
+    assert "cannot be corrected here" in w.status.value
+    assert w.volumes() == {} and list(w.table.data) == []
+    assert layer not in w.watched_layers() and w.edits(layer).prediction is None
+    assert w.autosave() == []
+    w.tools.largest_button.native.click()  # says why, changes nothing
+    assert "single-resolution" in w.status.value or "cannot be corrected" in w.status.value

@@ -42,6 +42,11 @@ if TYPE_CHECKING:
 TABLE_COLUMNS = ["class", "name", "voxels", "mL"]
 
 
+def in_memory(layer: Any) -> bool:
+    """True for a single-resolution Labels layer whose data is a numpy array (editable here)."""
+    return isinstance(layer.data, np.ndarray) and not getattr(layer, "multiscale", False)
+
+
 class CorrectWidget(ImageInput, Container):
     """Dock widget: correct a Labels layer, see class volumes, save versions, recover edits.
 
@@ -174,7 +179,7 @@ class CorrectWidget(ImageInput, Container):
     def volumes(self) -> dict[int, dict[str, Any]]:
         """``{class: {"voxels", "mm3"}}`` of the bound layer (what the table shows)."""
         layer = self.bound
-        if layer is None:
+        if layer is None or not in_memory(layer):
             return {}
         st = self.edits(layer)
         return C.class_volumes(layer.data, layer_spacing(layer), counts=st.counts)
@@ -212,8 +217,12 @@ class CorrectWidget(ImageInput, Container):
             self._bind_layer()
 
     def _watch(self, layer: Any) -> None:
-        """Track ``layer``'s edits (brush, tools, undo/redo, whole-array replacement)."""
-        if id(layer) in self._watched:
+        """Track ``layer``'s edits (brush, tools, undo/redo, whole-array replacement).
+
+        Lazy or multiscale layers (a whole slide's result) are not tracked: copying, counting
+        or autosaving them would read the whole slide into memory.
+        """
+        if id(layer) in self._watched or not in_memory(layer):
             return
         st = self.edits(layer)
         if st.prediction is None and model_provenance(layer):
@@ -252,6 +261,12 @@ class CorrectWidget(ImageInput, Container):
         if src is not None:
             self.image.value = src
         self.label_id.value = max(1, int(layer.selected_label))
+        if not in_memory(layer):
+            self.table.value = {"data": [], "index": [], "columns": TABLE_COLUMNS}
+            self.status.value = (
+                f"{layer.name} is a lazy or multiscale layer: it cannot be corrected here."
+            )
+            return
         self._recount(layer)
         self.training.follow_layer(layer)  # fine-tune the model that made this mask by default
         self.status.value = f"Correcting {layer.name}."

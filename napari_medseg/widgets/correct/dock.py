@@ -1,7 +1,7 @@
 """The "Correct & Train" dock: composes the panels and keeps each Labels layer's editing state.
 
-Thin (DESIGN.md rule 3): the maths is in :mod:`napari_medseg.core.correct` and the panels are
-one module each: :mod:`.tools` (edits), :mod:`.clicks`, :mod:`.versions` (save),
+Thin (docs/ARCHITECTURE.md rule 3): the maths is in :mod:`napari_medseg.core.correct` and the
+panels are one module each: :mod:`.tools` (edits), :mod:`.clicks`, :mod:`.versions` (save),
 :mod:`.cases` (worklist), :mod:`.training` (train on corrections), plus :mod:`.recovery`
 (autosave of every edited layer, restore after a crash).
 

@@ -4,8 +4,9 @@ Every Labels layer the dock watches (all of the viewer's, not only the one chose
 autosaved every few seconds when it changed, to its own recovery slot: the image it was drawn
 on plus the layer's name (:class:`napari_medseg.core.correct.mask_store.Autosaver`). So editing
 ``A``, switching to ``B`` and editing it leaves two autosaves, saving ``B`` removes only ``B``'s,
-and a ``kill -9`` loses at most one autosave interval of either. Opening an image that has
-autosaves offers to restore them, each as the Labels layer it was.
+and a ``kill -9`` loses at most one autosave interval of either. A layer removed from the
+viewer with unsaved edits is autosaved first. Opening an image that has autosaves offers to
+restore them, each as the Labels layer it was (declined: they stay, and are offered again).
 """
 
 from __future__ import annotations

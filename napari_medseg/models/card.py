@@ -106,6 +106,10 @@ class ModelCard:
     #: "min_sigma": 1.0, "peak_threshold": 0.05, "nms_radius": 3}`` (see
     #: :mod:`napari_medseg.core.detect.boxes`); empty for every other model
     detection: dict = field(default_factory=dict)
+    #: how the headline score in ``metrics`` was measured, for people deciding whether to trust
+    #: the model: ``{"split": "unseen subjects" | "slices of the training subjects" | ...,
+    #: "n_training_subjects": int, "n_test_subjects": int, "note": str, "demo": bool}``
+    evaluation: dict = field(default_factory=dict)
 
     @property
     def out_channels(self) -> int:
@@ -131,9 +135,20 @@ class ModelCard:
             for c in self.classes
         }
 
+    @property
+    def is_demo(self) -> bool:
+        """True when the card says the model was trained on fewer than 5 subjects.
+
+        Also True when ``evaluation["demo"]`` says so (a model its authors call a demo).
+        """
+        ev = self.evaluation if isinstance(self.evaluation, dict) else {}
+        n = ev.get("n_training_subjects")
+        return (isinstance(n, int) and n < 5) or ev.get("demo") is True
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["out_channels"] = self.out_channels
+        d["demo"] = self.is_demo
         return d
 
     @classmethod
@@ -148,7 +163,7 @@ class ModelCard:
         validate_card_dict(d)
         known = {f for f in cls.__dataclass_fields__}
         kwargs = {k: v for k, v in d.items() if k in known}
-        extra = {k: v for k, v in d.items() if k not in known and k != "out_channels"}
+        extra = {k: v for k, v in d.items() if k not in known and k not in ("out_channels", "demo")}
         card = cls(**kwargs)
         card.extra.update(extra)
         return card

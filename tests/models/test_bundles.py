@@ -184,14 +184,34 @@ def test_spleen_card_matches_config(tmp_path: Path) -> None:
     assert card.name == "spleen_ct_segmentation"
     assert card.spacing == [1.5, 1.5, 2.0]
     assert card.orientation == "RAS"
-    assert card.normalization == {"scheme": "ct", "window": [-57.0, 164.0]}
+    assert card.normalization == {
+        "scheme": "ct",
+        "window": [-57.0, 164.0],
+        "on_model_grid": True,  # MONAI scales intensities after Spacing
+        "monai_steps": [
+            {
+                "op": "range",
+                "a_min": -57.0,
+                "a_max": 164.0,
+                "b_min": 0.0,
+                "b_max": 1.0,
+                "clip": True,
+            }
+        ],
+    }
     assert card.patch_size == [96, 96, 96] and card.overlap == 0.5
     assert card.dims == 3 and card.in_channels == 1 and card.modality == "CT"
     assert card.classes == [
         {"id": 0, "name": "background"},
         {"id": 1, "name": "spleen", "color": PALETTE[1]},
     ]
-    assert card.postprocessing == {"activation": "softmax", "argmax": True}
+    # Invertd before AsDiscreted(argmax): scores go back to the image grid, then argmax
+    assert card.postprocessing == {
+        "activation": "softmax",
+        "argmax": True,
+        "label_resampling": "linear",
+    }
+    assert card.extra["blend_mode"] == "constant" and card.extra["padding_mode"] == "constant"
     assert card.extra["bundle_transforms_ignored"] == []
     assert card.extra["bundle"]["name"] == "Spleen CT segmentation"
     assert card.extra["bundle"]["version"] == "0.5.9"
@@ -207,19 +227,33 @@ def test_card_translates_other_transforms() -> None:
         "scheme": "zscore",
         "foreground_only": True,
         "channel_wise": True,
+        "on_model_grid": True,
+        "monai_steps": [{"op": "normalize", "nonzero": True, "channel_wise": True}],
     }
     assert brats.patch_size == [240, 240, 160] and brats.in_channels == 4
-    assert brats.postprocessing == {"activation": "sigmoid", "threshold": 0.5}
+    assert brats.postprocessing == {
+        "activation": "sigmoid",
+        "threshold": 0.5,
+        "label_resampling": "linear",
+    }
     assert brats.classes[0] == {"id": 0, "name": "Tumor core", "color": PALETTE[-1]}
 
     endo = load_bundle(BUNDLES / "endoscopic_tool_segmentation", weights="random").card
     assert endo.dims == 2 and endo.patch_size == [736, 480] and endo.in_channels == 3
-    assert endo.normalization == {"scheme": "percentile", "lower": 0.0, "upper": 100.0}
+    assert {k: endo.normalization[k] for k in ("scheme", "lower", "upper")} == {
+        "scheme": "percentile",
+        "lower": 0.0,
+        "upper": 100.0,
+    }
+    assert endo.normalization["monai_steps"] == [
+        {"op": "minmax", "minv": 0.0, "maxv": 1.0, "channel_wise": False}
+    ]
     assert endo.extra["bundle_transforms_ignored"] == ["Resized"]
 
     renal = load_bundle(BUNDLES / "renalStructures_CECT_segmentation", weights="random").card
     assert renal.orientation == "LPS" and renal.spacing == [0.8, 0.8, 0.8]
-    assert renal.normalization == {"scheme": "ct", "window": [-1000.0, 1000.0]}
+    assert renal.normalization["scheme"] == "ct"
+    assert renal.normalization["window"] == [-1000.0, 1000.0]
     assert renal.overlap == 0.25 and "ConcatImages" in renal.extra["bundle_transforms_ignored"]
 
     heart = load_bundle(BUNDLES / "ventricular_short_axis_3label", weights="random").card
@@ -237,7 +271,19 @@ def test_trusted_card_from_expressions(tmp_path: Path) -> None:
         BUNDLES / "pediatric_abdominal_ct_segmentation", trust=True, weights="random"
     ).card
     assert [c["name"] for c in ped.classes] == ["background", "liver", "spleen", "pancreas"]
-    assert ped.extra["bundle_transforms_ignored"] == ["CropForegroundd"]
+    # CropForegroundd is reproduced now (the box of values > 0 after the CT window)
+    assert ped.extra["bundle_transforms_ignored"] == []
+    assert ped.normalization["crop_foreground"] == {
+        "margin": 0,
+        "k_divisible": 1,
+        "allow_smaller": True,
+    }
+    assert card.normalization["monai_steps"] == [
+        {"op": "normalize", "nonzero": True, "channel_wise": False},
+        {"op": "minmax", "minv": -1.0, "maxv": 1.0, "channel_wise": False},
+    ]
+    assert card.extra["padding_mode"] == "replicate" and card.extra["blend_mode"] == "gaussian"
+    assert card.postprocessing["label_resampling"] == "nearest"  # argmax, then Invertd
 
 
 def _spleen_with(tmp_path: Path, **network_def: object) -> Path:
@@ -330,11 +376,9 @@ def test_torchscript_needs_no_trust(tmp_path: Path) -> None:
     assert lm.card.extra["bundle_weights_format"] == "torchscript"
     assert lm.card.weights == "models/model.ts" and lm.card.sha256 == lm.weights_sha256
     assert lm.card.out_channels == 133 and lm.card.classes[1]["name"] == "3rd-Ventricle"
-    assert lm.card.normalization == {
-        "scheme": "zscore",
-        "foreground_only": True,
-        "channel_wise": True,
-    }
+    assert lm.card.normalization["monai_steps"] == [
+        {"op": "normalize", "nonzero": True, "channel_wise": True}
+    ]
     with torch.no_grad():
         y = lm.network(torch.rand(1, 1, 9, 10, 11))
     assert tuple(y.shape) == (1, lm.card.out_channels, 9, 10, 11)

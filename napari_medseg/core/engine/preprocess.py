@@ -113,6 +113,8 @@ def normalize(
         float32, same shape. NaN/Inf are replaced by the finite minimum first (with a warning).
     """
     norm = dict(card_normalization or {"scheme": "none"})
+    if norm.get("monai_steps"):
+        return monai_intensity(array, norm["monai_steps"], channel_axis=channel_axis)
     scheme = str(norm.get("scheme", "none")).lower()
     src = np.asarray(array)
     src_dtype = src.dtype
@@ -191,6 +193,111 @@ def normalize(
     if channel_axis is not None:
         x = np.moveaxis(x, 0, channel_axis)
     return x
+
+
+def monai_intensity(array: Any, steps: list[dict], channel_axis: int | None = 0) -> np.ndarray:
+    """MONAI's intensity transforms, in order, with MONAI's exact arithmetic (no sampling).
+
+    A MONAI bundle's card lists its ``preprocessing`` intensity transforms as
+    ``normalization["monai_steps"]``; each step is one of
+
+    * ``{"op": "range", "a_min", "a_max", "b_min", "b_max", "clip"}`` (``ScaleIntensityRange``:
+      ``(x - a_min) / (a_max - a_min) * (b_max - b_min) + b_min``, clipped to ``[b_min, b_max]``);
+    * ``{"op": "normalize", "nonzero", "channel_wise"}`` (``NormalizeIntensity``: mean and
+      population std over all voxels, or over the voxels ``!= 0`` only, which alone change);
+    * ``{"op": "minmax", "minv", "maxv", "channel_wise"}`` (``ScaleIntensity``: min-max to
+      ``[minv, maxv]``);
+    * ``{"op": "percentiles", "lower", "upper", "b_min", "b_max", "clip", "relative",
+      "channel_wise"}`` (``ScaleIntensityRangePercentiles``).
+
+    Parameters
+    ----------
+    array : array-like
+        Image with a channel axis at ``channel_axis`` (``None``: one channel).
+    steps : list of dict
+        The steps above.
+    channel_axis : int or None
+        Axis of the channels.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32, same shape.
+    """
+    x = np.array(array, dtype=np.float32, copy=True)
+    if channel_axis is None:
+        x = x[None]
+    else:
+        x = np.moveaxis(x, channel_axis, 0)
+
+    def groups(channel_wise: bool) -> list[np.ndarray]:
+        return list(x) if channel_wise else [x]  # views: edits write through
+
+    def scale_range(v: np.ndarray, a_min: float, a_max: float, b_min: Any, b_max: Any, clip: bool):
+        if a_max - a_min == 0.0:
+            v[...] = v - a_min if b_min is None else v - a_min + float(b_min)
+            return
+        v -= a_min
+        v /= a_max - a_min
+        if b_min is not None and b_max is not None:
+            v *= float(b_max) - float(b_min)
+            v += float(b_min)
+            if clip:
+                np.clip(v, float(b_min), float(b_max), out=v)
+
+    for st in steps:
+        op = st.get("op")
+        if op == "range":
+            scale_range(
+                x,
+                float(st["a_min"]),
+                float(st["a_max"]),
+                st.get("b_min"),
+                st.get("b_max"),
+                bool(st.get("clip", False)),
+            )
+        elif op == "normalize":
+            for g in groups(bool(st.get("channel_wise", False))):
+                mask = g != 0 if st.get("nonzero", False) else None
+                vals = g[mask] if mask is not None else g
+                if vals.size == 0:
+                    continue
+                m = float(vals.mean(dtype=np.float64))
+                sd = float(vals.std(dtype=np.float64))
+                sd = 1.0 if sd == 0.0 else sd
+                if mask is None:
+                    g -= m
+                    g /= sd
+                else:
+                    g[mask] = (vals - m) / sd
+        elif op == "minmax":
+            minv, maxv = st.get("minv", 0.0), st.get("maxv", 1.0)
+            for g in groups(bool(st.get("channel_wise", False))):
+                lo, hi = float(g.min()), float(g.max())
+                if lo == hi:
+                    if minv is not None:
+                        g *= float(minv)
+                    continue
+                g -= lo
+                g /= hi - lo
+                if minv is not None and maxv is not None:
+                    g *= float(maxv) - float(minv)
+                    g += float(minv)
+        elif op == "percentiles":
+            lower, upper = float(st["lower"]), float(st["upper"])
+            b_min, b_max = st.get("b_min"), st.get("b_max")
+            if st.get("relative", False) and b_min is not None and b_max is not None:
+                b_min, b_max = (
+                    (b_max - b_min) * lower / 100.0 + b_min,
+                    (b_max - b_min) * upper / 100.0 + b_min,
+                )
+            for g in groups(bool(st.get("channel_wise", False))):
+                a_min, a_max = (float(v) for v in np.percentile(g, [lower, upper]))
+                scale_range(g, a_min, a_max, b_min, b_max, bool(st.get("clip", False)))
+        else:
+            raise MedsegError(f"unknown MONAI intensity step {op!r} in the model card")
+    x = x[0] if channel_axis is None else np.moveaxis(x, 0, channel_axis)
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 # --------------------------------------------------------------------------- grids
@@ -477,7 +584,11 @@ def to_model_grid(
             RuntimeWarning,
             stacklevel=2,
         )
-    x = normalize(x, card.normalization, channel_axis=0, copy=False)
+    # MONAI bundles scale intensities after Spacing (statistics of the resampled image); the
+    # project's own models normalise on the source grid (cheaper, and how they were trained)
+    late = bool((card.normalization or {}).get("on_model_grid"))
+    if not late:
+        x = normalize(x, card.normalization, channel_axis=0, copy=False)
     src_shape = tuple(int(s) for s in record.spatial_shape)
     src_spacing = np.asarray(record.spacing, dtype=float)
     affine = np.asarray(record.affine, dtype=float)
@@ -552,4 +663,52 @@ def to_model_grid(
     )
     t = torch.from_numpy(np.ascontiguousarray(x)).to(dev)
     t = grid.image_to_model(t)
+    if late:
+        arr = normalize(t.cpu().numpy(), card.normalization, channel_axis=0, copy=False)
+        t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(dev)
     return t.contiguous(), grid
+
+
+def foreground_box(image: Any, spec: dict) -> tuple[slice, ...] | None:
+    """The bounding box MONAI's ``CropForeground`` keeps, on a model-grid image.
+
+    Parameters
+    ----------
+    image : torch.Tensor or numpy.ndarray
+        ``(C, *spatial)`` normalised image on the model grid.
+    spec : dict
+        ``{"margin": int | list, "k_divisible": int | list, "allow_smaller": bool}`` from the
+        model card's ``normalization["crop_foreground"]``; foreground is ``value > 0`` in any
+        channel (MONAI's default ``select_fn``).
+
+    Returns
+    -------
+    tuple of slice or None
+        One slice per spatial axis (within the image; MONAI pads a box that runs past the edge,
+        which adds nothing the network could see), or None when nothing is foreground.
+    """
+    import torch
+
+    x = image if isinstance(image, torch.Tensor) else torch.as_tensor(image)
+    fg = (x > 0).any(dim=0)
+    nsp = fg.ndim
+    if not bool(fg.any()):
+        return None
+    margin = np.broadcast_to(np.asarray(spec.get("margin", 0), dtype=int), (nsp,))
+    k = np.broadcast_to(np.asarray(spec.get("k_divisible", 1), dtype=int), (nsp,))
+    shape = np.asarray(fg.shape)
+    start = np.empty(nsp, dtype=int)
+    end = np.empty(nsp, dtype=int)
+    for ax in range(nsp):
+        other = tuple(a for a in range(nsp) if a != ax)
+        idx = torch.nonzero(fg.any(dim=other) if other else fg).flatten()
+        start[ax], end[ax] = int(idx.min()), int(idx.max()) + 1
+    start, end = start - margin, end + margin
+    if bool(spec.get("allow_smaller", True)):
+        start, end = np.maximum(start, 0), np.minimum(end, shape)
+    size = end - start
+    target = np.ceil(size / np.maximum(k, 1)).astype(int) * np.maximum(k, 1)
+    start = start - (target - size) // 2
+    end = start + target
+    start, end = np.clip(start, 0, shape), np.clip(end, 0, shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(start, end))

@@ -134,7 +134,10 @@ def amp_dtype(device: torch.device, amp: bool | str = "auto") -> Any:
 
 
 def plan_windows(
-    spatial_shape: Sequence[int], roi_size: Sequence[int], overlap: float = 0.5
+    spatial_shape: Sequence[int],
+    roi_size: Sequence[int],
+    overlap: float = 0.5,
+    layout: Literal["monai", "nnunet"] = "monai",
 ) -> WindowPlan:
     """Window positions covering an (already padded) image.
 
@@ -146,6 +149,12 @@ def plan_windows(
         Window size per spatial axis.
     overlap : float
         Fraction in ``[0, 1)`` by which neighbouring windows overlap.
+    layout : {"monai", "nnunet"}
+        ``"monai"``: a start every ``int(roi * (1 - overlap))``, the last one moved back to the
+        border. ``"nnunet"``: nnU-Net's ``compute_steps_for_sliding_window`` with step
+        ``1 - overlap``: ``n = ceil((size - roi) / (roi * step)) + 1`` starts spread evenly
+        (``round(i * (size - roi) / (n - 1))``, NumPy's round) from 0 to ``size - roi``. A
+        window of size 1 (the slice axis of a 2D model on a volume) starts at every voxel.
 
     Returns
     -------
@@ -158,6 +167,11 @@ def plan_windows(
     for size, roi in zip(spatial_shape, roi_size):
         if size <= roi:
             starts_per_axis.append([0])
+            continue
+        if layout == "nnunet" and roi > 1:
+            n = int(np.ceil((size - roi) / (roi * (1.0 - overlap)))) + 1
+            actual = (size - roi) / (n - 1)
+            starts_per_axis.append([int(np.round(actual * i)) for i in range(n)])
             continue
         step = max(1, int(roi * (1.0 - overlap)))
         n = math.ceil((size - roi) / step) + 1
@@ -229,10 +243,11 @@ def importance_map(
     return w.clamp_(min=max(float(w.min()), 1e-3))
 
 
-def _flip_sets(n_spatial: int) -> list[tuple[int, ...]]:
-    """All subsets of spatial axes (as tensor dims of a ``(B, C, *spatial)`` batch)."""
-    dims = list(range(2, 2 + n_spatial))
-    return [c for k in range(n_spatial + 1) for c in itertools.combinations(dims, k)]
+def _flip_sets(n_spatial: int, axes: Sequence[int] | None = None) -> list[tuple[int, ...]]:
+    """All subsets of spatial axes (as tensor dims of a ``(B, C, *spatial)`` batch), the empty
+    one first; ``axes`` limits them to those spatial axes (0-based)."""
+    dims = [2 + a for a in (range(n_spatial) if axes is None else sorted(set(axes)))]
+    return [c for k in range(len(dims) + 1) for c in itertools.combinations(dims, k)]
 
 
 def main_output(out: Any) -> Any:
@@ -261,6 +276,11 @@ def sliding_window(
     out_dtype: Any = None,
     activation: Literal["softmax", "sigmoid"] | None = "softmax",
     pad_value: float = 0.0,
+    padding_mode: str = "constant",
+    layout: Literal["monai", "nnunet"] = "monai",
+    weight_map: Any = None,
+    flip_axes: Sequence[int] | None = None,
+    acc_dtype: Any = None,
 ) -> Generator[Progress, None, torch.Tensor]:
     """Blend a network's predictions over overlapping windows; yields after every batch.
 
@@ -296,6 +316,22 @@ def sliding_window(
         Applied to each window's output (in float32) before blending; see module docstring.
     pad_value : float
         Value used to pad images smaller than the window.
+    padding_mode : {"constant", "replicate", "reflect", "circular"}
+        How images smaller than the window are padded (MONAI's ``SlidingWindowInferer``
+        ``padding_mode``); ``constant`` uses ``pad_value``.
+    layout : {"monai", "nnunet"}
+        Window placement (:func:`plan_windows`).
+    weight_map : torch.Tensor, optional
+        Blending weights of one window (shape ``roi_size``), instead of :func:`importance_map`
+        (nnU-Net's own Gaussian, for example).
+    flip_axes : sequence of int, optional
+        With ``tta_flips``: the spatial axes (0-based) that may be flipped; every non-empty
+        subset of them is predicted (nnU-Net's allowed mirroring axes). Default: all axes.
+    acc_dtype : torch.dtype, optional
+        dtype of the blending accumulators and of the final division (default float32).
+        ``torch.float16`` reproduces nnU-Net's predictor, which accumulates weighted logits and
+        weights in half precision (half the memory; near the image border, where the Gaussian
+        weights are tiny, its rounding moves logits by up to ~0.5).
 
     Yields
     ------
@@ -338,16 +374,23 @@ def sliding_window(
         pads.append((extra // 2, extra - extra // 2))
     if any(a or b for a, b in pads):
         flat = [p for pair in reversed(pads) for p in pair]  # F.pad wants last axis first
-        img = F.pad(img, flat, mode="constant", value=float(pad_value))
+        if padding_mode == "constant":
+            img = F.pad(img, flat, mode="constant", value=float(pad_value))
+        else:  # torch pads these modes on batched input only
+            img = F.pad(img[None], flat, mode=padding_mode)[0]
     padded = tuple(int(s) for s in img.shape[1:])
 
-    windows = plan_windows(padded, roi, overlap)
-    flips = _flip_sets(n_sp) if tta_flips else [()]
+    windows = plan_windows(padded, roi, overlap, layout)
+    flips = _flip_sets(n_sp, flip_axes) if tta_flips else [()]
     total = len(windows) * len(flips)
-    weight = importance_map(roi, mode, sigma_scale, dev)
+    if weight_map is not None:
+        weight = torch.as_tensor(weight_map, dtype=torch.float32, device=dev)
+    else:
+        weight = importance_map(roi, mode, sigma_scale, dev)
 
-    acc: torch.Tensor | None = None  # (K, *padded) float32
-    norm = torch.zeros((1, *padded), dtype=torch.float32, device=dev)
+    acc_dtype = acc_dtype or torch.float32
+    acc: torch.Tensor | None = None  # (K, *padded) acc_dtype
+    norm = torch.zeros((1, *padded), dtype=acc_dtype, device=dev)
     done = 0
     note = ""
     i = 0
@@ -411,7 +454,7 @@ def sliding_window(
             continue
 
         if acc is None:
-            acc = torch.zeros((pred_sum.shape[1], *padded), dtype=torch.float32, device=dev)
+            acc = torch.zeros((pred_sum.shape[1], *padded), dtype=acc_dtype, device=dev)
         pred_sum.mul_(weight)
         for b, w in enumerate(batch):
             acc[(slice(None), *w)] += pred_sum[b]

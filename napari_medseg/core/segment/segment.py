@@ -164,7 +164,7 @@ def segment(
     device: Any = "auto",
     overlap: float | None = None,
     batch_size: int = 4,
-    tta: bool = False,
+    tta: bool | None = None,
     return_probabilities: bool = False,
     postprocessing: dict | None = None,
     amp: bool | str = "auto",
@@ -188,8 +188,10 @@ def segment(
         Window overlap (default: the card's ``overlap``).
     batch_size : int
         Windows per forward pass (halved automatically on GPU out-of-memory).
-    tta : bool
-        Flip test-time augmentation: 4x (2D) or 8x (3D) the network time.
+    tta : bool or None
+        Flip test-time augmentation: 4x (2D) or 8x (3D) the network time. ``None``: the
+        model's default (off; on for nnU-Net v2 models, whose mirroring over the trainer's
+        axes :func:`napari_medseg.core.segment.nnunet.segment_nnunet` runs as nnU-Net does).
     return_probabilities : bool
         Also return float32 probabilities on the source grid (``K`` x the label memory x 4).
     postprocessing : dict, optional
@@ -226,6 +228,19 @@ def segment(
         sliding_window,
     )
 
+    if getattr(model, "kind", "") == "nnunet":  # nnUNetPredictor's own pipeline, reproduced
+        from napari_medseg.core.segment.nnunet import segment_nnunet
+
+        check_channels(record, model.card)
+        fields = yield from segment_nnunet(
+            record,
+            model,
+            device=device,
+            mirror=True if tta is None else bool(tta),
+            batch_size=batch_size,
+            return_probabilities=return_probabilities,
+        )
+        return SegmentationResult(**fields)
     t0 = time.perf_counter()
     check_inputs(record, model)
     card = model.card
@@ -239,6 +254,9 @@ def segment(
     # output keys (from MONAI bundles): how channels become labels, not clean-up steps
     activation = str(card_pp.pop("activation", "softmax"))
     card_pp.pop("argmax", None)
+    card_pp.pop("label_resampling", None)
+    model_grid_steps = list(card_pp.pop("model_grid_steps", None) or [])
+    blend_raw = bool((card.extra or {}).get("blend_raw_outputs", False))
     threshold = float(card_pp.pop("threshold", 0.5))
     if activation not in ("softmax", "sigmoid"):
         raise MedsegError(f"model {card.name!r} asks for an unknown activation {activation!r}")
@@ -261,6 +279,19 @@ def segment(
     for w in caught:
         if "NaN/Inf" not in str(w.message):
             warnings.warn(w.message, w.category, stacklevel=2)
+
+    crop_spec = (card.normalization or {}).get("crop_foreground")
+    box = None
+    full_model_shape = tuple(image.shape[1:])
+    if isinstance(crop_spec, dict):
+        # MONAI's CropForeground: the network sees only the foreground's bounding box; outside
+        # it the class scores are 0 (as MONAI's Invertd pads them), so the label is background
+        from napari_medseg.core.engine.preprocess import foreground_box
+
+        box = foreground_box(image, crop_spec)
+        if box is None:
+            box = tuple(slice(0, 1) for _ in full_model_shape)
+        image = image[(slice(None), *box)]
 
     roi = [int(v) for v in card.patch_size]
     if precision == "auto" and amp is not None and not isinstance(amp, str):
@@ -297,11 +328,14 @@ def segment(
         roi,
         overlap=overlap,
         batch_size=batch_size,
-        mode="gaussian",
+        mode=str((card.extra or {}).get("blend_mode", "gaussian")),
+        sigma_scale=float((card.extra or {}).get("sigma_scale", 0.125)),
         device=dev,
         amp=False,  # the prepared network runs its own precision
         tta_flips=tta,
-        activation=activation,
+        # MONAI bundles blend the network's raw outputs and apply their activation after
+        activation=None if blend_raw else activation,
+        padding_mode=str((card.extra or {}).get("padding_mode", "constant")),
     )
     try:
         while True:
@@ -322,6 +356,14 @@ def segment(
         )
     final_dev = probs.device
     del image
+    if blend_raw:
+        probs = torch_activation(probs, activation)
+    if box is not None:
+        import torch
+
+        full = torch.zeros((probs.shape[0], *full_model_shape), dtype=probs.dtype, device=final_dev)
+        full[(slice(None), *box)] = probs
+        probs = full
     timings["network"] = time.perf_counter() - t_stage
     if fast.precision_requested == "auto" and fast.fidelity.endswith("instead"):
         notes.append(fast.fidelity)  # reduced precision changed the labels: fp32 ran
@@ -330,6 +372,13 @@ def segment(
     t_stage = time.perf_counter()
     ldt = pp.label_dtype(max(int(c["id"]) for c in card.classes) + 1)
     method = label_resampling
+    if model_grid_steps and activation == "softmax":
+        method = "nearest"  # the clean-up runs on the model grid's labels, as MONAI's does
+    if method == "auto" and (card.postprocessing or {}).get("label_resampling") in (
+        "linear",
+        "nearest",
+    ):
+        method = card.postprocessing["label_resampling"]  # as the model's authors run it
     if method == "auto":
         if final_dev.type == "cpu":
             passes = 1 if K == 2 else K
@@ -359,7 +408,16 @@ def segment(
     elif grid.resampled and method == "linear":
         labels = grid.argmax_to_source(probs, dtype=ldt)
     else:
-        labels = grid.labels_to_source(pp.argmax(probs).astype(ldt, copy=False))
+        model_labels = pp.argmax(probs).astype(ldt, copy=False)
+        for step in model_grid_steps:
+            # a MONAI bundle's clean-up between its argmax and Invertd: on the model grid, with
+            # MONAI's full connectivity
+            if step.get("op") == "keep_largest":
+                model_labels = pp.keep_largest_component(
+                    model_labels, step.get("classes"), connectivity=model_labels.ndim
+                )
+        labels = grid.labels_to_source(model_labels)
+        del model_labels
     probabilities = grid.probs_to_source(probs) if return_probabilities else None
     del probs
     timings["resample_back"] = time.perf_counter() - t_stage
@@ -426,3 +484,12 @@ def segment(
         provenance=provenance,
         probabilities=probabilities,
     )
+
+
+def torch_activation(scores: Any, activation: str) -> Any:
+    """Softmax over channels (axis 0) or an element-wise sigmoid of blended network outputs."""
+    import torch
+
+    if activation == "softmax":
+        return torch.softmax(scores.float(), dim=0)
+    return torch.sigmoid(scores.float())

@@ -184,7 +184,7 @@ def load_bundle(
         )
     _check_supported(name, meta, config)
 
-    wfile, wkind = _weights_file(root, weights)
+    wfile, wkind = _weights_file(root, weights, checkpoint_paths(config))
     res = _Resolver(root, name, config, meta, trust=trust, device=device)
 
     network = None
@@ -617,6 +617,7 @@ def _build_card(res: _Resolver, root: Path, meta: dict, network: Any) -> ModelCa
 
     # inferer: patch size and overlap
     inferer_name, roi, overlap, inferer_extra = None, None, None, {}
+    blend, pad_mode, sigma = "constant", "constant", 0.125
     if res.has("inferer") and isinstance(res.raw("inferer"), dict):
         inf = res.raw("inferer")
         inferer_name = str(inf.get("_target_", "")).rsplit(".", 1)[-1]
@@ -627,6 +628,10 @@ def _build_card(res: _Resolver, root: Path, meta: dict, network: Any) -> ModelCa
         if inferer_name == "SliceInferer":
             sdim = res.value(inf.get("spatial_dim", 0), "inferer#spatial_dim")
             inferer_extra["spatial_dim"] = sdim
+        # MONAI's SlidingWindowInferer defaults: uniform blending, zero padding
+        blend = res.value(inf.get("mode", "constant"), "inferer#mode")
+        pad_mode = res.value(inf.get("padding_mode", "constant"), "inferer#padding_mode")
+        sigma = res.value(inf.get("sigma_scale", 0.125), "inferer#sigma_scale")
 
     # dims
     dims = kwargs.get("spatial_dims")
@@ -679,6 +684,14 @@ def _build_card(res: _Resolver, root: Path, meta: dict, network: Any) -> ModelCa
         "bundle_transforms_ignored": pre["ignored"],
         "bundle_inferer": inferer_name,
         "trusted": res.trust,
+        # how MONAI's inferer blends and pads windows (the engine does the same)
+        "blend_mode": str(blend) if str(blend) in ("constant", "gaussian") else "gaussian",
+        "padding_mode": str(pad_mode)
+        if str(pad_mode) in ("constant", "replicate", "reflect", "circular")
+        else "constant",
+        "sigma_scale": float(sigma) if isinstance(sigma, (int, float)) else 0.125,
+        # MONAI's inferer blends the raw outputs; the activation comes after (postprocessing)
+        "blend_raw_outputs": True,
     }
     if inferer_extra:
         extra["bundle_slice_inferer"] = inferer_extra
@@ -747,6 +760,8 @@ def _transforms(res: _Resolver, id: str) -> list[tuple[str, dict | None, str]]:
 
 def _translate_preprocessing(res: _Resolver) -> dict:
     spacing, orientation, steps, ignored = None, "RAS", [], []
+    crop: dict | None = None
+    exact: list[dict] = []  # the same steps with MONAI's exact arithmetic (monai_intensity)
 
     def arg(args: dict, tid: str, key: str, default: Any = None) -> Any:
         return res.value(args[key], f"{tid}#{key}") if key in args else default
@@ -771,11 +786,28 @@ def _translate_preprocessing(res: _Resolver) -> dict:
             if not _truthy(arg(args, tid, "clip", False)):
                 step["clip"] = False
             steps.append(step)
+            exact.append(
+                {
+                    "op": "range",
+                    "a_min": lo,
+                    "a_max": hi,
+                    "b_min": _num(b_min),
+                    "b_max": _num(b_max),
+                    "clip": _truthy(arg(args, tid, "clip", False)),
+                }
+            )
         elif base == "NormalizeIntensity" and not ({"subtrahend", "divisor"} & set(args)):
             steps.append(
                 {
                     "scheme": "zscore",
                     "foreground_only": _truthy(arg(args, tid, "nonzero", False)),
+                    "channel_wise": _truthy(arg(args, tid, "channel_wise", False)),
+                }
+            )
+            exact.append(
+                {
+                    "op": "normalize",
+                    "nonzero": _truthy(arg(args, tid, "nonzero", False)),
                     "channel_wise": _truthy(arg(args, tid, "channel_wise", False)),
                 }
             )
@@ -787,6 +819,14 @@ def _translate_preprocessing(res: _Resolver) -> dict:
             if _truthy(arg(args, tid, "channel_wise", False)):
                 step["channel_wise"] = True
             steps.append(step)
+            exact.append(
+                {
+                    "op": "minmax",
+                    "minv": _num(minv),
+                    "maxv": _num(maxv),
+                    "channel_wise": _truthy(arg(args, tid, "channel_wise", False)),
+                }
+            )
         elif base == "ScaleIntensityRangePercentiles":
             step = {
                 "scheme": "percentile",
@@ -797,6 +837,26 @@ def _translate_preprocessing(res: _Resolver) -> dict:
             if (b_min, b_max) != (0, 1):
                 step.update(b_min=float(b_min), b_max=float(b_max))
             steps.append(step)
+            exact.append(
+                {
+                    "op": "percentiles",
+                    "lower": step["lower"],
+                    "upper": step["upper"],
+                    "b_min": _num(b_min),
+                    "b_max": _num(b_max),
+                    "clip": _truthy(arg(args, tid, "clip", False)),
+                    "relative": _truthy(arg(args, tid, "relative", False)),
+                    "channel_wise": _truthy(arg(args, tid, "channel_wise", False)),
+                }
+            )
+        elif base == "CropForeground" and steps and crop is None and _default_select(args):
+            # reproduced on the model grid after the intensity steps (where it stands in every
+            # Model Zoo config that uses it): the box of values > 0, margin, k_divisible
+            crop = {
+                "margin": arg(args, tid, "margin", 0),
+                "k_divisible": arg(args, tid, "k_divisible", 1),
+                "allow_smaller": _truthy(arg(args, tid, "allow_smaller", True)),
+            }
         elif tname not in _IMPLICIT:
             ignored.append(tname)
     if not steps:
@@ -805,12 +865,28 @@ def _translate_preprocessing(res: _Resolver) -> dict:
         norm = dict(steps[-1])
         if len(steps) > 1:
             norm["steps"] = steps
+    if crop is not None:
+        norm["crop_foreground"] = crop
+    # MONAI scales intensities after Orientation/Spacing, on the resampled image, exactly
+    norm["on_model_grid"] = True
+    if exact:
+        norm["monai_steps"] = exact
     return {
         "spacing": spacing,
         "orientation": orientation,
         "normalization": norm,
         "ignored": ignored,
     }
+
+
+def _num(v: Any) -> float | None:
+    """A plain float (or None) from a config value."""
+    return None if v is None else float(v)
+
+
+def _default_select(args: dict) -> bool:
+    """True when a CropForeground uses MONAI's default foreground test (``value > 0``)."""
+    return not ({"select_fn", "channel_indices"} & set(args))
 
 
 def _translate_postprocessing(res: _Resolver) -> dict:
@@ -833,7 +909,26 @@ def _translate_postprocessing(res: _Resolver) -> dict:
                 thr = res.value(args.get("threshold"), f"{tid}#threshold")
                 if isinstance(thr, (int, float)) and not isinstance(thr, bool):
                     card["threshold"] = float(thr)
-            elif base not in ("Invert", "SaveImage", "CopyItems") and tname not in _IMPLICIT:
+            elif (
+                base == "KeepLargestConnectedComponent"
+                and args is not None
+                and card.get("argmax")
+                and "label_resampling" not in card
+                and not ({"is_onehot", "connectivity", "num_components"} & set(args))
+                and _truthy(res.value(args.get("independent", True), f"{tid}#independent"))
+            ):
+                # between argmax and Invertd: reproduced on the model grid
+                labels = res.value(args.get("applied_labels"), f"{tid}#applied_labels")
+                if isinstance(labels, int):
+                    labels = [labels]
+                card.setdefault("model_grid_steps", []).append(
+                    {"op": "keep_largest", "classes": None if labels is None else list(labels)}
+                )
+            elif base == "Invert":
+                # labels taken before going back (AsDiscrete argmax first) come back by nearest
+                # neighbour; scores going back first are interpolated, then argmax
+                card["label_resampling"] = "nearest" if card.get("argmax") else "linear"
+            elif base not in ("SaveImage", "CopyItems") and tname not in _IMPLICIT:
                 ignored.append(tname)
         except ModelLoadError:
             ignored.append(tname)
@@ -891,8 +986,46 @@ def _license(root: Path, meta: dict) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _weights_file(root: Path, weights: str | None) -> tuple[Path, str]:
-    """The weights file and its kind: ``"state_dict"``, ``"torchscript"`` or ``"random"``."""
+_LOAD_PATH = re.compile(r"""^\$?\s*@bundle_root\s*\+\s*['"]/?([\w./-]+)['"]\s*$""")
+
+
+def checkpoint_paths(config: Any) -> list[str]:
+    """Weights files the config's ``CheckpointLoader`` items name, relative to the bundle.
+
+    Read without evaluating anything: a ``load_path`` of the form
+    ``"$@bundle_root + '/models/NAME.pt'"`` or a plain relative path (bundles such as the
+    pediatric CT one ship ``models/dynunet_FT.pt``, not ``models/model.pt``).
+    """
+    found: list[str] = []
+
+    def walk(v: Any) -> None:
+        if isinstance(v, dict):
+            target = str(v.get("_target_", ""))
+            lp = v.get("load_path")
+            if target.endswith("CheckpointLoader") and isinstance(lp, str):
+                m = _LOAD_PATH.match(lp.strip())
+                if m:
+                    found.append(m.group(1))
+                elif not lp.startswith(("$", "@", "%", "/")) and ".." not in lp:
+                    found.append(lp)
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, list):
+            for x in v:
+                walk(x)
+
+    walk(config)
+    return [f for f in found if ".." not in Path(f).parts]
+
+
+def _weights_file(
+    root: Path, weights: str | None, named: list[str] | None = None
+) -> tuple[Path, str]:
+    """The weights file and its kind: ``"state_dict"``, ``"torchscript"`` or ``"random"``.
+
+    Without ``weights``: ``models/model.pt``, ``models/model.ts``, then the files the config's
+    checkpoint loaders name (``named``).
+    """
     if weights == "random":
         return root, "random"
     if weights is not None:
@@ -906,6 +1039,10 @@ def _weights_file(root: Path, weights: str | None) -> tuple[Path, str]:
         return pt, "state_dict"
     if ts.is_file():
         return ts, "torchscript"
+    for rel in named or []:
+        p = root / rel
+        if p.is_file() and p.suffix in (".pt", ".pth", ".ts"):
+            return p, ("torchscript" if p.suffix == ".ts" else "state_dict")
     raise ModelLoadError(
         f"bundle {root.name} has no weights: put model.pt or model.ts in {root / 'models'}"
     )

@@ -35,14 +35,16 @@ from pathlib import Path
 
 DATA = Path(os.environ.get("MEDSEG_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
-#: kind -> (dataset id, name, image, labels, channel name, {class name: [source label ids]})
+#: kind -> (dataset id, name, image, labels, channel names, {class name: [source label ids]});
+#: a second channel name makes a two-channel dataset whose channel 1 is the image smoothed
+#: (nnU-Net picks the normalisation from the name: "rescale_to_0_1" -> RescaleTo01Normalization)
 DATASETS = {
     "ct": (
         901,
         "MedsegCT",
         "ct/totalseg_small/ct.nii.gz",
         "ct/totalseg_small/seg.nii.gz",
-        "CT",
+        ("CT",),
         {"spleen": [1], "kidneys": [2, 3], "liver": [5], "colon": [20], "back_muscles": [86, 87]},
     ),
     "mr": (
@@ -50,7 +52,7 @@ DATASETS = {
         "MedsegMR",
         "ct/totalseg_small/mr.nii.gz",
         "ct/totalseg_small/seg_mr.nii.gz",
-        "MRI",
+        ("MRI", "rescale_to_0_1"),
         {"spleen": [1], "kidneys": [2, 3], "liver": [5], "stomach": [6], "back_muscles": [46, 47]},
     ),
     "brain": (
@@ -58,7 +60,7 @@ DATASETS = {
         "MedsegBrain",
         "mri/brain_t1_aseg/t1.nii.gz",
         "mri/brain_t1_aseg/aseg.nii.gz",
-        "T1",
+        ("T1",),
         {"white_matter": [2, 41], "cortex": [3, 42], "ventricles": [4, 43], "cerebellum": [8, 47]},
     ),
 }
@@ -68,8 +70,9 @@ def write_dataset(kind: str, raw: Path) -> tuple[int, str]:
     """Write ``raw/DatasetXXX_Name`` (3 cases) and return (dataset id, folder name)."""
     import nibabel as nib
     import numpy as np
+    from scipy.ndimage import gaussian_filter
 
-    did, name, img_rel, seg_rel, channel, classes = DATASETS[kind]
+    did, name, img_rel, seg_rel, channels, classes = DATASETS[kind]
     folder = raw / f"Dataset{did:03d}_{name}"
     (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
     (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
@@ -89,14 +92,15 @@ def write_dataset(kind: str, raw: Path) -> tuple[int, str]:
     hdr = img.header.copy()
     hdr.set_data_dtype(np.float32)
     for cid, (im, lb) in cases.items():
-        nib.save(
-            nib.Nifti1Image(im, img.affine, hdr), str(folder / "imagesTr" / f"{cid}_0000.nii.gz")
-        )
+        for c in range(len(channels)):
+            arr = im if c == 0 else gaussian_filter(im, 1.0)
+            path = folder / "imagesTr" / f"{cid}_{c:04d}.nii.gz"
+            nib.save(nib.Nifti1Image(arr, img.affine, hdr), str(path))
         lhdr = seg.header.copy()
         lhdr.set_data_dtype(np.uint8)
         nib.save(nib.Nifti1Image(lb, seg.affine, lhdr), str(folder / "labelsTr" / f"{cid}.nii.gz"))
     dataset = {
-        "channel_names": {"0": channel},
+        "channel_names": {str(c): n for c, n in enumerate(channels)},
         "labels": {"background": 0, **{c: k for k, c in enumerate(classes, start=1)}},
         "numTraining": len(cases),
         "file_ending": ".nii.gz",

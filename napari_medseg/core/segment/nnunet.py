@@ -52,12 +52,13 @@ from napari_medseg.errors import MedsegError
 from napari_medseg.progress import Progress
 
 if TYPE_CHECKING:  # pragma: no cover
-    from napari_medseg.core.segment.segment import SegmentationResult
     from napari_medseg.io.record import ImageRecord
     from napari_medseg.models.networks import LoadedModel
 
 __all__ = [
     "crop_to_nonzero",
+    "from_nnunet_axes",
+    "logits_resampler",
     "nnunet_gaussian",
     "normalize",
     "resample_to_shape",
@@ -116,7 +117,7 @@ def to_nnunet_axes(record: ImageRecord, reader: str = "SimpleITKIO") -> tuple[np
     return data, spacing[::-1]
 
 
-def _from_nnunet_axes(labels: np.ndarray, record: ImageRecord, reader: str) -> np.ndarray:
+def from_nnunet_axes(labels: np.ndarray, record: ImageRecord, reader: str) -> np.ndarray:
     """Inverse of :func:`to_nnunet_axes` for a label map (no channel axis)."""
     if record.spatial_ndim == 2:
         return np.ascontiguousarray(labels[0])
@@ -359,7 +360,7 @@ def resample_to_shape(
     return out
 
 
-def _logits_resampler(
+def logits_resampler(
     src_shape: Sequence[int],
     dst_shape: Sequence[int],
     current_spacing: Sequence[float],
@@ -452,11 +453,13 @@ def nnunet_gaussian(patch_size: Sequence[int], sigma_scale: float = 1.0 / 8) -> 
     tmp[tuple(int(p) // 2 for p in patch_size)] = 1
     g = gaussian_filter(tmp, [p * sigma_scale for p in patch_size], 0, mode="constant", cval=0)
     g /= np.max(g) / 10.0
-    g = g.astype(np.float16)
-    zero = g == 0
-    if zero.any():
-        g[zero] = g[~zero].min()
-    return g.astype(np.float32)
+    import torch
+
+    h = torch.from_numpy(g).to(torch.float16)  # torch's float64 -> float16 rounding, as nnU-Net
+    zero = h == 0
+    if bool(zero.any()):
+        h[zero] = h[~zero].min()
+    return h.float().numpy()
 
 
 # --------------------------------------------------------------------------------- pipeline
@@ -470,8 +473,11 @@ def segment_nnunet(
     mirror: bool = True,
     batch_size: int = 4,
     return_probabilities: bool = False,
-) -> Generator[Progress, None, SegmentationResult]:
+) -> Generator[Progress, None, dict]:
     """Segment one image with an nnU-Net v2 model as ``nnUNetPredictor`` does.
+
+    :func:`napari_medseg.core.segment.segment.segment` calls this for nnU-Net models (after
+    checking the channels) and wraps the result in a ``SegmentationResult``.
 
     Parameters
     ----------
@@ -492,14 +498,15 @@ def segment_nnunet(
 
     Returns
     -------
-    SegmentationResult
-        Labels on the input's own voxel grid (file axis order), the input's affine.
+    dict
+        ``labels`` (on the input's own voxel grid, file axis order), ``affine`` (the input's),
+        ``class_names``, ``class_colors``, ``provenance``, ``probabilities`` (or None): the
+        fields of ``SegmentationResult``.
     """
     import torch
 
     from napari_medseg.core.correct.mask_store import software_versions
     from napari_medseg.core.engine.windows import resolve_device, slicewise, sliding_window
-    from napari_medseg.core.segment.segment import SegmentationResult, check_channels
     from napari_medseg.models.loaders.nnunet import NnunetPlan
 
     t0 = time.perf_counter()
@@ -507,7 +514,6 @@ def segment_nnunet(
     plan = NnunetPlan.from_dict(card.extra["nnunet"])
     ens = model.network
     dev = resolve_device(device)
-    check_channels(record, card)
     nsp = record.spatial_ndim
     if nsp == 2 and plan.dims == 3:
         raise MedsegError(
@@ -620,7 +626,7 @@ def segment_nnunet(
     yield Progress(total - 1, total, "bringing the result back onto the image grid")
     t = time.perf_counter()
     cur = list(plan.spacing) if len(plan.spacing) == 3 else [spacing[0], *plan.spacing]
-    resample = _logits_resampler(
+    resample = logits_resampler(
         logits.shape[1:],
         shape_cropped,
         cur,
@@ -656,7 +662,7 @@ def segment_nnunet(
     sl = tuple(slice(a, b) for a, b in bbox)
     labels[sl] = seg.cpu().numpy().astype(ldt)
     labels = labels.transpose(plan.transpose_backward)
-    labels = _from_nnunet_axes(labels, record, plan.image_reader_writer)
+    labels = from_nnunet_axes(labels, record, plan.image_reader_writer)
     probabilities = None
     if probs_c is not None:
         full = np.zeros((K, *shape_before_crop), dtype=np.float32)
@@ -665,7 +671,7 @@ def segment_nnunet(
         full[(slice(None), *sl)] = probs_c.cpu().numpy()
         full = full.transpose([0, *[a + 1 for a in plan.transpose_backward]])
         probabilities = np.stack(
-            [_from_nnunet_axes(p, record, plan.image_reader_writer) for p in full]
+            [from_nnunet_axes(p, record, plan.image_reader_writer) for p in full]
         )
     timings["export_s"] = time.perf_counter() - t
     if labels.shape != tuple(record.spatial_shape):
@@ -710,7 +716,7 @@ def segment_nnunet(
         "notes": [],
     }
     yield Progress(total, total, f"done in {elapsed:.1f} s")
-    return SegmentationResult(
+    return dict(
         labels=np.ascontiguousarray(labels),
         affine=np.asarray(record.affine),
         class_names=class_names,

@@ -346,6 +346,22 @@ def read_checkpoint(path: Path) -> dict:
     return ckpt
 
 
+def _checkpoint_config(folder: Path) -> str | None:
+    """The configuration a checkpoint was trained with, read without loading its tensors
+    (``mmap=True``): for folders not named ``TRAINER__PLANS__CONFIG``."""
+    import torch
+
+    for names in _checkpoints(folder).values():
+        path = next(iter(names.values()))
+        try:
+            with torch.serialization.safe_globals(_safe_globals()):
+                ckpt = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            return str((ckpt.get("init_args") or {}).get("configuration") or "") or None
+        except Exception:  # noqa: BLE001 - a listing shows what it can; loading reports errors
+            return None
+    return None
+
+
 def _modality(channel_names: dict) -> str:
     names = [str(v).upper() for v in channel_names.values()]
     if names and all(n in _MODALITIES for n in names):
@@ -454,14 +470,18 @@ def _classes(plan: NnunetPlan) -> list[dict]:
 
 
 def nnunet_entry(folder: str | Path) -> dict:
-    """The listing of an nnU-Net folder for ``napari-medseg models``: its derived card as a
-    dict (read from the JSON files; checkpoints are not opened)."""
+    """The listing of an nnU-Net folder in the models folder (``napari-medseg models``, the
+    Segment dock): its derived card as a dict, read from the JSON files (checkpoints are not
+    opened). ``name`` is the folder's name, the name :func:`load_model` accepts; the card's
+    own name (dataset and configuration) is kept as ``title``."""
     folder = Path(folder)
     try:
         card = _card(folder, None, None)
         d = card.to_dict()
+        d["title"] = card.name
     except ModelLoadError as e:
-        d = {"name": folder.name, "error": str(e)}
+        d = {"error": str(e)}
+    d["name"] = folder.name
     d["kind"] = "nnunet"
     return d
 
@@ -469,8 +489,8 @@ def nnunet_entry(folder: str | Path) -> dict:
 def _card(folder: Path, plan: NnunetPlan | None, weights: str | None) -> ModelCard:
     dataset = _read_json(folder / "dataset.json")
     plans = _read_json(folder / "plans.json")
-    if plan is None:  # listing only: what the folder name and plans say
-        config = _config_name(folder, plans) or next(iter(plans.get("configurations", {})), "")
+    if plan is None:  # listing only: the folder name, else the first checkpoint (memory-mapped)
+        config = _config_name(folder, plans) or _checkpoint_config(folder) or ""
         cfg = _configuration(plans, config)
         labels, order, n_heads, _ = _label_info(dataset)
         plan = NnunetPlan(

@@ -49,3 +49,14 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 fi
 "$PY" -m pip install -q -e ".[test]"
+
+# nnU-Net v2: dynamic-network-architectures builds nnU-Net networks (the `nnunet` extra), and
+# nnunetv2 is the reference the nnU-Net tests and benchmarks compare against (tests only). Both
+# declare timm -> torchvision, which would replace the torch chosen above: install them without
+# their dependencies, then their other requirements with torch held at the installed version.
+"$PY" -m pip install -q --no-deps "dynamic-network-architectures==0.4.4" "nnunetv2==2.8.1"
+"$PY" -c "import torch; print('torch==' + torch.__version__)" > .torch-constraint.txt
+"$PY" -m pip install -q -c .torch-constraint.txt "acvl-utils>=0.2.6,<0.3" \
+  "batchgenerators>=0.25.1" "batchgeneratorsv2>=0.3.2" scikit-learn graphviz yacs \
+  "blosc2>=3.3.2" seaborn matplotlib requests tqdm
+rm -f .torch-constraint.txt

@@ -29,10 +29,18 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("image", help="image file, DICOM folder, or folder of images (batch)")
     p.add_argument(
+        "more_images",
+        nargs="*",
+        metavar="IMAGE",
+        help="further channels of the same case, one file each, on IMAGE's grid (multi-channel "
+        "models, e.g. nnU-Net's CASE_0000.nii.gz CASE_0001.nii.gz)",
+    )
+    p.add_argument(
         "-m",
         "--model",
         required=True,
-        help="model name, model folder, TorchScript file or MONAI bundle folder",
+        help="model name, model folder, TorchScript file, MONAI bundle folder or nnU-Net v2 "
+        "trained-model folder",
     )
     p.add_argument(
         "-o",
@@ -50,6 +58,18 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--batch-size", type=number(int, 1), default=4, help="windows per batch")
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
+    p.add_argument(
+        "--no-mirror",
+        action="store_true",
+        help="nnU-Net models: skip the mirroring test-time augmentation nnU-Net applies by default",
+    )
+    p.add_argument(
+        "--folds",
+        nargs="+",
+        default=None,
+        metavar="FOLD",
+        help="nnU-Net models: the folds to ensemble, e.g. --folds 0 1 (default: all present)",
+    )
     p.add_argument(
         "--probabilities",
         metavar="FILE",
@@ -114,6 +134,11 @@ def _segment(args: argparse.Namespace) -> int:
         ]
     else:
         jobs = [(src, out)]
+    channels = [user_path(f) for f in (args.more_images or [])]
+    if channels:
+        if batch:
+            raise MedsegError("several channel files need one case, not a folder of images")
+        jobs = [([src, *channels], out)]  # type: ignore[list-item]
     prob = user_path(args.probabilities) if args.probabilities else None
     if prob is not None and len(jobs) > 1:
         raise MedsegError("--probabilities writes one file: it needs a single input image")
@@ -122,7 +147,12 @@ def _segment(args: argparse.Namespace) -> int:
     model_path = user_path(args.model)
     check_outputs(
         [p for _, dest in jobs for p in (dest, provenance_path(dest))] + [prob],
-        [src, *(f for f, _ in jobs), model_path if model_path.exists() else None],
+        [
+            src,
+            *channels,
+            *(f for f, _ in jobs if not channels),
+            model_path if model_path.exists() else None,
+        ],
         overwrite=args.overwrite,
         created=[out] if batch else (),
         models=[model_path],
@@ -138,12 +168,14 @@ def _segment(args: argparse.Namespace) -> int:
         device=args.device,
         overlap=args.overlap,
         batch_size=args.batch_size,
-        tta=args.tta,
+        tta=True if args.tta else (False if args.no_mirror else None),  # None: model's default
         trust_bundle=args.trust_bundle,
         precision=args.precision,
         compile=args.compile,
     )
     if args.scheduler and len(jobs) > 1:
+        if args.folds:
+            raise MedsegError("--folds needs a single process: leave out --scheduler")
         load_model(args.model, device="cpu", trust_bundle=args.trust_bundle)  # fail early
         provs = run_sync(
             segment_batch(jobs, args.model, scheduler=args.scheduler, **opts),
@@ -152,7 +184,10 @@ def _segment(args: argparse.Namespace) -> int:
     else:
         t_load = time.perf_counter()
         model = load_model(
-            args.model, device=str(resolve_device(args.device)), trust_bundle=args.trust_bundle
+            args.model,
+            device=str(resolve_device(args.device)),
+            trust_bundle=args.trust_bundle,
+            folds=args.folds,
         )
         if args.verbose:
             print(f"model loaded in {time.perf_counter() - t_load:.2f} s", file=sys.stderr)

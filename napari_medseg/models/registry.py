@@ -7,7 +7,9 @@ Two folders hold models, one sub-folder per model (the folder name is the model'
   ``$MEDSEG_MODELS_DIR/<name>/`` when that environment variable is set.
 
 A model folder holds ``model.json`` plus weights (see :mod:`napari_medseg.models.card`); a MONAI
-bundle folder (``configs/inference.json`` or ``.yaml``) is also accepted. Built-in names win
+bundle folder (``configs/metadata.json`` and ``configs/inference.json`` or ``.yaml``,
+:func:`~napari_medseg.models.loaders.bundle.is_bundle`) and an nnU-Net v2 trained-model folder
+(:mod:`napari_medseg.models.loaders.nnunet`) are also accepted. Built-in names win
 over user names (:func:`install_model` refuses to shadow one).
 
 :func:`load_model` accepts a registry name, a model folder, a MONAI bundle folder, or a
@@ -71,12 +73,20 @@ def user_models_dir(create: bool = False) -> Path:
 
 
 def _is_model_folder(folder: Path) -> bool:
-    return folder.is_dir() and ((folder / CARD_NAME).is_file() or is_bundle(folder))
+    from napari_medseg.models.loaders.nnunet import is_nnunet_folder
+
+    return folder.is_dir() and (
+        (folder / CARD_NAME).is_file() or is_bundle(folder) or is_nnunet_folder(folder)
+    )
 
 
 def _entry(folder: Path, builtin: bool) -> dict:
     """The listing of one model folder: its card as a dict plus where it comes from."""
-    if (folder / CARD_NAME).is_file():
+    from napari_medseg.models.loaders.nnunet import is_nnunet_folder, nnunet_entry
+
+    if is_nnunet_folder(folder) and not (folder / CARD_NAME).is_file():
+        d = nnunet_entry(folder)
+    elif (folder / CARD_NAME).is_file():
         try:
             d = ModelCard.load(folder).to_dict()
         except (ValueError, TypeError, OSError) as e:
@@ -156,7 +166,10 @@ def resolve_model(name_or_path: str | Path) -> Path:
 
 
 def load_model(
-    name_or_path: str | Path, device: Any = "cpu", trust_bundle: bool = False
+    name_or_path: str | Path,
+    device: Any = "cpu",
+    trust_bundle: bool = False,
+    folds: list[int | str] | None = None,
 ) -> LoadedModel:
     """Load a model by registry name or path, ready to run on ``device``.
 
@@ -169,6 +182,8 @@ def load_model(
     trust_bundle : bool
         Allow a MONAI bundle config to run its ``$`` expressions (passed to
         :func:`napari_medseg.models.loaders.bundle.load_bundle`).
+    folds : list of int or str, optional
+        nnU-Net v2 model folders only: the folds to ensemble (default: all present).
 
     Raises
     ------
@@ -201,6 +216,11 @@ def load_model(
         )
 
         return load_bundle(path, device=device, trust=trust_bundle)
+    from napari_medseg.models.loaders.nnunet import find_nnunet_folder, load_nnunet
+
+    nnunet = find_nnunet_folder(path)
+    if nnunet is not None:
+        return load_nnunet(nnunet, device=device, folds=folds)
     raise ModelLoadError(
         f"{path} is not a model folder: it has neither model.json nor configs/inference.json"
     )

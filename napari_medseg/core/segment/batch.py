@@ -48,14 +48,14 @@ def _model(ref: Any, device: str, trust_bundle: bool) -> LoadedModel:
 
 
 def segment_file(
-    image_path: str | Path,
+    image_path: str | Path | Sequence[str | Path],
     dest: str | Path,
     model: Any,
     *,
     device: str = "auto",
     overlap: float | None = None,
     batch_size: int = 4,
-    tta: bool = False,
+    tta: bool | None = None,
     trust_bundle: bool = False,
     probabilities: str | Path | None = None,
     precision: str = "auto",
@@ -65,9 +65,11 @@ def segment_file(
 
     Parameters
     ----------
-    image_path : path-like
+    image_path : path-like or sequence of path-like
         Any image :func:`napari_medseg.io.read_image` opens; with several series (a DICOM
-        folder), the first is segmented and the provenance says so (``series_note``).
+        folder), the first is segmented and the provenance says so (``series_note``). A list
+        is one case with one file per channel (stacked by
+        :func:`napari_medseg.core.segment.channels.stack_channels`).
     dest : path-like
         Labels file (.nii.gz, .nii, .nrrd, .mha; .png/.tif for 2D), written atomically on the
         image's own voxel grid (file axis order, same affine) with the provenance JSON beside.
@@ -99,10 +101,15 @@ def segment_file(
     from napari_medseg.io import read_image, write_image
     from napari_medseg.io.record import ImageRecord
 
-    image_path, dest = Path(image_path), Path(dest)
+    paths = [Path(p) for p in image_path] if isinstance(image_path, (list, tuple)) else []
+    image_path, dest = (paths[0] if paths else Path(image_path)), Path(dest)
     loaded = _model(model, "cpu", trust_bundle)
     t_read = time.perf_counter()
     (record,) = read_image(image_path, series=0)  # one series decoded, the choice recorded
+    if len(paths) > 1:
+        from napari_medseg.core.segment.channels import stack_channels
+
+        record = stack_channels([record, *(read_image(p, series=0)[0] for p in paths[1:])])
     read_s = time.perf_counter() - t_read
     result = yield from segment(
         record,
@@ -134,6 +141,8 @@ def segment_file(
         "file_total": round(time.perf_counter() - t_read, 3),
     }
     prov.update(input=str(image_path), input_sha256=sha256_of(image_path), output=str(written))
+    if len(paths) > 1:
+        prov["channel_files"] = [str(p) for p in paths]
     choice = record.metadata.get("series_choice")
     if choice:
         prov["series_note"] = f"{choice['n_series']} series in the input; segmented {record.name}"

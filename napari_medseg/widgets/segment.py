@@ -70,13 +70,13 @@ class SegmentWidget(ImageInput, Container):
         self._t0 = 0.0
         self._written: Any = weakref.WeakKeyDictionary()  # Labels layer -> digest of our data
         self.image = ComboBox(label="Image", choices=self._image_choices, nullable=True)
-        self.model = ComboBox(label="Model", choices=self._model_choices)
         self.channels = Select(label="More channels", choices=self._image_choices, value=[])
         self.channels.tooltip = (
             "Multi-channel models (nnU-Net CASE_0000, CASE_0001, ...): the image layers of "
             "channels 1, 2, ... in the layer list's order, on the Image's grid; none for "
             "one-channel models"
         )
+        self.model = ComboBox(label="Model", choices=self._model_choices)
         self.load_button = PushButton(text=LOAD_MODEL)
         self.device = ComboBox(label="Device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
         self.overlap = FloatSpinBox(label="Overlap", value=0.5, min=0.0, max=0.9, step=0.05)
@@ -98,13 +98,13 @@ class SegmentWidget(ImageInput, Container):
         self.extend(
             [
                 self.image,
+                self.channels,
                 self.model,
                 self.load_button,
                 self.model_info,
                 self.device,
                 self.overlap,
                 self.precision,
-                self.channels,
                 self.tta,
                 self.probabilities,
                 self.run_button,
@@ -180,6 +180,8 @@ class SegmentWidget(ImageInput, Container):
                 classes = ", ".join(c["name"] for c in card.get("classes", [])[1:])
                 dice = (card.get("metrics") or {}).get("val_dice_mean")
                 score = f"; held-out Dice {dice:.2f}" if isinstance(dice, float) else ""
+                if card.get("kind") == "nnunet":  # nnUNetPredictor mirrors by default
+                    self.tta.value = True
                 self.model_info.value = (
                     f"{card.get('modality')} {card.get('dims')}D: {classes}{score}"
                 )
@@ -188,8 +190,6 @@ class SegmentWidget(ImageInput, Container):
 
     def _on_load_model(self, _v: Any = None) -> None:
         from qtpy.QtWidgets import QFileDialog
-                if card.get("kind") == "nnunet":  # nnUNetPredictor mirrors by default
-                    self.tta.value = True
 
         path = QFileDialog.getExistingDirectory(
             self.native, "Choose a model folder or MONAI bundle folder"
@@ -227,6 +227,17 @@ class SegmentWidget(ImageInput, Container):
         if chosen is None:
             return
         layer, record = chosen
+        extra = [lyr for lyr in (self.channels.value or []) if lyr is not layer]
+        if extra:
+            from napari_medseg.core.segment.channels import stack_channels
+            from napari_medseg.widgets._layers import record_from_layer
+            from napari_medseg.widgets._task import report_error
+
+            try:
+                record = stack_channels([record, *(record_from_layer(lyr) for lyr in extra)])
+            except Exception as e:  # noqa: BLE001 - shown to the user as one sentence
+                report_error(self.status, e)
+                return
         self._t0 = time.perf_counter()
         self.job.start(
             _segment_job,
@@ -268,17 +279,6 @@ class SegmentWidget(ImageInput, Container):
         voxel = float(np.prod(record.spacing)) if record.space == "RAS" else None
         found = []
         for i, n in enumerate(counts):
-        extra = [lyr for lyr in (self.channels.value or []) if lyr is not layer]
-        if extra:
-            from napari_medseg.core.segment.channels import stack_channels
-            from napari_medseg.widgets._layers import record_from_layer
-            from napari_medseg.widgets._task import report_error
-
-            try:
-                record = stack_channels([record, *(record_from_layer(lyr) for lyr in extra)])
-            except Exception as e:  # noqa: BLE001 - shown to the user as one sentence
-                report_error(self.status, e)
-                return
             if i and n and i in result.class_names:
                 size = f"{n * voxel / 1000:.1f} mL" if voxel else f"{int(n)} px"
                 found.append(f"{result.class_names[i]} {size}")

@@ -42,7 +42,7 @@ CLASSICAL = ("nlmeans", "tv", "bilateral", "wavelet")
 def _scores(ref: np.ndarray, img: np.ndarray, mask: np.ndarray | None = None) -> tuple:
     from skimage.metrics import structural_similarity
 
-    from napari_medseg.core.denoise.denoising import psnr
+    from napari_medseg.core.denoise.classical import psnr
 
     ref = np.asarray(ref, dtype=np.float64)
     img = np.asarray(img, dtype=np.float64)

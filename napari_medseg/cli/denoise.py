@@ -116,7 +116,8 @@ def _out_ext(path: Path) -> str:
 
 def run_denoise(args: argparse.Namespace) -> int:
     """Run the subcommand; returns the exit code (errors raise :class:`MedsegError`)."""
-    from napari_medseg.core.denoise.denoising import denoise, load_denoiser, save_denoiser
+    from napari_medseg.core.denoise.denoising import denoise
+    from napari_medseg.core.denoise.store import load_denoiser, save_denoiser
     from napari_medseg.errors import ImageWriteError, MedsegError
     from napari_medseg.io import read_image, write_image
     from napari_medseg.io.record import ImageRecord

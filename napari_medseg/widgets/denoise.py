@@ -136,7 +136,7 @@ class DenoiseWidget(ImageInput, Container):
 
     def add_model_path(self, path: str | Path) -> None:
         """Offer a saved denoiser (model folder) in the method list and select it."""
-        from napari_medseg.core.denoise.denoising import load_denoiser
+        from napari_medseg.core.denoise.store import load_denoiser
 
         load_denoiser(path)  # fail now, with a clear sentence, if it is not a denoiser
         label = Path(path).name
@@ -265,7 +265,7 @@ class DenoiseWidget(ImageInput, Container):
 
     def save_model(self, folder: str | Path) -> Path:
         """Save the denoiser trained by the last run as a model folder."""
-        from napari_medseg.core.denoise.denoising import save_denoiser
+        from napari_medseg.core.denoise.store import save_denoiser
         from napari_medseg.errors import MedsegError
 
         if self.last_result is None or self.last_result.model is None:

@@ -8,15 +8,10 @@ import time
 import numpy as np
 import pytest
 
-from napari_medseg.core.denoise.denoising import (
-    CLASSICAL_METHODS,
-    _blind_spot_batch,
-    denoise,
-    load_denoiser,
-    psnr,
-    save_denoiser,
-    train_n2v,
-)
+from napari_medseg.core.denoise.classical import CLASSICAL_METHODS, psnr
+from napari_medseg.core.denoise.denoising import denoise
+from napari_medseg.core.denoise.n2v import blind_spot_batch, train_n2v
+from napari_medseg.core.denoise.store import load_denoiser, save_denoiser
 from napari_medseg.errors import MedsegError
 from napari_medseg.io import read_image
 from napari_medseg.io.record import ImageRecord
@@ -61,7 +56,7 @@ def test_blind_spot_masks_replace_pixels_by_neighbours():
     g = torch.Generator().manual_seed(0)
     for variant in ("n2v", "n2v2"):
         for blind_radius in (0, 1):
-            masked, mask = _blind_spot_batch(x, 0.05, variant, g, blind_radius=blind_radius)
+            masked, mask = blind_spot_batch(x, 0.05, variant, g, blind_radius=blind_radius)
             m = mask.bool()
             n = int(m.sum())
             assert 0.02 * x.numel() < n < 0.08 * x.numel()

@@ -6,7 +6,7 @@ symlink out, regular files only) and hashes the weights once, comparing the sha2
 card's. Every reader of model folders starts there: :func:`load_model_folder` (networks named in
 the card), :func:`napari_medseg.models.registry.load_model` (which also sends a folder holding
 TorchScript weights to :mod:`.torchscript`), :func:`napari_medseg.models.registry.install_model`
-and the denoiser loader (:func:`napari_medseg.core.denoise.denoising.load_denoiser`).
+and the denoiser loader (:func:`napari_medseg.core.denoise.store.load_denoiser`).
 """
 
 from __future__ import annotations

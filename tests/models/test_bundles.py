@@ -235,6 +235,8 @@ def test_card_translates_other_transforms() -> None:
         "activation": "sigmoid",
         "threshold": 0.5,
         "label_resampling": "linear",
+        # its Lambdad, read without running it: 4 = enhancing, else 1 = core, else 2 = whole
+        "channel_labels": [[2, 4], [0, 1], [1, 2]],
     }
     assert brats.classes[0] == {"id": 0, "name": "Tumor core", "color": PALETTE[-1]}
 

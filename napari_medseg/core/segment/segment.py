@@ -256,6 +256,7 @@ def segment(
     card_pp.pop("argmax", None)
     card_pp.pop("label_resampling", None)
     model_grid_steps = list(card_pp.pop("model_grid_steps", None) or [])
+    channel_labels = [tuple(r) for r in card_pp.pop("channel_labels", None) or []]
     blend_raw = bool((card.extra or {}).get("blend_raw_outputs", False))
     threshold = float(card_pp.pop("threshold", 0.5))
     if activation not in ("softmax", "sigmoid"):
@@ -391,19 +392,29 @@ def segment(
     grid.device = str(final_dev)
     class_names, class_colors = card.class_names, card.class_colors
     if activation == "sigmoid":
-        # independent (possibly nested) channels: channel k -> label k + 1 where its
-        # probability passes the threshold; larger regions are painted first so nested
+        # independent channels, each thresholded; then either the model's own channel-to-label
+        # rule, or channel k -> label k + 1 with larger regions painted first so nested
         # structures (e.g. tumour core inside whole tumour) stay visible
-        ldt = pp.label_dtype(K + 1)
         masks = [grid.probs_to_source(probs[k : k + 1])[0] > threshold for k in range(K)]
-        labels = np.zeros(record.spatial_shape, dtype=ldt)
-        for k in sorted(range(K), key=lambda k: -int(masks[k].sum())):
-            labels[masks[k]] = k + 1
-        del masks
         names = [c["name"] for c in card.classes]
         colors = [class_colors[int(c["id"])] for c in card.classes]
-        class_names = {0: "background", **{k + 1: names[k] for k in range(K)}}
-        class_colors = {0: "#000000", **{k + 1: colors[k] for k in range(K)}}
+        if channel_labels:
+            # the model's own rule (a MONAI bundle's Lambdad): label v where channel k is set,
+            # the first rule that holds wins
+            ldt = pp.label_dtype(max(v for _, v in channel_labels) + 1)
+            labels = np.zeros(record.spatial_shape, dtype=ldt)
+            for k, v in reversed(channel_labels):
+                labels[masks[k]] = v
+            class_names = {0: "background", **{v: names[k] for k, v in channel_labels}}
+            class_colors = {0: "#000000", **{v: colors[k] for k, v in channel_labels}}
+        else:
+            ldt = pp.label_dtype(K + 1)
+            labels = np.zeros(record.spatial_shape, dtype=ldt)
+            for k in sorted(range(K), key=lambda k: -int(masks[k].sum())):
+                labels[masks[k]] = k + 1
+            class_names = {0: "background", **{k + 1: names[k] for k in range(K)}}
+            class_colors = {0: "#000000", **{k + 1: colors[k] for k in range(K)}}
+        del masks
         method = "linear, per channel (sigmoid)"
     elif grid.resampled and method == "linear":
         labels = grid.argmax_to_source(probs, dtype=ldt)

@@ -879,6 +879,29 @@ def _translate_preprocessing(res: _Resolver) -> dict:
     }
 
 
+def channel_label_rules(func: str) -> list[tuple[int, int]] | None:
+    """Read a nested ``torch.where`` channel-to-label lambda without evaluating it.
+
+    ``"$lambda x: torch.where(x[[2]] > 0, 4, torch.where(x[[0]] > 0, 1, 0))"`` gives
+    ``[(2, 4), (0, 1)]``: label 4 where channel 2 is set, else 1 where channel 0 is, else 0.
+    Anything else gives None.
+    """
+    m = re.match(r"^\$?\s*lambda\s+(\w+)\s*:\s*(.*)$", func.strip(), re.S)
+    if not m:
+        return None
+    var, expr = m.groups()
+    step = re.compile(
+        rf"torch\.where\(\s*{re.escape(var)}\[\[(\d+)\]\]\s*>\s*0(?:\.0*)?\s*,\s*(\d+)\s*,\s*"
+    )
+    rules: list[tuple[int, int]] = []
+    pos = 0
+    while (hit := step.match(expr, pos)) is not None:
+        rules.append((int(hit.group(1)), int(hit.group(2))))
+        pos = hit.end()
+    rest = re.sub(r"\s+", "", expr[pos:])
+    return rules if rules and rest == "0" + ")" * len(rules) else None
+
+
 def _num(v: Any) -> float | None:
     """A plain float (or None) from a config value."""
     return None if v is None else float(v)
@@ -924,6 +947,14 @@ def _translate_postprocessing(res: _Resolver) -> dict:
                 card.setdefault("model_grid_steps", []).append(
                     {"op": "keep_largest", "classes": None if labels is None else list(labels)}
                 )
+            elif base == "Lambda" and args is not None and card.get("activation") == "sigmoid":
+                # e.g. BraTS: "$lambda x: torch.where(x[[2]] > 0, 4, torch.where(x[[0]] > 0, 1,
+                # ...0)))": thresholded channels to labels by priority, read without evaluating
+                rules = channel_label_rules(str(args.get("func", "")))
+                if rules is None:
+                    ignored.append(tname)
+                else:
+                    card["channel_labels"] = [list(r) for r in rules]
             elif base == "Invert":
                 # labels taken before going back (AsDiscrete argmax first) come back by nearest
                 # neighbour; scores going back first are interpolated, then argmax

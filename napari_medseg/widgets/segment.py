@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     import napari
 
 LOAD_MODEL = "Load model..."
+GET_MODELS = "Get models..."
 
 
 def _warm_up() -> None:
@@ -78,6 +79,11 @@ class SegmentWidget(ImageInput, Container):
         )
         self.model = ComboBox(label="Model", choices=self._model_choices)
         self.load_button = PushButton(text=LOAD_MODEL)
+        self.get_button = PushButton(text=GET_MODELS)
+        self.get_button.tooltip = (
+            "Download a model: a MONAI Model Zoo bundle, a TotalSegmentator task, a URL or a file"
+        )
+        self._get_dialog: Any = None
         self.device = ComboBox(label="Device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
         self.overlap = FloatSpinBox(label="Overlap", value=0.5, min=0.0, max=0.9, step=0.05)
         self.precision = ComboBox(
@@ -101,6 +107,7 @@ class SegmentWidget(ImageInput, Container):
                 self.channels,
                 self.model,
                 self.load_button,
+                self.get_button,
                 self.model_info,
                 self.device,
                 self.overlap,
@@ -123,6 +130,7 @@ class SegmentWidget(ImageInput, Container):
         )
         self.run_button.changed.connect(self._on_run)
         self.load_button.changed.connect(self._on_load_model)
+        self.get_button.changed.connect(self._on_get_models)
         self.model.changed.connect(self._show_model_info)
         self._follow_layers()
         self._show_model_info()
@@ -180,6 +188,11 @@ class SegmentWidget(ImageInput, Container):
                 classes = ", ".join(c["name"] for c in card.get("classes", [])[1:])
                 dice = (card.get("metrics") or {}).get("val_dice_mean")
                 score = f"; held-out Dice {dice:.2f}" if isinstance(dice, float) else ""
+                split = (card.get("evaluation") or {}).get("split")
+                if score and split:
+                    score += f" ({split})"
+                if card.get("demo"):
+                    score += "; DEMO model, not for clinical use"
                 if card.get("kind") == "nnunet":  # nnUNetPredictor mirrors by default
                     self.tta.value = True
                 self.model_info.value = (
@@ -196,6 +209,34 @@ class SegmentWidget(ImageInput, Container):
         )
         if path:
             self.add_model_path(path)
+
+    def _on_get_models(self, _v: Any = None) -> None:
+        """Open the Get models dialog (one per dock, kept between uses)."""
+        if self._get_dialog is None:
+            from qtpy.QtWidgets import QDialog, QVBoxLayout
+
+            from napari_medseg.widgets.get_models import GetModelsWidget
+
+            widget = GetModelsWidget(on_installed=self._on_models_installed)
+            dialog = QDialog(self.native)
+            dialog.setWindowTitle("Get models")
+            QVBoxLayout(dialog).addWidget(widget.native)
+            self._get_dialog = (dialog, widget)
+        self._get_dialog[0].show()
+
+    @property
+    def get_models_widget(self) -> Any:
+        """The Get models dialog's widget (None until the button was pressed)."""
+        return None if self._get_dialog is None else self._get_dialog[1]
+
+    def _on_models_installed(self, models: list) -> None:
+        """Offer newly pulled models at once, and choose the first segmentation model."""
+        self.model.reset_choices()
+        offered = {value for _, value in self._model_choices()}
+        for m in models:
+            if m.name in offered:
+                self.model.value = m.name
+                break
 
     def add_model_path(self, path: str) -> None:
         """Offer a model folder, TorchScript file or MONAI bundle from disk in the model list."""
@@ -368,6 +409,7 @@ class SegmentWidget(ImageInput, Container):
         if name in self._viewer.layers:
             self._viewer.layers.remove(name)
         self._viewer.add_image(data, **kwargs)
+
 
 def _fits(data: np.ndarray, dtype: np.dtype) -> bool:
     """Whether every value of ``data`` can be stored in ``dtype`` unchanged."""

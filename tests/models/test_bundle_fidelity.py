@@ -48,8 +48,6 @@ FIDELITY = {
     "prostate_mri_anatomy": MR,
     "ventricular_short_axis_3label": MR,  # a 2D network on slices (SliceInferer)
     "brats_mri_segmentation": "4 channels",  # 4 contrasts, sigmoid outputs, its own Lambdad
-    "multi_organ_segmentation": CT,  # DiNTS (trusted)
-    "pancreas_ct_dints_segmentation": CT,  # DiNTS (trusted)
 }
 MIN_VOXELS = 1000
 

@@ -44,7 +44,6 @@ FIDELITY = {
     "multi_organ_segmentation": CT,
     "pancreas_ct_dints_segmentation": CT,
     "swin_unetr_btcv_segmentation": CT,
-    "segmentation_template": CT,
     "prostate_mri_anatomy": MR,
     "ventricular_short_axis_3label": MR,  # a 2D network on slices (SliceInferer)
     "brats_mri_segmentation": "4 channels",  # 4 contrasts, sigmoid outputs, its own Lambdad

@@ -21,6 +21,7 @@ def data_path(rel: str) -> Path:
 
 @pytest.fixture
 def data_dir() -> Path:
-    if not DATA.exists():
+    # the data folder is the one with its README.md (an empty folder is not the data)
+    if not (DATA / "README.md").is_file():
         pytest.skip(f"real test data folder {DATA} not found (set MEDSEG_DATA)")
     return DATA

@@ -20,7 +20,9 @@ from napari_medseg.models.card import ModelCard  # noqa: E402
 DATA = Path(
     os.environ.get("MEDSEG_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data")
 )
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real test data not found at {DATA}")
+needs_data = pytest.mark.skipif(
+    not (DATA / "README.md").is_file(), reason=f"real test data not found at {DATA}"
+)
 
 # (image, label, expected file orientation, model spacing in mm)
 CASES = [

@@ -23,7 +23,9 @@ from tests.helpers import tiny_unet_card
 DATA = Path(
     os.environ.get("MEDSEG_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data")
 )
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real test data not found at {DATA}")
+needs_data = pytest.mark.skipif(
+    not (DATA / "README.md").is_file(), reason=f"real test data not found at {DATA}"
+)
 
 CLASSES = [{"id": 0, "name": "background"}, {"id": 1, "name": "spleen", "color": "#e6194b"}]
 

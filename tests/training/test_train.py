@@ -18,7 +18,9 @@ import pytest
 DATA = Path(
     os.environ.get("MEDSEG_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data")
 )
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real test data not found at {DATA}")
+needs_data = pytest.mark.skipif(
+    not (DATA / "README.md").is_file(), reason=f"real test data not found at {DATA}"
+)
 
 pytestmark = needs_data
 

@@ -344,28 +344,19 @@ def safe_extract(archive: Path, dest: Path) -> None:
                 shutil.copyfileobj(fin, fout, _CHUNK * 16)
 
 
-def _is_nnunet_folder(folder: Path) -> bool:
-    return (
-        (folder / "dataset.json").is_file()
-        and (folder / "plans.json").is_file()
-        and any(folder.glob("fold_*/checkpoint_*.pth"))
-    )
-
-
 def find_model_roots(folder: Path) -> list[Path]:
     """The model folders inside an extracted archive, outermost first.
 
-    A model folder has ``model.json``, a MONAI bundle's ``configs/inference.json|yaml``, or an
-    nnU-Net v2 trained-model layout (``dataset.json``, ``plans.json``, ``fold_*/checkpoint_*.pth``).
-    The search does not descend into a model folder it found.
+    A model folder is what the registry loads
+    (:func:`napari_medseg.models.registry.is_model_folder`: ``model.json``, a MONAI bundle, or an
+    nnU-Net v2 trained-model folder). The search does not descend into a model folder it found.
     """
-    from napari_medseg.models.card import CARD_NAME
-    from napari_medseg.models.registry import is_bundle
+    from napari_medseg.models.registry import is_model_folder
 
     roots: list[Path] = []
 
     def walk(d: Path, depth: int) -> None:
-        if (d / CARD_NAME).is_file() or is_bundle(d) or _is_nnunet_folder(d):
+        if is_model_folder(d):
             roots.append(d)
             return
         if depth >= 6:

@@ -44,6 +44,7 @@ __all__ = [
     "builtin_models_dir",
     "install_model",
     "is_bundle",
+    "is_model_folder",
     "list_models",
     "load_model",
     "resolve_model",
@@ -72,7 +73,8 @@ def user_models_dir(create: bool = False) -> Path:
     return path
 
 
-def _is_model_folder(folder: Path) -> bool:
+def is_model_folder(folder: Path) -> bool:
+    """True for a model folder (``model.json``), a MONAI bundle or an nnU-Net v2 folder."""
     from napari_medseg.models.loaders.nnunet import is_nnunet_folder
 
     return folder.is_dir() and (
@@ -112,7 +114,7 @@ def _entry(folder: Path, builtin: bool) -> dict:
 def _scan(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if _is_model_folder(p))
+    return sorted(p for p in root.iterdir() if is_model_folder(p))
 
 
 def list_models() -> list[dict]:
@@ -158,7 +160,7 @@ def resolve_model(name_or_path: str | Path) -> Path:
     if "/" not in name and "\\" not in name:
         for root in (builtin_models_dir(), user_models_dir()):
             cand = root / name
-            if _is_model_folder(cand):
+            if is_model_folder(cand):
                 return cand
     raise ModelLoadError(
         f"no model named or found at {name!r}; available models: {_available_names()}"
@@ -248,7 +250,7 @@ def install_model(src_folder: str | Path, name: str | None = None, overwrite: bo
         The installed folder.
     """
     src = Path(src_folder).expanduser()
-    if not _is_model_folder(src):
+    if not is_model_folder(src):
         raise ModelLoadError(f"{src} is not a model folder (no model.json or configs/)")
     card = None
     if (src / CARD_NAME).is_file():

@@ -35,6 +35,7 @@ import numpy as np
 
 from napari_medseg.core.correct.mask_store import software_versions
 from napari_medseg.errors import MedsegError
+from napari_medseg.io.limits import available_memory
 from napari_medseg.progress import Progress
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -74,22 +75,6 @@ class SegmentationResult:
     class_colors: dict[int, str]
     provenance: dict = field(default_factory=dict)
     probabilities: np.ndarray | None = None
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available to this process (None when it cannot be told)."""
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except Exception:  # noqa: BLE001 - psutil missing or unsupported platform
-        pass
-    try:
-        import os
-
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def estimate_memory(record: ImageRecord, model: LoadedModel, probabilities: bool = False) -> int:

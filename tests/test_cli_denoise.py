@@ -37,7 +37,8 @@ def _nuclei_tif(path, rows=slice(200, 263), cols=slice(300, 371)):
 
 def test_defaults_and_help():
     args = _parser().parse_args(["denoise", "in.tif", "-o", "out.tif"])
-    assert args.method == "n2v2" and args.time_budget == 90.0 and args.axis is None
+    assert args.method == "auto" and args.time_budget == 90.0 and args.axis is None
+    assert args.noise_model == "auto" and not args.no_tta and args.background is None
     assert (
         "--time-budget" in _parser()._subparsers._group_actions[0].choices["denoise"].format_help()
     )
@@ -202,3 +203,35 @@ def test_bad_input_is_one_sentence(tmp_path):
                 "--quiet",
             ]
         )
+
+
+def test_background_box_sets_the_noise_model_and_bad_boxes_fail(tmp_path, capsys):
+    noisy = _nuclei_tif(tmp_path / "in.tif")
+    out = tmp_path / "out.tif"
+    argv = ["denoise", str(tmp_path / "in.tif"), "-o", str(out), "--method", "gaussian"]
+    assert _run([*argv, "--background", "0:20,:30"]) == 0
+    prov = json.loads((tmp_path / "out.tif.provenance.json").read_text())
+    nm = prov["noise_model"]
+    assert nm["source"] == "background region"
+    assert nm["offset"] == pytest.approx(noisy[:20, :30].mean(), rel=1e-4)
+    assert "noise model: gain" in capsys.readouterr().err
+    for box, msg in [
+        ("0:20", "2 spatial axes"),
+        ("0:20,a:b", "whole numbers"),
+        ("5:5,0:3", "empty"),
+    ]:
+        with pytest.raises(MedsegError, match=msg):
+            _run([*argv, "--overwrite", "--background", box])
+
+
+def test_save_model_with_auto_on_correlated_noise_fails_and_writes_nothing(tmp_path):
+    rec = read_image(data_path("microscopy/dsb2018_nuclei/image.tif"))[0]
+    crop = np.asarray(rec.data, dtype=np.float64)[100:164, 150:214]
+    white = np.random.default_rng(0).normal(0, 1, (64, 65))
+    smeared = (crop + 8 * (white[:, 1:] + white[:, :-1])).astype(np.float32)
+    write_image(tmp_path / "in.tif", ImageRecord(data=smeared, affine=np.eye(3), space="pixel"))
+    out, folder = tmp_path / "out.tif", tmp_path / "model"
+    argv = ["denoise", str(tmp_path / "in.tif"), "-o", str(out), "--save-model", str(folder)]
+    with pytest.raises(MedsegError, match="correlated"):
+        _run([*argv, "--max-steps", "2", "--quiet"])
+    assert not out.exists() and not folder.exists()

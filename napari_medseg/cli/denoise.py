@@ -1,7 +1,8 @@
 """The ``napari-medseg denoise`` subcommand (added to :mod:`napari_medseg.cli` by ``add_parser``).
 
-``napari-medseg denoise IMAGE -o OUT [--method n2v2|n2v|nlmeans|tv|bilateral|wavelet]
-[--model M] [--time-budget SECONDS] [--axis A] [--save-model DIR]``
+``napari-medseg denoise IMAGE -o OUT [--method auto|n2v2|n2v|gaussian|tv|nlmeans|bilateral|wavelet]
+[--model M] [--time-budget SECONDS] [--axis A] [--background Y0:Y1,X0:X1] [--noise-model off]
+[--no-tta] [--save-model DIR]``
 
 OUT lies on IMAGE's grid with its geometry, dtype and value range; a provenance JSON
 (OUT's name + ``.provenance.json``) is written beside it. IMAGE may be a folder of images: one
@@ -15,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from napari_medseg.cli._common import (
     check_image_outputs,
     check_outputs,
@@ -22,7 +25,7 @@ from napari_medseg.cli._common import (
     provenance_path,
 )
 
-__all__ = ["add_parser", "run_denoise"]
+__all__ = ["add_parser", "parse_box", "run_denoise"]
 
 
 def add_parser(sub: Any) -> None:
@@ -31,13 +34,17 @@ def add_parser(sub: Any) -> None:
 
     p = sub.add_parser(
         "denoise",
-        help="denoise an image: self-supervised Noise2Void/N2V2 trained on it, or a classical "
-        "filter",
+        help="denoise an image: self-supervised Noise2Void/N2V2 trained on it, classical "
+        "filters, or both (auto)",
         description="Write OUT on IMAGE's own grid and geometry (same shape, dtype, value range "
-        "and affine) plus OUT's provenance JSON beside it. n2v2/n2v train a small network on "
-        "the noisy image itself for --time-budget seconds (no clean image needed); nlmeans, tv, "
-        "bilateral and wavelet are instant scikit-image filters with an estimated noise level. "
-        "IMAGE may be a folder: one network is trained on all its images and OUT is a folder.",
+        "and affine) plus OUT's provenance JSON beside it. Every method first estimates the "
+        "image's noise model (variance = gain x signal + floor) and works in its "
+        "variance-stabilised space. auto (default) averages an N2V2 network trained on the "
+        "noisy image itself for --time-budget seconds with calibrated Gaussian and TV filters, "
+        "or uses the filters alone when the noise is correlated between neighbouring pixels; "
+        "n2v2/n2v are the networks alone; gaussian, tv, nlmeans, bilateral and wavelet are "
+        "instant filters. IMAGE may be a folder: one network is trained on all its images and "
+        "OUT is a folder.",
     )
     p.add_argument("image", help="image file, DICOM folder, or folder of images")
     p.add_argument("-o", "--output", required=True, help="output image file, or folder (batch)")
@@ -75,6 +82,25 @@ def add_parser(sub: Any) -> None:
         help="2D (slice by slice) or 3D network on volumes (default: 3D unless slices are thick)",
     )
     p.add_argument(
+        "--background",
+        metavar="BOX",
+        default=None,
+        help="a region without signal for the noise model, as voxel index ranges in the file's "
+        "axis order, e.g. 0:40,0:60 (rows 0-39, columns 0-59); its mean and spread fix the "
+        "camera offset and read noise",
+    )
+    p.add_argument(
+        "--noise-model",
+        choices=["auto", "off"],
+        default="auto",
+        help="off: networks train on raw intensities even when the noise grows with the signal",
+    )
+    p.add_argument(
+        "--no-tta",
+        action="store_true",
+        help="predict once instead of averaging 8 rotations/flips (8x faster prediction)",
+    )
+    p.add_argument(
         "--save-model", metavar="DIR", help="save the trained denoiser as a model folder"
     )
     p.add_argument("--seed", type=number(int, 0), default=0)
@@ -84,6 +110,46 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar or warnings")
     p.set_defaults(func=run_denoise)
+
+
+def parse_box(text: str, spatial_shape: tuple) -> np.ndarray:
+    """``"Y0:Y1,X0:X1[,Z0:Z1]"`` (voxel index ranges, file axis order) as a boolean mask.
+
+    Parameters
+    ----------
+    text : str
+        One ``start:stop`` range per spatial axis; an empty side means the image edge.
+    spatial_shape : tuple of int
+
+    Returns
+    -------
+    numpy.ndarray of bool
+        ``spatial_shape``, True inside the box.
+    """
+    from napari_medseg.errors import MedsegError
+
+    parts = [t.strip() for t in text.split(",")]
+    if len(parts) != len(spatial_shape):
+        raise MedsegError(
+            f"--background {text!r} has {len(parts)} ranges; the image has "
+            f"{len(spatial_shape)} spatial axes {tuple(spatial_shape)}: give one start:stop each"
+        )
+    idx = []
+    for t, n in zip(parts, spatial_shape):
+        try:
+            a, b = t.split(":")
+            lo = int(a) if a else 0
+            hi = int(b) if b else n
+        except ValueError:
+            raise MedsegError(
+                f"--background range {t!r} is not start:stop with whole numbers"
+            ) from None
+        if not 0 <= lo < hi <= n:
+            raise MedsegError(f"--background range {t!r} is outside 0:{n} or empty")
+        idx.append(slice(lo, hi))
+    mask = np.zeros(tuple(spatial_shape), dtype=bool)
+    mask[tuple(idx)] = True
+    return mask
 
 
 def _jobs(src: Path, out: Path) -> list[tuple[Path, Path]]:
@@ -128,11 +194,11 @@ def run_denoise(args: argparse.Namespace) -> int:
     jobs = _jobs(src, out)
     batch = len(jobs) > 1 or jobs[0][0] != src
     if args.time_budget == 0 and args.max_steps is None and not args.model:
-        if args.method in ("n2v", "n2v2"):
+        if args.method in ("n2v", "n2v2", "auto"):
             raise MedsegError("--time-budget 0 (no time limit) needs --max-steps")
     sm = Path(args.save_model).expanduser() if args.save_model else None
-    if sm is not None and (args.model or args.method not in ("n2v", "n2v2")):
-        raise MedsegError("--save-model needs a trained method: use --method n2v2 or n2v")
+    if sm is not None and (args.model or args.method not in ("n2v", "n2v2", "auto")):
+        raise MedsegError("--save-model needs a trained method: use --method auto, n2v2 or n2v")
     model_in = Path(args.model).expanduser() if args.model else None
     if not batch:
         check_image_outputs(out)
@@ -159,6 +225,11 @@ def run_denoise(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         records.append(recs[0])
+    background = None
+    if args.background:
+        background = parse_box(args.background, records[0].spatial_shape)
+        if batch:
+            raise MedsegError("--background marks a region of one image; not for folders")
     if batch:
         out.mkdir(parents=True, exist_ok=True)
     model = load_denoiser(args.model) if args.model else None
@@ -178,9 +249,20 @@ def run_denoise(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 dims=args.dims,
                 train_on=train_on,
+                background=background,
+                noise_model=args.noise_model,
+                tta=False if args.no_tta else None,
             ),
             bar,
         )
+        if sm is not None and result.model is None:
+            why = result.provenance.get("auto", {}).get("reason", "no network was trained")
+            raise MedsegError(
+                f"nothing to save with --save-model: {why}; auto used the classical filters "
+                "(nothing was written). Use --method n2v2 to train a network anyway"
+            )
+        if not args.quiet and "noise_model_summary" in result.provenance:
+            print(f"noise model: {result.provenance['noise_model_summary']}", file=sys.stderr)
         if result.model is not None and model is None:
             model = result.model
             if args.save_model:

@@ -318,3 +318,64 @@ def find_source_layer(viewer: Any, data: Any, attrs: dict) -> Any | None:
         if t.shape[0] >= n and np.allclose(t[-n:, -n:], target[-n:, -n:], atol=1e-6):
             return layer
     return None
+
+
+def region_mask(region: Any, image_layer: Any, record: ImageRecord) -> np.ndarray:
+    """A region drawn in napari as a boolean mask on ``record``'s spatial grid (file order).
+
+    Parameters
+    ----------
+    region : napari.layers.Shapes or napari.layers.Labels
+        Shapes: the bounding box of all its shapes (in the image layer's voxel indices, the
+        displayed slice only along axes where a shape is flat). Labels: every voxel with a label
+        (the labels must lie on the image's grid: same spatial shape).
+    image_layer : napari.layers.Image
+        The image the region belongs to (``record`` comes from it).
+    record : ImageRecord
+
+    Returns
+    -------
+    numpy.ndarray of bool
+        ``record.spatial_shape``.
+    """
+    from napari.layers import Labels, Shapes
+
+    from napari_medseg.errors import MedsegError
+
+    nsp = record.spatial_ndim
+    meta = dict(image_layer.metadata).get(META_KEY, {})
+    full = list(meta.get("layer_axes", range(len(record.shape))))
+    sp_perm = [p for p in full if p < nsp]  # layer spatial axis j shows file axis sp_perm[j]
+    lay_shape = [record.spatial_shape[p] for p in sp_perm]
+    n_lead = image_layer.ndim - nsp - (1 if getattr(image_layer, "rgb", False) else 0)
+    if isinstance(region, Labels):
+        lab = np.asarray(region.data)
+        lab = lab.reshape(lab.shape[-nsp:]) if lab.ndim > nsp and lab.shape[0] == 1 else lab
+        if list(lab.shape[-nsp:]) != lay_shape:
+            raise MedsegError(
+                f"the region {region.name!r} has shape {lab.shape}; it must lie on the image's "
+                f"grid {tuple(lay_shape)}"
+            )
+        mask_l = np.asarray(lab[(0,) * (lab.ndim - nsp)] if lab.ndim > nsp else lab) > 0
+    elif isinstance(region, Shapes):
+        if not len(region.data):
+            raise MedsegError(f"draw a rectangle in {region.name!r} first (it has no shapes)")
+        pts = []
+        for shape in region.data:
+            for v in np.asarray(shape):
+                world = region.data_to_world(v)
+                d = np.asarray(image_layer.world_to_data(world), dtype=float)
+                pts.append(d[n_lead : n_lead + nsp])
+        pts = np.asarray(pts)
+        lo = np.floor(pts.min(0) + 0.5).astype(int)
+        hi = np.floor(pts.max(0) + 0.5).astype(int) + 1
+        lo = np.clip(lo, 0, lay_shape)
+        hi = np.clip(hi, 0, lay_shape)
+        if np.any(hi <= lo):
+            raise MedsegError(f"the shapes in {region.name!r} lie outside the image")
+        mask_l = np.zeros(lay_shape, dtype=bool)
+        mask_l[tuple(slice(a, b) for a, b in zip(lo, hi))] = True
+    else:
+        raise MedsegError("a background region is a Shapes (rectangle) or Labels layer")
+    inv = list(np.argsort(sp_perm))
+    return np.ascontiguousarray(mask_l.transpose(inv))

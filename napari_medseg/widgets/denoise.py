@@ -4,9 +4,12 @@ Thin (docs/ARCHITECTURE.md rule 3): it reads its inputs, runs
 :func:`napari_medseg.core.denoise.denoising.denoise`
 in a napari worker (progress bar, live training loss, Cancel via ``worker.quit()``, which stops
 the generator between two training steps) and turns the result into an Image layer on the
-source image's geometry with the source's contrast limits and colormap. "Show denoised" is the
-before/after toggle; "Save denoiser..." writes the network just trained as a model folder, and
-"Use saved denoiser..." offers a model folder in the method list (no training).
+source image's geometry with the source's contrast limits and colormap. The estimated noise
+model (gain, read noise or variance at zero, correlation) is shown under "Noise model";
+"Background" picks a Shapes rectangle or Labels region without signal that fixes the camera
+offset and read noise, and "Estimate noise" shows the model without running. "Show denoised"
+is the before/after toggle; "Save denoiser..." writes the network just trained as a model
+folder, and "Use saved denoiser..." offers a model folder in the method list (no training).
 """
 
 from __future__ import annotations
@@ -35,10 +38,12 @@ if TYPE_CHECKING:
     import napari
 
 METHOD_LABELS = {
+    "auto": "Auto: N2V2 + calibrated filters (best measured)",
     "n2v2": "N2V2 (self-supervised, trains on this image)",
     "n2v": "Noise2Void (self-supervised, trains on this image)",
+    "gaussian": "Gaussian, self-calibrated (instant)",
+    "tv": "Total variation, self-calibrated (instant)",
     "nlmeans": "Non-local means (instant)",
-    "tv": "Total variation (instant)",
     "bilateral": "Bilateral (instant)",
     "wavelet": "Wavelet BayesShrink (instant)",
 }
@@ -73,12 +78,22 @@ class DenoiseWidget(ImageInput, Container):
         self._t0 = 0.0
         self.last_result: Any = None
         self.image = ComboBox(label="Image", choices=self._image_choices, nullable=True)
-        self.method = ComboBox(label="Method", choices=self._method_choices, value="n2v2")
+        self.method = ComboBox(label="Method", choices=self._method_choices, value="auto")
         self.budget = FloatSpinBox(
             label="Training (s)", value=DEFAULT_TIME_BUDGET, min=1.0, max=36000.0, step=10.0
         )
         self.frames = CheckBox(text="Denoise each frame (time series)", value=False)
         self.device = ComboBox(label="Device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
+        self.region = ComboBox(
+            label="Background", choices=self._region_choices, nullable=True, value=None
+        )
+        self.region.tooltip = (
+            "Optional: a Shapes rectangle or Labels region without signal. Its mean and spread "
+            "fix the camera offset and read noise of the noise model. Empty: estimate from the "
+            "whole image."
+        )
+        self.noise_button = PushButton(text="Estimate noise")
+        self.noise_label = Label(label="Noise model", value="(not estimated yet)")
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.progress = ProgressBar(label="Progress", min=0, max=100, value=0)
@@ -94,6 +109,9 @@ class DenoiseWidget(ImageInput, Container):
                 self.budget,
                 self.frames,
                 self.device,
+                self.region,
+                self.noise_button,
+                self.noise_label,
                 self.run_button,
                 self.cancel_button,
                 self.progress,
@@ -110,6 +128,7 @@ class DenoiseWidget(ImageInput, Container):
         self.save_button.changed.connect(self._on_save_clicked)
         self.load_button.changed.connect(self._on_load_clicked)
         self.method.changed.connect(self._on_method)
+        self.noise_button.changed.connect(self._on_estimate_noise)
         self._follow_layers()
         self._on_method()
 
@@ -124,6 +143,16 @@ class DenoiseWidget(ImageInput, Container):
             if isinstance(lyr, Image) and not lyr.name.endswith("_denoised")
         ]
 
+    def _region_choices(self, _w: Any = None) -> list:
+        from napari.layers import Labels, Shapes
+
+        return [lyr for lyr in self._viewer.layers if isinstance(lyr, (Shapes, Labels))]
+
+    def _on_layers_changed(self, event: Any = None) -> None:
+        super()._on_layers_changed(event)
+        if hasattr(self, "region"):
+            self.region.reset_choices()
+
     def _method_choices(self, _w: Any = None) -> list[tuple[str, str]]:
         out = [(METHOD_LABELS[m], m) for m in METHODS]
         out += [
@@ -132,7 +161,7 @@ class DenoiseWidget(ImageInput, Container):
         return out
 
     def _on_method(self, _v: Any = None) -> None:
-        self.budget.enabled = self.method.value in N2V_METHODS
+        self.budget.enabled = self.method.value in (*N2V_METHODS, "auto")
 
     def add_model_path(self, path: str | Path) -> None:
         """Offer a saved denoiser (model folder) in the method list and select it."""
@@ -157,8 +186,49 @@ class DenoiseWidget(ImageInput, Container):
 
     # ------------------------------------------------------------------ run
 
+    def background_mask(self, record: Any) -> Any:
+        """The chosen background region on ``record``'s spatial grid, or None."""
+        from napari_medseg.widgets._layers import region_mask
+
+        if self.region.value is None:
+            return None
+        return region_mask(self.region.value, self.image.value, record)
+
+    def estimate_noise(self) -> Any:
+        """Estimate and show the noise model of the chosen image (first frame); returns it."""
+        from napari_medseg.core.denoise.denoising import noise_model_of
+
+        chosen = self._chosen_record("estimate its noise")
+        if chosen is None:
+            return None
+        _layer, record = chosen
+        data = np.asarray(record.data, dtype=np.float32)
+        cax = len(record.shape) - 1 if record.rgb else None
+        extra = [
+            i for i in range(record.spatial_ndim, len(record.shape)) if i != cax
+        ]  # frames: the first one
+        if extra:
+            data = np.take(data, 0, axis=extra[0])
+            if cax is not None:
+                cax -= 1
+        model = noise_model_of(data, cax, None, self.background_mask(record))
+        self._show_noise(model.summary(), model.source)
+        return model
+
+    def _show_noise(self, summary: str, source: str) -> None:
+        self.noise_label.value = f"{summary} (from {source})"
+
+    def _on_estimate_noise(self, _v: Any = None) -> None:
+        try:
+            self.estimate_noise()
+        except Exception as e:  # noqa: BLE001 - shown to the user as one sentence
+            report_error(self.status, e)
+
     def _options(self, record: Any) -> dict:
         opts: dict[str, Any] = {"device": self.device.value}
+        bg = self.background_mask(record)
+        if bg is not None:
+            opts["background"] = bg
         m = str(self.method.value)
         if m.startswith(MODEL_PREFIX):
             opts["model"] = m[len(MODEL_PREFIX) :]
@@ -182,12 +252,17 @@ class DenoiseWidget(ImageInput, Container):
             )
             report_error(self.status, msg)
             return
+        try:
+            options = self._options(record)
+        except Exception as e:  # noqa: BLE001 - shown to the user as one sentence
+            report_error(self.status, e)
+            return
         self._t0 = time.perf_counter()
         self.loss_plot.clear()
         self.job.start(
             _denoise_job,
             record,
-            self._options(record),
+            options,
             on_result=lambda result: self._on_result(layer, record, result),
             on_progress=self._show_loss,
         )
@@ -240,6 +315,10 @@ class DenoiseWidget(ImageInput, Container):
         secs = time.perf_counter() - self._t0
         self.progress.value = self.progress.max
         prov = result.provenance
+        if "noise_model_summary" in prov:
+            self._show_noise(
+                prov["noise_model_summary"], prov.get("noise_model", {}).get("source", "image")
+            )
         detail = ""
         if result.model is not None and not prov.get("network", {}).get("reused"):
             tr = result.model.training

@@ -123,3 +123,73 @@ def test_constant_image_fails_with_a_sentence(make_napari_viewer, qtbot):
     _run(widget, qtbot)
     assert widget.status.value.startswith("Failed") and "constant" in widget.status.value
     assert len(viewer.layers) == 1
+
+
+def test_noise_model_from_a_drawn_background_rectangle(make_napari_viewer, qtbot):
+    """The dock shows the noise model; a rectangle without signal fixes offset and read noise."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:96, :128]
+    signal = 20.0 + 200.0 * ((yy - 48) ** 2 + (xx - 80) ** 2 < 30**2)  # a bright disc
+    gain, offset, read = 4.0, 100.0, 3.0
+    img = gain * rng.poisson(signal / gain) + offset + rng.normal(0, read, signal.shape)
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(img.astype(np.float32), name="camera")
+    widget = _widget(viewer)
+    assert widget.method.value == "auto" and widget.budget.enabled
+    model = widget.estimate_noise()
+    assert "from image" in widget.noise_label.value and "gain" in widget.noise_label.value
+    assert 2.5 < model.gain < 6.0, model.summary()
+    # the user draws a rectangle in the dark corner (rows 0-29, columns 0-39)
+    shapes = viewer.add_shapes(
+        [np.array([[0, 0], [0, 39], [29, 39], [29, 0]])], shape_type="rectangle", name="bg"
+    )
+    widget.region.value = shapes
+    mask = widget.background_mask(widget._chosen_record("x")[1])
+    assert mask.shape == img.shape and mask[:30, :40].all() and mask.sum() == 30 * 40
+    model = widget.estimate_noise()
+    assert "background region" in widget.noise_label.value
+    assert model.offset == pytest.approx(img[:30, :40].mean())
+    assert model.read_noise == pytest.approx(img[:30, :40].std())
+    # Run (auto, short budget): the result's provenance holds the same model
+    widget.budget.value = 3.0
+    _run(widget, qtbot)
+    assert widget.status.value.startswith("Done"), widget.status.value
+    prov = viewer.layers["camera_denoised"].metadata["medseg"]["provenance"]
+    assert prov["method"] == "auto" and prov["noise_model"]["source"] == "background region"
+    assert "background region" in widget.noise_label.value
+    assert layer.data.shape == viewer.layers["camera_denoised"].data.shape
+
+
+def test_background_region_maps_to_file_axis_order_on_a_permuted_volume(make_napari_viewer):
+    """A region drawn on a volume whose file axes napari shows transposed lands on file voxels."""
+    from napari_medseg.io.geometry import record_to_layer_data
+    from napari_medseg.io.record import ImageRecord
+    from napari_medseg.widgets._layers import region_mask
+
+    # file axes (i, j, k) = (S, R, A) directions: napari shows them in another order
+    aff = np.array([[0, 2.0, 0, 0], [0, 0, 1.5, 0], [3.0, 0, 0, 0], [0, 0, 0, 1]])
+    rec = ImageRecord(
+        data=np.arange(10 * 12 * 14, dtype=np.float32).reshape(10, 12, 14),
+        affine=aff,
+        space="RAS",
+        name="vol",
+    )
+    data, kwargs, _ = record_to_layer_data(rec, "image")
+    assert data.shape != rec.shape  # really transposed
+    viewer = make_napari_viewer()
+    image = viewer.add_image(data, **kwargs)
+    lab = np.zeros(data.shape, dtype=np.uint8)
+    lab[1:3, 2:5, 4:9] = 1
+    labels = viewer.add_labels(lab, affine=kwargs["affine"], name="bg")
+    mask = region_mask(labels, image, rec)
+    assert mask.shape == rec.shape and mask.sum() == lab.sum()
+    # the marked voxels hold the same values in the file array as in the layer
+    np.testing.assert_array_equal(np.sort(rec.data[mask]), np.sort(data[lab > 0]))
+    # a rectangle drawn on one displayed slice: that slice's box, in file order
+    corners = np.array([[1, 2, 4], [1, 2, 8], [1, 4, 8], [1, 4, 4]], dtype=float)
+    world = np.array([image.data_to_world(c) for c in corners])
+    shapes = viewer.add_shapes([world], shape_type="rectangle", name="box")
+    mask = region_mask(shapes, image, rec)
+    box = np.zeros(data.shape, dtype=bool)
+    box[1, 2:5, 4:9] = True
+    np.testing.assert_array_equal(np.sort(rec.data[mask]), np.sort(data[box]))

@@ -582,6 +582,7 @@ def predict_n2v(
     device: Any = "auto",
     tile: int | None = None,
     batch_size: int = 4,
+    tta: bool = False,
 ) -> Generator[Progress, None, np.ndarray]:
     """Run a trained blind-spot network over an image with the tiled engine.
 
@@ -599,6 +600,11 @@ def predict_n2v(
         Window edge (default 256 in 2D, 64 in 3D; a multiple of 4).
     batch_size : int
         Windows per forward pass.
+    tta : bool
+        Test-time augmentation: average the predictions of the 8 rotations/flips of the
+        network's plane (2D networks) or the 8 combinations of axis flips (3D networks); each
+        is mapped back before averaging. 8x the prediction time; +0.1 to +0.35 dB on the real
+        pairs in docs/denoising.md.
 
     Returns
     -------
@@ -640,25 +646,67 @@ def predict_n2v(
     orig_threads = torch.get_num_threads()
     if dev.type == "cpu" and threads and threads < orig_threads:
         torch.set_num_threads(int(threads))  # what training measured faster on this CPU
+    views = _tta_views(model.dims, x.ndim - 1) if tta else [(lambda a: a, lambda a: a)]
+    out = None
     try:
-        y = yield from sliding_window(
-            torch.from_numpy(np.ascontiguousarray(x)),
-            predictor,
-            roi,
-            overlap=0.25,
-            batch_size=batch_size,
-            device=dev,
-            activation=None,
-            amp=False,
-            pad_value=0.0,
-        )
+        for k, (fwd, back) in enumerate(views):
+            xv = np.ascontiguousarray(fwd(x))
+            rv = [_round4(min(edge, n)) for n in xv.shape[1:]]
+            if sa is not None:
+                rv[-1] = 1
+            y = yield from sliding_window(
+                torch.from_numpy(xv),
+                predictor,
+                rv if tta else roi,
+                overlap=0.25,
+                batch_size=batch_size,
+                device=dev,
+                activation=None,
+                amp=False,
+                pad_value=0.0,
+            )
+            yv = back(y.detach().cpu().numpy())
+            out = yv if out is None else out + yv
+            if tta:
+                yield Progress(k + 1, len(views), f"prediction {k + 1}/{len(views)} (rotations)")
     finally:
         torch.set_num_threads(orig_threads)
-    out = y.detach().cpu().numpy()
+    out = np.ascontiguousarray(out / len(views), dtype=np.float32)
     if sa is not None:
         out = np.moveaxis(out, -1, sa + 1)
     out = out * std.reshape(shp) + mean.reshape(shp)
     return out[0] if channel_axis is None else np.moveaxis(out, 0, channel_axis)
+
+
+def _tta_views(dims: int, nsp: int) -> list[tuple[Any, Any]]:
+    """(forward, backward) pairs on ``(C, *spatial)`` arrays: the test-time augmentations.
+
+    2D networks: the 8 rotations/flips of axes 1-2 (the plane; a trailing slice axis rides
+    along). 3D networks: flips of every subset of the three spatial axes.
+    """
+    views: list[tuple[Any, Any]] = []
+    if dims == 2:
+        for k in range(4):
+            for flip in (False, True):
+
+                def fwd(a: np.ndarray, k: int = k, flip: bool = flip) -> np.ndarray:
+                    a = np.rot90(a, k, axes=(1, 2))
+                    return a[:, :, ::-1] if flip else a
+
+                def back(a: np.ndarray, k: int = k, flip: bool = flip) -> np.ndarray:
+                    a = a[:, :, ::-1] if flip else a
+                    return np.rot90(a, -k, axes=(1, 2))
+
+                views.append((fwd, back))
+        return views
+    for code in range(8):
+        axes = tuple(1 + i for i in range(3) if code >> i & 1)
+
+        def flip(a: np.ndarray, axes: tuple = axes) -> np.ndarray:
+            return np.flip(a, axes) if axes else a
+
+        views.append((flip, flip))
+    return views
 
 
 def _round4(n: int) -> int:

@@ -114,6 +114,55 @@ def test_prepared_network_outputs_ordinary_float_tensors():
     torch.testing.assert_close(fast(torch.zeros(1, 1, 32, 32, 32)), ref, rtol=1e-4, atol=1e-4)
 
 
+class _JitIsinstanceSkip(torch.nn.Module):
+    """Conv + BatchNorm, then a skip joined only when ``torch.jit.isinstance(skip, Tensor)``:
+    what MONAI's ``UpCat`` (FlexibleUNet's decoder) does. ``torch.fx`` traces that test as
+    False, so the traced copy drops the skip: a concatenation then fails (``"cat"``), an
+    addition silently changes the outputs (``"add"``)."""
+
+    def __init__(self, join: str) -> None:
+        super().__init__()
+        self.join = join
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.head = torch.nn.Conv2d(8 if join == "cat" else 4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        skip = torch.tanh(y)
+        if torch.jit.isinstance(skip, torch.Tensor):
+            y = torch.cat([y, skip], dim=1) if self.join == "cat" else y + skip
+        return self.head(y)
+
+
+@pytest.mark.parametrize("join", ["cat", "add"])
+def test_folding_that_changes_the_network_runs_it_unfolded(join):
+    net = _JitIsinstanceSkip(join).eval()
+    x = torch.rand(2, 3, 12, 10, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = net(x)
+    fast, info = prepare_network(net, "cpu", "fp32")
+    assert info.batchnorm_folded == 1  # the trace folds it, and loses the skip
+    y = fast(x)
+    torch.testing.assert_close(y, ref)  # the first batch: the original network's output
+    assert info.batchnorm_folded == 0 and info.memory_format == "contiguous"
+    why = "it failed" if join == "cat" else "its outputs differ"
+    assert any("folding changed" in n and why in n for n in info.notes), info.notes
+    torch.testing.assert_close(fast(x[:1]), ref[:1])  # and every batch after it
+
+
+def test_folding_that_keeps_the_outputs_is_kept():
+    net = _bundle_unet().eval()
+    _scramble_bn(net)
+    x = torch.rand(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(3))
+    fast, info = prepare_network(net, "cpu", "fp32")
+    with torch.no_grad():
+        ref = net(x)
+    torch.testing.assert_close(fast(x), ref, rtol=1e-4, atol=1e-4)
+    assert info.batchnorm_folded == 17 and not any("folding changed" in n for n in info.notes)
+    assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in fast.net.modules())
+
+
 # --------------------------------------------------------------------------- fidelity guard
 
 

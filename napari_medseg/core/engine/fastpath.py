@@ -16,7 +16,11 @@ it does, each step chosen per device and measured rather than assumed:
   convolution) is an affine map per channel and is folded into the convolution's weights and
   bias (traced with ``torch.fx``; networks that cannot be traced are left unfolded, with a note).
   InstanceNorm/GroupNorm depend on the data and are never folded. The model's own network is
-  not changed: folding works on a copy.
+  not changed: folding works on a copy. Tracing can change what a network computes without an
+  error at trace time (MONAI's ``UpCat`` tests ``torch.jit.isinstance(skip, torch.Tensor)``,
+  false for a traced value, so a traced FlexibleUNet drops its skip connections), so the first
+  batch also runs through the network as loaded, in fp32: if the folded copy fails or its
+  outputs differ (relative RMS error above ``1e-3``), the run goes on unfolded, with a note.
 * **memory format**: ``channels_last``/``channels_last_3d`` on GPUs, bf16 CPUs, and fp32 CPUs
   once every normalisation layer is folded away. Measured on the 2-core AVX2 EPYC with the spleen
   bundle's UNet (4 windows of 96^3, CPU seconds per batch, loaded machine): as loaded 1.82,
@@ -290,10 +294,14 @@ class FastNetwork(torch.nn.Module):
     contiguous, never an inference-mode tensor.
     """
 
-    def __init__(self, net: Any, info: FastPathInfo, guard: str | None = None) -> None:
+    def __init__(
+        self, net: Any, info: FastPathInfo, guard: str | None = None, unfolded: Any = None
+    ) -> None:
         super().__init__()
         self.net = net
         self.info = info
+        # the network as loaded, to check the folded copy against on the first batch
+        self._unfolded = [unfolded] if unfolded is not None else []  # a list: not a submodule
         self._dtype_name = _DTYPE_NAMES[info.precision]
         self._checks_left = FIDELITY_CHECK_BATCHES if guard else 0
         self._guard = guard
@@ -334,10 +342,42 @@ class FastNetwork(torch.nn.Module):
             y = self._run(torch.cat([x, pad]), dtype)
             return type(y)(v[:n] for v in y) if isinstance(y, (list, tuple)) else y[:n]
         self._batch = self._batch or n
+        if self._unfolded:
+            y = self._check_folding(x)
+            if dtype is None:
+                return y
         y = self._run(x, dtype)
         if dtype is not None and self._checks_left > 0:
             y = self._check(x, y)
         return y
+
+    def _check_folding(self, x: Any) -> Any:
+        """Run this batch through the network as loaded and the folded copy, both in fp32;
+        keep the copy only when it runs and agrees. Returns the fp32 output to use."""
+        original = self._unfolded.pop()
+        with torch.inference_mode(self.info.inference_mode):
+            ref = original(x)
+        ref = _plain(ref)  # outside inference mode: an ordinary tensor
+        try:
+            y = self._run(x, None)
+            score, _ = _agreement(_first(y), _first(ref), "values")
+            why = (
+                f"its outputs differ (agreement {score:.4f})" if score < FOLD_MIN_AGREEMENT else ""
+            )
+        except Exception as e:  # noqa: BLE001 - a traced copy that fails: the original runs
+            why = f"it failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+        if not why:
+            return y
+        note = (
+            f"BatchNorm folding changed what the traced network computes ({why}): ran the "
+            "network unfolded"
+        )
+        self.info.notes.append(note)
+        self.info.batchnorm_folded = 0
+        self.info.memory_format = "contiguous"
+        self.info.compiled = False
+        self.net = original
+        return ref
 
     def _check(self, x: Any, y: Any) -> Any:
         """Compare this batch with fp32; fall back to fp32 when they disagree."""
@@ -363,6 +403,10 @@ class FastNetwork(torch.nn.Module):
             f"(lowest agreement {min(score, _last_score(self.info.fidelity)):.4f})"
         )
         return y
+
+
+#: Lowest agreement (one minus the relative RMS error) of a folded network with the original.
+FOLD_MIN_AGREEMENT = 0.999
 
 
 def _last_score(text: str) -> float:
@@ -514,8 +558,11 @@ def prepare_network(
         net = net.to(dev)
     if hasattr(net, "eval"):
         net.eval()
+    unfolded = None
     if fold_bn and isinstance(net, torch.nn.Module):
+        original = net
         net, info.batchnorm_folded = fold_batchnorm(net)
+        unfolded = original if info.batchnorm_folded else None
     ndim = _spatial_dims(net)
     if memory_format == "auto":
         fast = dev.type == "cuda" or (dev.type == "cpu" and (prec != "fp32" or not _has_norm(net)))
@@ -533,7 +580,7 @@ def prepare_network(
     use_guard = guard if (info.precision_requested == "auto" and prec != "fp32") else None
     if use_guard:
         info.fidelity = "pending"
-    return FastNetwork(net, info, use_guard), info
+    return FastNetwork(net, info, use_guard, unfolded), info
 
 
 def _has_norm(net: Any) -> bool:

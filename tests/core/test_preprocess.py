@@ -162,6 +162,60 @@ def test_rgb_pathology_tile_goes_channels_first():
     assert grid.labels_to_source(np.ones(rgb.shape[:2], np.uint8)).shape == rgb.shape[:2]
 
 
+@needs_data
+@pytest.mark.parametrize(
+    "size, align_corners", [([736, 480], False), ([201, 333], False), ([736, 480], True)]
+)
+def test_resize_and_raster_axes_match_monai(size, align_corners):
+    """A MONAI bundle's LoadImage + Resize on a 300x500 JPEG, and Invertd's resize back."""
+    from monai.transforms import EnsureChannelFirst, LoadImage, Resize
+    from PIL import Image
+
+    path = DATA / "pathology" / "he_tile_tcia.jpg"
+    monai_img = EnsureChannelFirst(channel_dim=-1)(LoadImage(image_only=True)(str(path)))
+    assert tuple(monai_img.shape) == (3, 500, 300)  # MONAI's (x, y): columns first
+    expected = Resize(size, mode="bilinear", align_corners=align_corners)(monai_img)
+    rgb = np.asarray(Image.open(path))
+    rec = ImageRecord(data=rgb, affine=np.eye(3), space="pixel", rgb=True)
+    spec = {"spatial_size": size, "size_mode": "all"}
+    if align_corners:
+        spec["align_corners"] = True
+    norm = {"scheme": "none", "resize": spec, "raster_axes": "xy"}
+    card = _card(None, dims=2, in_channels=3, normalization=norm)
+    model, grid = to_model_grid(rec, card)
+    assert tuple(model.shape) == (3, *size) and grid.resampled
+    np.testing.assert_allclose(model.numpy(), np.asarray(expected), rtol=1e-4, atol=1e-3)
+
+    # back to the file's (row, col) grid as Invertd does: the same resize to the old size,
+    # bilinear for scores, nearest for labels (nearest_interp)
+    scores = torch.rand(2, *size, generator=torch.Generator().manual_seed(0))
+    orig = tuple(monai_img.shape[1:])
+    back = Resize(orig, mode="bilinear", align_corners=align_corners)(scores)
+    np.testing.assert_allclose(
+        grid.probs_to_source(scores), np.asarray(back).transpose(0, 2, 1), atol=1e-5
+    )
+    labels = (scores[:1] > 0.5).to(torch.uint8)
+    near = np.asarray(Resize(orig, mode="nearest")(labels.float()))[0].T.astype(np.uint8)
+    assert np.array_equal(grid.labels_to_source(labels[0].numpy()), near)
+
+
+def test_resize_grid_sizes_as_monai():
+    from monai.transforms import Resize
+
+    from napari_medseg.core.engine.preprocess import resize_grid
+
+    x = torch.zeros(1, 33, 50, 7)
+    for spec in (
+        {"spatial_size": [16, -1, 9]},
+        {"spatial_size": 40, "size_mode": "longest"},
+        {"spatial_size": [64, 64, 64], "align_corners": True},
+    ):
+        monai_shape = tuple(Resize(**spec, mode="trilinear")(x).shape[1:])
+        assert resize_grid((33, 50, 7), spec)[0] == monai_shape
+    with pytest.raises(MedsegError, match="2 spatial axes"):
+        resize_grid((33, 50), {"spatial_size": [1, 2, 3]})
+
+
 def test_ct_window():
     x = np.array([[-1000.0, -160.0, 40.0, 240.0, 3000.0]], dtype=np.float32)
     out = normalize(x, {"scheme": "ct", "window": [-160, 240]}, channel_axis=0)

@@ -22,7 +22,15 @@ largest spacing (the last one on ties, the NIfTI slice axis). It is moved last, 
 axes keep the file order (no reorientation), ``card.spacing`` (2 values) resamples in-plane
 only. 2D images (``space="pixel"``) keep their ``(row, col)`` axes, RGB goes channels-first;
 they are resampled only when both ``card.spacing`` and ``record.metadata["mpp"]`` are known
-(micrometres per pixel).
+(micrometres per pixel). A card with ``normalization["raster_axes"] == "xy"`` (MONAI bundles:
+MONAI's ``LoadImage`` reads PNG/JPEG/TIFF as ``(x, y)``, i.e. ``(col, row)``) sees 2D images
+transposed, as the bundle's network does in MONAI.
+
+A card with ``normalization["resize"]`` (MONAI's ``Resize``:
+``{"spatial_size": [...], "size_mode": "all" | "longest", "align_corners": bool}``) resizes
+the reoriented image to a fixed shape with ``F.interpolate``'s (bi/tri)linear arithmetic
+instead of resampling to a spacing; its inverse is the same resize back to the source shape,
+as MONAI's ``Invertd`` does.
 
 :class:`GridMap` undoes the map onto the source file grid: labels with nearest neighbour (an
 index gather, exact for any integer dtype), probabilities with (tri)linear interpolation, and
@@ -47,7 +55,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from napari_medseg.io.record import ImageRecord
     from napari_medseg.models.card import ModelCard
 
-__all__ = ["GridMap", "normalize", "replace_nonfinite", "slice_axis_of", "to_model_grid"]
+__all__ = [
+    "GridMap",
+    "normalize",
+    "replace_nonfinite",
+    "resize_grid",
+    "slice_axis_of",
+    "to_model_grid",
+]
 
 _MAX_STAT_SAMPLES = 2_000_000
 
@@ -310,13 +325,25 @@ def slice_axis_of(record: ImageRecord) -> int:
     return int(np.nonzero(np.isclose(sp, best, rtol=1e-3))[0][-1])
 
 
-def _positions(n_out: int, step: float) -> np.ndarray:
+def _positions(n_out: int, step: float, align: str = "centres") -> np.ndarray:
     """Positions (in input index units) of ``n_out`` output voxels ``step`` input voxels apart.
 
-    The model grid follows MONAI's ``Spacing`` convention: the first voxel centres coincide and
-    the spacing is exactly the requested one, so a MONAI bundle sees the same grid here as in
-    MONAI's own pipeline.
+    ``align="centres"``: MONAI's ``Spacing`` convention, the first voxel centres coincide and
+    the spacing is exactly the requested one. ``align="corners"``: the same placement for
+    ``F.interpolate`` with ``align_corners=True``, whose step is ``(n_in - 1) / (n_out - 1)``.
+    ``align="edges"``: ``F.interpolate`` with ``align_corners=False`` (MONAI's ``Resize``),
+    the two grids cover the same extent, output voxel ``j`` lies at ``(j + 0.5) * step - 0.5``
+    (at least 0) with ``step = n_in / n_out``. A resize (``"edges"``, ``"corners"``) computes
+    the positions in float32, as torch does. Either way a MONAI bundle sees the same grid here
+    as in MONAI.
     """
+    if align == "edges":
+        j = np.arange(n_out, dtype=np.float32)
+        pos = np.float32(step) * (j + np.float32(0.5)) - np.float32(0.5)
+        return np.maximum(pos, np.float32(0.0)).astype(np.float64)
+    if align == "corners":
+        j = np.arange(n_out, dtype=np.float32)
+        return (np.float32(step) * j).astype(np.float64)
     return np.arange(n_out, dtype=np.float64) * float(step)
 
 
@@ -377,7 +404,9 @@ class GridMap:
         Voxel size on the model grid (mm, or pixels/um for 2D images): the card's spacing.
     step : tuple of float
         Model voxel ``j`` lies at oriented source index ``j * step`` (MONAI ``Spacing``
-        convention: first voxel centres aligned, exact target spacing).
+        convention: first voxel centres aligned, exact target spacing), or with
+        ``align="edges"`` at ``(j + 0.5) * step - 0.5`` (MONAI ``Resize``: ``step`` is the
+        ratio of the sizes and both grids cover the same extent).
     model_affine : numpy.ndarray
         Model-grid voxel indices to world (for checks and debugging).
     slice_axis : int or None
@@ -386,6 +415,10 @@ class GridMap:
         Where resampling runs.
     info : dict
         Notes such as ``{"nonfinite_replaced": n}``.
+    align : {"centres", "edges", "corners"}
+        How the two grids line up (see ``step``): ``"centres"`` MONAI's ``Spacing``;
+        ``"edges"`` and ``"corners"`` MONAI's ``Resize`` with ``align_corners`` False or True
+        (``"corners"`` places voxels as ``"centres"`` does, ``step = (n - 1) / (m - 1)``).
     """
 
     source_shape: tuple[int, ...]
@@ -400,6 +433,7 @@ class GridMap:
     slice_axis: int | None = None
     device: str = "cpu"
     info: dict = field(default_factory=dict)
+    align: str = "centres"
 
     @property
     def resampled(self) -> bool:
@@ -456,7 +490,9 @@ class GridMap:
             n_out, st = size[ax], self.step[ax]
             if abs(st - 1.0) < 1e-9 and out.shape[ax + 1] == n_out:
                 continue
-            pos = _positions(n_out, st if to_model else 1.0 / st)
+            # (a resize to one voxel with align_corners has step 0: every voxel reads voxel 0)
+            inv = 1.0 / st if st else 0.0
+            pos = _positions(n_out, st if to_model else inv, self.align)
             out = _resample_axis(out, ax + 1, pos, mode)
         return out
 
@@ -466,7 +502,10 @@ class GridMap:
         """Labels on the model grid ``(*model_shape)`` to the source file grid (nearest).
 
         Exact index gather: each source voxel takes the label of the model voxel whose centre
-        is nearest; dtype is kept. Returns a numpy array of shape ``source_shape``.
+        is nearest (a resize, ``align`` ``"edges"`` or ``"corners"``: model voxel
+        ``floor(i * n_model / n_source)``, what ``F.interpolate(mode="nearest")`` and so
+        MONAI's ``Resize`` inverse with ``nearest_interp`` pick); dtype is kept. Returns a
+        numpy array of shape ``source_shape``.
         """
         import torch
 
@@ -477,8 +516,13 @@ class GridMap:
         if self.resampled:
             # one axis at a time (last first): several times faster than np.ix_ on big maps
             for ax in reversed(range(lab.ndim)):
-                pos = _positions(self.oriented_shape[ax], 1.0 / self.step[ax])
-                idx = np.clip(np.rint(pos), 0, lab.shape[ax] - 1).astype(np.int64)
+                n_src = self.oriented_shape[ax]
+                if self.align in ("edges", "corners"):  # torch's "nearest", as MONAI's Resize
+                    scale = np.float32(lab.shape[ax]) / np.float32(n_src)  # float32, as torch
+                    pos = np.floor(np.arange(n_src, dtype=np.float32) * scale)
+                else:
+                    pos = np.rint(_positions(n_src, 1.0 / self.step[ax]))
+                idx = np.clip(pos, 0, lab.shape[ax] - 1).astype(np.int64)
                 lab = lab.take(idx, ax)
         out = self._inverse_orient(lab[None])[0]
         return np.ascontiguousarray(out)
@@ -609,6 +653,14 @@ def to_model_grid(
         perm = tuple([a for a in range(3) if a != slice_axis] + [slice_axis])
         oriented_affine = affine.copy()
         oriented_affine[:, :3] = affine[:, list(perm)]
+    elif (
+        record.space == "pixel"
+        and nsp == 2
+        and (card.normalization or {}).get("raster_axes") == "xy"
+    ):
+        perm = (1, 0)  # MONAI reads 2D rasters as (x, y): the network sees them transposed
+        oriented_affine = affine.copy()
+        oriented_affine[:, :2] = affine[:, [1, 0]]
     else:
         oriented_affine = affine.copy()
     oriented_shape = tuple(src_shape[p] for p in perm)
@@ -628,7 +680,16 @@ def to_model_grid(
             target = sp[:2]
         elif record.space == "RAS" and nsp == 2:
             target = sp[:2]
-    if target is not None:
+    resize = (card.normalization or {}).get("resize")
+    align = "centres"
+    if isinstance(resize, dict):
+        if target is not None:
+            raise MedsegError(
+                f"model {card.name!r} asks for both a spacing and a fixed image size (resize); "
+                "its card can have only one of them"
+            )
+        model_shape, step, align = resize_grid(oriented_shape, resize)
+    elif target is not None:
         # MONAI Spacing: the first voxel centres coincide, spacing is exactly the target
         step = tuple(float(t) / float(sp_) for t, sp_ in zip(target, oriented_spacing))
         # spacings equal up to rounding (e.g. a card spacing printed with 4 decimals): keep the
@@ -644,6 +705,8 @@ def to_model_grid(
     model_spacing = tuple(float(v) * st for v, st in zip(oriented_spacing, step))
     s_mat = np.eye(nsp + 1)
     s_mat[:nsp, :nsp] = np.diag(step)
+    if align == "edges":  # model voxel j at source index (j + 0.5) * step - 0.5
+        s_mat[:nsp, nsp] = 0.5 * (np.asarray(step) - 1.0)
     model_affine = oriented_affine @ s_mat
 
     dev = torch.device(device) if not isinstance(device, torch.device) else device
@@ -660,6 +723,7 @@ def to_model_grid(
         slice_axis=slice_axis,
         device=str(dev),
         info={"nonfinite_replaced": n_bad},
+        align=align,
     )
     t = torch.from_numpy(np.ascontiguousarray(x)).to(dev)
     t = grid.image_to_model(t)
@@ -667,6 +731,55 @@ def to_model_grid(
         arr = normalize(t.cpu().numpy(), card.normalization, channel_axis=0, copy=False)
         t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(dev)
     return t.contiguous(), grid
+
+
+def resize_grid(
+    shape: tuple[int, ...], resize: dict
+) -> tuple[tuple[int, ...], tuple[float, ...], str]:
+    """The grid MONAI's ``Resize`` makes of an image of spatial ``shape``.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        Spatial shape of the (reoriented) image, model axis order.
+    resize : dict
+        ``{"spatial_size": [...], "size_mode": "all", "align_corners": False}``:
+        ``size_mode="all"`` gives each axis its size (one int: every axis; ``-1`` keeps the
+        image's); ``"longest"`` scales the longest axis to ``spatial_size`` (an int) and the
+        others by the same factor, rounded.
+
+    Returns
+    -------
+    model_shape : tuple of int
+        The resized spatial shape.
+    step : tuple of float
+        Source voxels per model voxel along each axis (1.0 where the size does not change).
+    align : {"edges", "corners"}
+        ``"edges"`` for ``align_corners=False`` (torch's default), ``"corners"`` for ``True``
+        (then ``step = (n - 1) / (m - 1)``); see :class:`GridMap`.
+    """
+    size = resize.get("spatial_size")
+    if str(resize.get("size_mode", "all")) == "longest":
+        if not isinstance(size, (int, float)) or isinstance(size, bool):
+            raise MedsegError(f"a 'longest' resize needs one size, not {size!r}")
+        scale = float(size) / max(shape)
+        out = tuple(round(n * scale) for n in shape)
+    else:
+        sizes = [size] * len(shape) if isinstance(size, (int, float)) else list(size or [])
+        if len(sizes) != len(shape):
+            raise MedsegError(
+                f"the model resizes images to {len(sizes)} axes {sizes} but the image has "
+                f"{len(shape)} spatial axes {tuple(shape)}"
+            )
+        out = tuple(int(n) if s is None or int(s) <= 0 else int(s) for n, s in zip(shape, sizes))
+    corners = bool(resize.get("align_corners", False))
+    if corners:
+        step = tuple(
+            1.0 if m == n else (n - 1) / (m - 1) if m > 1 else 0.0 for n, m in zip(shape, out)
+        )
+    else:
+        step = tuple(1.0 if m == n else n / m for n, m in zip(shape, out))
+    return out, step, "corners" if corners else "edges"
 
 
 def foreground_box(image: Any, spec: dict) -> tuple[slice, ...] | None:

@@ -297,3 +297,47 @@ def test_sigmoid_channels_become_nested_labels():
     assert res.class_names == {0: "background", 1: "body", 2: "dense"}
     np.testing.assert_array_equal(res.labels == 2, dense)  # the smaller region painted last
     np.testing.assert_array_equal(res.labels == 1, body & ~dense)
+
+
+class _SharpLogits2D(torch.nn.Module):
+    """Logits ``(0, 40 * (red - 0.45))``: large, so softmax saturates and interpolating
+    probabilities draws other boundaries than interpolating the logits."""
+
+    def forward(self, x):
+        d = 40.0 * (x[:, :1] - 0.45)
+        return torch.cat([torch.zeros_like(d), d], 1)
+
+
+@needs_data
+def test_bundle_resize_and_its_inverse_on_raw_outputs_as_monai():
+    """A MONAI bundle that reads a JPEG columns first, resizes it, and whose Invertd resizes
+    the logits back before the argmax (endoscopic_tool_segmentation), against torch."""
+    from PIL import Image
+
+    F = torch.nn.functional
+    rgb = np.asarray(Image.open(DATA / "pathology/he_tile_tcia.jpg").convert("RGB"))
+    rec = ImageRecord(data=rgb, affine=np.eye(3), space="pixel", rgb=True)
+    # what MONAI computes: (x, y) layout, Resize, network, Resize back, argmax
+    x = torch.from_numpy(rgb.astype(np.float32) / 255.0).permute(2, 1, 0)[None]
+    logits = _SharpLogits2D()(F.interpolate(x, size=(96, 64), mode="bilinear"))
+    back = F.interpolate(logits, size=x.shape[2:], mode="bilinear")
+    want_raw = back[0].argmax(0).numpy().T
+    soft = F.interpolate(torch.softmax(logits, 1), size=x.shape[2:], mode="bilinear")
+    want_soft = soft[0].argmax(0).numpy().T
+    assert 0.2 < want_raw.mean() < 0.8 and (want_raw != want_soft).sum() > 100
+
+    for raw, want in ((True, want_raw), (False, want_soft)):
+        card = _tiny_card(name="resized", dims=2, in_channels=3, spacing=None, patch_size=[96, 64])
+        card.normalization = {
+            "scheme": "rgb",
+            "resize": {"spatial_size": [96, 64], "size_mode": "all"},
+            "raster_axes": "xy",
+        }
+        card.extra = {"blend_raw_outputs": True, "blend_mode": "constant"}
+        card.postprocessing = {"argmax": True, "label_resampling": "linear"}
+        if raw:
+            card.postprocessing["resample_raw_outputs"] = True
+        model = LoadedModel(card=card, network=_SharpLogits2D())
+        res = run_sync(segment(rec, model, device="cpu", fast_path=False))
+        assert res.labels.shape == rgb.shape[:2]
+        assert (res.labels != want).sum() <= 5, (raw, int((res.labels != want).sum()))

@@ -250,7 +250,18 @@ def test_card_translates_other_transforms() -> None:
     assert endo.normalization["monai_steps"] == [
         {"op": "minmax", "minv": 0.0, "maxv": 1.0, "channel_wise": False}
     ]
-    assert endo.extra["bundle_transforms_ignored"] == ["Resized"]
+    # its Resized to 736x480 (MONAI's (x, y): the 2D image is read columns first) and back
+    assert endo.normalization["resize"] == {"spatial_size": [736, 480], "size_mode": "all"}
+    assert endo.normalization["raster_axes"] == "xy"
+    assert endo.extra["bundle_transforms_ignored"] == []
+    # Invertd moves the logits back before AsDiscreted's argmax; its Lambdad x[1:] keeps the
+    # foreground channel of the two-class one-hot labels: the label map itself
+    assert endo.postprocessing == {
+        "label_resampling": "linear",
+        "resample_raw_outputs": True,
+        "argmax": True,
+    }
+    assert "bundle_postprocessing_ignored" not in endo.extra
 
     renal = load_bundle(BUNDLES / "renalStructures_CECT_segmentation", weights="random").card
     assert renal.orientation == "LPS" and renal.spacing == [0.8, 0.8, 0.8]

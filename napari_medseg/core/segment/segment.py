@@ -240,9 +240,12 @@ def segment(
     activation = str(card_pp.pop("activation", "softmax"))
     card_pp.pop("argmax", None)
     card_pp.pop("label_resampling", None)
+    # a MONAI bundle whose Invertd takes the raw outputs (logits) back, its activation after
+    raw_back = bool(card_pp.pop("resample_raw_outputs", False))
     model_grid_steps = list(card_pp.pop("model_grid_steps", None) or [])
     channel_labels = [tuple(r) for r in card_pp.pop("channel_labels", None) or []]
     blend_raw = bool((card.extra or {}).get("blend_raw_outputs", False))
+    raw_back = raw_back and blend_raw
     threshold = float(card_pp.pop("threshold", 0.5))
     if activation not in ("softmax", "sigmoid"):
         raise MedsegError(f"model {card.name!r} asks for an unknown activation {activation!r}")
@@ -342,7 +345,7 @@ def segment(
         )
     final_dev = probs.device
     del image
-    if blend_raw:
+    if blend_raw and not raw_back:
         probs = torch_activation(probs, activation)
     if box is not None:
         import torch
@@ -376,11 +379,20 @@ def segment(
         raise MedsegError(f"label_resampling must be auto, linear or nearest, not {method!r}")
     grid.device = str(final_dev)
     class_names, class_colors = card.class_names, card.class_colors
+
+    def to_source(p: Any) -> np.ndarray:
+        """Model-grid probabilities (or raw outputs, ``raw_back``) as probabilities on the
+        source grid; raw outputs are interpolated first and activated there, as MONAI does."""
+        out = grid.probs_to_source(p)
+        if raw_back:
+            out = torch_activation(torch.from_numpy(out), activation).numpy()
+        return out
+
     if activation == "sigmoid":
         # independent channels, each thresholded; then either the model's own channel-to-label
         # rule, or channel k -> label k + 1 with larger regions painted first so nested
         # structures (e.g. tumour core inside whole tumour) stay visible
-        masks = [grid.probs_to_source(probs[k : k + 1])[0] > threshold for k in range(K)]
+        masks = [to_source(probs[k : k + 1])[0] > threshold for k in range(K)]
         names = [c["name"] for c in card.classes]
         colors = [class_colors[int(c["id"])] for c in card.classes]
         if channel_labels:
@@ -402,6 +414,8 @@ def segment(
         del masks
         method = "linear, per channel (sigmoid)"
     elif grid.resampled and method == "linear":
+        # argmax of the interpolated probabilities (or of the interpolated raw outputs, which
+        # is the argmax of their softmax)
         labels = grid.argmax_to_source(probs, dtype=ldt)
     else:
         model_labels = pp.argmax(probs).astype(ldt, copy=False)
@@ -414,7 +428,7 @@ def segment(
                 )
         labels = grid.labels_to_source(model_labels)
         del model_labels
-    probabilities = grid.probs_to_source(probs) if return_probabilities else None
+    probabilities = to_source(probs) if return_probabilities else None
     del probs
     timings["resample_back"] = time.perf_counter() - t_stage
     t_stage = time.perf_counter()

@@ -1,7 +1,9 @@
-"""A MONAI bundle config as a model card: network, spacing, orientation, intensity steps with
-MONAI's exact arithmetic, CropForeground, the inferer's window, overlap, blending and padding,
-and how the outputs become labels (activation, argmax, Invertd order, KeepLargestConnectedComponent,
-a Lambdad channel-to-label rule). What is not reproduced is listed in the card's ``extra``.
+"""A MONAI bundle config as a model card: network, spacing or a whole-image Resize, orientation,
+how MONAI lays out 2D rasters, intensity steps with MONAI's exact arithmetic, CropForeground,
+the inferer's window, overlap, blending and padding, and how the outputs become labels
+(activation, argmax, Invertd order and whether it moves raw outputs,
+KeepLargestConnectedComponent, a Lambdad channel-to-label rule). What is not reproduced is
+listed in the card's ``extra``.
 
 Used by :func:`napari_medseg.models.loaders.bundle.load_bundle`.
 """
@@ -49,6 +51,9 @@ _IMPLICIT = {
     "ToNumpyd",
 }
 
+
+#: ``lambda x: x[1:]``: the foreground channel of a one-hot label map of two classes.
+_FOREGROUND_CHANNEL = re.compile(r"^\$?\s*lambda\s+(\w+)\s*:\s*\1\s*\[\s*1\s*:\s*\]\s*$")
 
 #: Output channels that are not a class map (names of the network's keyword argument).
 _OUT_KEYS = ("out_channels", "num_classes", "out_classes")
@@ -117,6 +122,9 @@ def build_card(res: ConfigResolver, root: Path, meta: dict, network: Any) -> Mod
         out_channels = int(pred.get("num_channels") or 1)
 
     pre = _translate_preprocessing(res)
+    if int(dims) == 2:
+        # how MONAI's LoadImage lays out a 2D raster (the engine transposes PNG/JPEG/TIFF so)
+        pre["normalization"]["raster_axes"] = pre["raster_axes"]
     post = _translate_postprocessing(res)
     classes = _classes(res, pred, out_channels, post)
 
@@ -215,6 +223,8 @@ def _transforms(res: ConfigResolver, id: str) -> list[tuple[str, dict | None, st
 def _translate_preprocessing(res: ConfigResolver) -> dict:
     spacing, orientation, steps, ignored = None, "RAS", [], []
     crop: dict | None = None
+    resize: dict | None = None
+    raster_axes = "xy"  # MONAI's readers give 2D PNG/JPEG/TIFF as (x, y), i.e. (col, row)
     exact: list[dict] = []  # the same steps with MONAI's exact arithmetic (monai_intensity)
 
     def arg(args: dict, tid: str, key: str, default: Any = None) -> Any:
@@ -226,7 +236,9 @@ def _translate_preprocessing(res: ConfigResolver) -> dict:
             if tname not in _IMPLICIT:
                 ignored.append(tname)
             continue
-        if base == "Spacing" and "pixdim" in args:
+        if base == "LoadImage" and "reverse_indexing" in args:
+            raster_axes = "xy" if truthy(arg(args, tid, "reverse_indexing")) else "yx"
+        if base == "Spacing" and "pixdim" in args and resize is None:
             pix = arg(args, tid, "pixdim")
             spacing = [float(p) for p in pix] if isinstance(pix, (list, tuple)) else [float(pix)]
         elif base == "Orientation" and "axcodes" in args:
@@ -303,6 +315,12 @@ def _translate_preprocessing(res: ConfigResolver) -> dict:
                     "channel_wise": truthy(arg(args, tid, "channel_wise", False)),
                 }
             )
+        elif base == "Resize" and spacing is None and resize is None and not steps:
+            # the whole image to a fixed size (before any intensity step, where the engine
+            # runs it); its inverse (Invertd) is the same resize back
+            resize = _resize_spec(res, args, tid)
+            if resize is None:
+                ignored.append(tname)
         elif base == "CropForeground" and steps and crop is None and _default_select(args):
             # reproduced on the model grid after the intensity steps (where it stands in every
             # Model Zoo config that uses it): the box of values > 0, margin, k_divisible
@@ -321,6 +339,8 @@ def _translate_preprocessing(res: ConfigResolver) -> dict:
             norm["steps"] = steps
     if crop is not None:
         norm["crop_foreground"] = crop
+    if resize is not None:
+        norm["resize"] = resize
     # MONAI scales intensities after Orientation/Spacing, on the resampled image, exactly
     norm["on_model_grid"] = True
     if exact:
@@ -330,7 +350,47 @@ def _translate_preprocessing(res: ConfigResolver) -> dict:
         "orientation": orientation,
         "normalization": norm,
         "ignored": ignored,
+        "raster_axes": raster_axes,
     }
+
+
+def _resize_spec(res: ConfigResolver, args: dict, tid: str) -> dict | None:
+    """A ``Resize(d)``'s arguments for the engine, or None when it cannot be reproduced.
+
+    Reproduced: ``size_mode`` ``"all"`` or ``"longest"``, (bi/tri)linear interpolation of the
+    image, ``align_corners`` unset/False/True, no anti-aliasing.
+    """
+
+    def arg(key: str, default: Any = None) -> Any:
+        return res.value(args[key], f"{tid}#{key}") if key in args else default
+
+    size = arg("spatial_size")
+    mode = arg("mode", "area")
+    if isinstance(mode, (list, tuple)):  # one mode per key: the image is the first key
+        mode = mode[0] if mode else "area"
+    size_mode = str(arg("size_mode", "all"))
+    corners = arg("align_corners")
+    ok_size = (
+        isinstance(size, int)
+        if size_mode == "longest"
+        else isinstance(size, int)
+        or (isinstance(size, (list, tuple)) and all(isinstance(v, int) for v in size))
+    )
+    if (
+        not ok_size
+        or size_mode not in ("all", "longest")
+        or str(mode) not in ("linear", "bilinear", "trilinear")
+        or truthy(arg("anti_aliasing", False))
+        or corners not in (None, False, True)
+    ):
+        return None
+    spec: dict = {
+        "spatial_size": size if isinstance(size, int) else [int(v) for v in size],
+        "size_mode": size_mode,
+    }
+    if corners:
+        spec["align_corners"] = True
+    return spec
 
 
 def channel_label_rules(func: str) -> list[tuple[int, int]] | None:
@@ -369,6 +429,7 @@ def _default_select(args: dict) -> bool:
 def _translate_postprocessing(res: ConfigResolver) -> dict:
     card: dict = {}
     ignored: list[str] = []
+    onehot = None  # AsDiscrete(to_onehot=K) after its argmax
     try:
         items = _transforms(res, "postprocessing")
     except ModelLoadError:  # postprocessing is informative; never block loading on it
@@ -383,6 +444,7 @@ def _translate_postprocessing(res: ConfigResolver) -> dict:
             elif base == "AsDiscrete" and args is not None:
                 if truthy(res.value(args.get("argmax", False), f"{tid}#argmax")):
                     card["argmax"] = True
+                    onehot = res.value(args.get("to_onehot"), f"{tid}#to_onehot")
                 thr = res.value(args.get("threshold"), f"{tid}#threshold")
                 if isinstance(thr, (int, float)) and not isinstance(thr, bool):
                     card["threshold"] = float(thr)
@@ -401,6 +463,15 @@ def _translate_postprocessing(res: ConfigResolver) -> dict:
                 card.setdefault("model_grid_steps", []).append(
                     {"op": "keep_largest", "classes": None if labels is None else list(labels)}
                 )
+            elif (
+                base == "Lambda"
+                and args is not None
+                and onehot == 2
+                and _FOREGROUND_CHANNEL.match(str(args.get("func", "")))
+            ):
+                # e.g. endoscopic tools: "$lambda x: x[1:]" keeps channel 1 of the one-hot
+                # argmax of two classes, which is the label map itself: nothing to do
+                pass
             elif base == "Lambda" and args is not None and card.get("activation") == "sigmoid":
                 # e.g. BraTS: "$lambda x: torch.where(x[[2]] > 0, 4, torch.where(x[[0]] > 0, 1,
                 # ...0)))": thresholded channels to labels by priority, read without evaluating
@@ -413,6 +484,10 @@ def _translate_postprocessing(res: ConfigResolver) -> dict:
                 # labels taken before going back (AsDiscrete argmax first) come back by nearest
                 # neighbour; scores going back first are interpolated, then argmax
                 card["label_resampling"] = "nearest" if card.get("argmax") else "linear"
+                if not card.get("argmax") and "activation" not in card:
+                    # the raw outputs (logits) go back and are interpolated there; an
+                    # activation, if any, comes after
+                    card["resample_raw_outputs"] = True
             elif base not in ("SaveImage", "CopyItems") and tname not in _IMPLICIT:
                 ignored.append(tname)
         except ModelLoadError:

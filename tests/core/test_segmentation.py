@@ -341,3 +341,34 @@ def test_bundle_resize_and_its_inverse_on_raw_outputs_as_monai():
         res = run_sync(segment(rec, model, device="cpu", fast_path=False))
         assert res.labels.shape == rgb.shape[:2]
         assert (res.labels != want).sum() <= 5, (raw, int((res.labels != want).sum()))
+
+
+@needs_data
+def test_whole_image_runs_the_network_once_on_the_whole_image():
+    """A bundle with SimpleInferer: one forward pass on the whole image (image-wide InstanceNorm
+    statistics), not windows of the card's patch size."""
+    from monai.networks.nets import UNet
+
+    rec = _crop("ct/spleen/image.nii.gz", (slice(20, 100), slice(30, 94), slice(2, 18)))
+    torch.manual_seed(0)
+    net = UNet(3, 1, 3, (4, 8, 16), (2, 2), num_res_units=1, norm="instance").eval()
+    card = _tiny_card(
+        name="whole",
+        spacing=None,
+        patch_size=[32, 32, 16],
+        classes=[*CLASSES, {"id": 2, "name": "other", "color": "#3cb44b"}],
+    )
+    card.normalization = {"scheme": "ct", "window": [-160.0, 240.0]}
+    card.extra = {"blend_raw_outputs": True, "blend_mode": "constant", "whole_image": True}
+    x = np.clip((rec.data + 160.0) / 400.0, 0.0, 1.0).astype(np.float32)  # RAS already
+    with torch.no_grad():
+        want = net(torch.from_numpy(x)[None, None])[0].argmax(0).numpy()
+    assert len(np.unique(want)) == 3
+
+    model = LoadedModel(card=card, network=net)
+    res = run_sync(segment(rec, model, device="cpu"))
+    assert res.provenance["parameters"]["roi_size"] == list(rec.shape)
+    assert (res.labels != want).sum() <= 5
+    card.extra["whole_image"] = False  # windows of 32x32x16: other InstanceNorm statistics
+    windows = run_sync(segment(rec, model, device="cpu")).labels
+    assert (windows != want).mean() > 0.01

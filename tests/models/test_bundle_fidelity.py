@@ -16,8 +16,10 @@ Changes made to the reference, each because this machine cannot run the config a
 (they change nothing MONAI computes): the device is the CPU, the data loader runs in-process,
 ``ITKReader`` becomes ``NibabelReader`` (``itk`` is not installed; both read NIfTI to the same
 array and affine), SwinUNETR's ``img_size`` argument, which MONAI 1.6 no longer accepts, is
-dropped (our loader drops it the same way), and DiNTS's architecture file is loaded on the CPU
-with ``weights_only=False`` (it holds NumPy arrays, which torch >= 2.6 refuses by default).
+dropped (our loader drops it the same way), DiNTS's architecture file is loaded on the CPU
+with ``weights_only=False`` (it holds NumPy arrays, which torch >= 2.6 refuses by default), and
+a config's ``dataset_dir`` (the segmentation template's SaveImaged ``data_root_dir``) is the
+test image's folder.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ FIDELITY = {
     # a 2D RGB network on a whole 300x500 H&E tile (JPEG): MONAI reads it as (x, y), resizes
     # it to 736x480 and its Invertd resizes the logits back
     "endoscopic_tool_segmentation": "pathology/he_tile_tcia.jpg",
+    # SimpleInferer: a UNet with InstanceNorm on the whole image at once (no windows)
+    "segmentation_template": CT,
 }
 MIN_VOXELS = 1000
 RASTER = (".png", ".jpg", ".jpeg")
@@ -78,6 +82,10 @@ def _reference(bundle: Path, image: Path | list[Path], out_dir: Path) -> Path:
 
         conf = yaml.safe_load(text)
     key = conf.get("image_key", conf.get("image", "image"))
+    if str(key).startswith("$"):  # e.g. the template's "$monai.utils.CommonKeys.IMAGE"
+        from monai.bundle import ConfigParser
+
+        key = ConfigParser(conf).get_parsed_content("image")
     value = [str(i) for i in image] if isinstance(image, list) else str(image)
     overrides: dict = {
         "bundle_root": str(bundle),
@@ -89,6 +97,8 @@ def _reference(bundle: Path, image: Path | list[Path], out_dir: Path) -> Path:
     }
     if "data_dicts" in conf:  # the segmentation template names its data list so
         overrides["data_dicts"] = [{key: value}]
+    if "dataset_dir" in conf:  # SaveImaged's data_root_dir in the template
+        overrides["dataset_dir"] = str(Path(value if isinstance(value, str) else value[0]).parent)
     pre = conf.get("preprocessing", {})
     for i, t in enumerate(pre.get("transforms", []) if isinstance(pre, dict) else []):
         if isinstance(t, dict) and t.get("reader") == "ITKReader":
@@ -166,7 +176,11 @@ def _yaml(path: Path) -> dict:
 
 
 def _crop(card, src: Path, dst: Path) -> Path:
-    """A centred crop of about 1.3 windows of the model grid, geometry kept."""
+    """A centred crop of about 1.3 windows of the model grid, geometry kept.
+
+    A bundle that runs whole images (SimpleInferer) gets sizes that are multiples of its
+    network's total stride (``strides`` of a UNet), as its network needs.
+    """
     import nibabel as nib
 
     im = nib.load(str(src))
@@ -177,6 +191,9 @@ def _crop(card, src: Path, dst: Path) -> Path:
     if card.dims == 2:  # a 2D network on slices: a few slices are enough
         roi, sp = np.array([*roi[:2], 4.0]), np.array([*sp[:2], zooms[2]])
     n = np.minimum(np.ceil(1.3 * roi * sp / zooms).astype(int), a.shape[:3])
+    if card.extra.get("whole_image"):
+        k = int(np.prod(card.architecture["kwargs"].get("strides") or [1]))
+        n = n // k * k
     lo = (np.asarray(a.shape[:3]) - n) // 2
     sl = tuple(slice(int(start), int(start + k)) for start, k in zip(lo, n))
     aff = im.affine.copy()

@@ -212,6 +212,7 @@ def test_spleen_card_matches_config(tmp_path: Path) -> None:
         "label_resampling": "linear",
     }
     assert card.extra["blend_mode"] == "constant" and card.extra["padding_mode"] == "constant"
+    assert card.extra["whole_image"] is False  # a SlidingWindowInferer: windows
     assert card.extra["bundle_transforms_ignored"] == []
     assert card.extra["bundle"]["name"] == "Spleen CT segmentation"
     assert card.extra["bundle"]["version"] == "0.5.9"
@@ -262,6 +263,10 @@ def test_card_translates_other_transforms() -> None:
         "argmax": True,
     }
     assert "bundle_postprocessing_ignored" not in endo.extra
+    # SimpleInferer: the whole image in one forward pass
+    assert endo.extra["whole_image"] is True
+    template = load_bundle(BUNDLES / "segmentation_template", weights="random").card
+    assert template.extra["bundle_inferer"] == "SimpleInferer" and template.extra["whole_image"]
 
     renal = load_bundle(BUNDLES / "renalStructures_CECT_segmentation", weights="random").card
     assert renal.orientation == "LPS" and renal.spacing == [0.8, 0.8, 0.8]

@@ -283,6 +283,10 @@ def segment(
         image = image[(slice(None), *box)]
 
     roi = [int(v) for v in card.patch_size]
+    if (card.extra or {}).get("whole_image"):
+        # MONAI's SimpleInferer: the network sees the whole (model-grid) image at once, so
+        # image-wide layers (InstanceNorm) and the borders see what they see in MONAI
+        roi = [int(v) for v in image.shape[1 : 1 + card.dims]]
     if precision == "auto" and amp is not None and not isinstance(amp, str):
         precision = "bf16" if amp else "fp32"
     t_stage = time.perf_counter()

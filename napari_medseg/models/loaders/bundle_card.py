@@ -145,6 +145,8 @@ def build_card(res: ConfigResolver, root: Path, meta: dict, network: Any) -> Mod
         },
         "bundle_transforms_ignored": pre["ignored"],
         "bundle_inferer": inferer_name,
+        # SimpleInferer runs the network on the whole image, not on windows
+        "whole_image": inferer_name == "SimpleInferer",
         "trusted": res.trust,
         # how MONAI's inferer blends and pads windows (the engine does the same)
         "blend_mode": str(blend) if str(blend) in ("constant", "gaussian") else "gaussian",

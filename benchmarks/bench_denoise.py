@@ -1,6 +1,6 @@
 """Denoising quality and time: every method x every case with a clean reference, in one run.
 
-Run: ``python benchmarks/bench_denoise.py [--budget 90] [--threads N] [--json OUT]``
+Run: ``python benchmarks/bench_denoise.py [--budget 90 | --steps 1000] [--threads N] [--json OUT]``
 (needs ../shared/data or ``$MEDSEG_DATA``; BM3D rows need ``pip install bm3d``).
 
 Cases
@@ -92,8 +92,10 @@ def _run(record, method: str, **kw) -> tuple[np.ndarray, float, dict]:
     info = {"noise_model": prov.get("noise_model_summary")}
     if res.model is not None:
         info["steps"] = res.model.training.get("steps")
-    if "classical" in prov and isinstance(prov["classical"], dict):
-        info["classical"] = {k: prov["classical"].get(k) for k in ("method", "parameter")}
+    cl = prov.get("classical")
+    if isinstance(cl, dict):
+        parts = cl.get("mean of", [cl])
+        info["classical"] = {c["method"]: c["parameter"] for c in parts}
     if "auto" in prov:
         info["auto_network"] = prov["auto"]["network"]
     return res.data, secs, info
@@ -182,8 +184,14 @@ def _case(name, record, ref, mask, args, data_range=None, extra=()) -> list[dict
         (f"n2v2 {args.budget:g} s, no vst, no tta", "n2v2", {"noise_model": "off", "tta": False}),
     ]:
         budget = args.fmri_budget if name == "fmri" else args.budget
-        label = label.replace(f"{args.budget:g} s", f"{budget:g} s")
-        out, secs, info = _run(record, method, time_budget=budget, **kw)
+        steps = args.fmri_steps if name == "fmri" else args.steps
+        if steps:  # a fixed number of steps: scores independent of the machine's load
+            label = label.replace(f"{args.budget:g} s", f"{steps} steps")
+            kw = {**kw, "time_budget": 0, "max_steps": steps}
+        else:
+            label = label.replace(f"{args.budget:g} s", f"{budget:g} s")
+            kw = {**kw, "time_budget": budget}
+        out, secs, info = _run(record, method, **kw)
         add(label, out, secs, info)
     for label, fn in extra:
         out, secs, info = fn()
@@ -195,6 +203,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", type=float, default=90.0, help="network training seconds")
     ap.add_argument("--fmri-budget", type=float, default=30.0, help="budget on the fMRI frame")
+    ap.add_argument(
+        "--steps", type=int, default=None, help="train N steps instead of --budget seconds"
+    )
+    ap.add_argument("--fmri-steps", type=int, default=None, help="steps on the fMRI frame")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--json", default=None, help="write the rows as JSON here")
     ap.add_argument("--cases", nargs="+", default=["w2s", "fmd", "fmri", "dsb"])
@@ -248,11 +260,10 @@ def main(argv=None) -> int:
                     from napari_medseg.progress import run_sync
 
                     t = time.perf_counter()
-                    res = run_sync(
-                        denoise(
-                            rec4, method, axis=3, time_budget=args.fmri_budget, device="cpu", **kw
-                        )
-                    )
+                    budget = {"time_budget": args.fmri_budget}
+                    if args.fmri_steps:
+                        budget = {"time_budget": 0, "max_steps": args.fmri_steps}
+                    res = run_sync(denoise(rec4, method, axis=3, device="cpu", **budget, **kw))
                     steps = res.model.training.get("steps") if res.model else None
                     return res.data[..., 0], time.perf_counter() - t, {"steps": steps}
 
@@ -266,7 +277,7 @@ def main(argv=None) -> int:
                 args,
                 extra=[
                     ("auto, all 30 frames", all_frames()),
-                    (f"n2v2 {args.fmri_budget:g} s, all 30 frames", all_frames("n2v2")),
+                    ("n2v2, all 30 frames", all_frames("n2v2")),
                 ],
             )
         elif case == "dsb":

@@ -97,3 +97,42 @@ def test_model_that_does_not_fit_says_so(make_napari_viewer, qtbot, tmp_path):
     assert widget.status.value.startswith("Failed")
     assert "3D" in widget.status.value or "2D" in widget.status.value
     assert len(viewer.layers) == 1
+
+
+def test_more_channels_runs_a_two_channel_nnunet_folder_like_its_predictor(
+    make_napari_viewer, qtbot, tmp_path
+):
+    """The user opens CASE_0000 and CASE_0001, picks the nnU-Net folder, adds the second
+    channel under "More channels" and presses Run: the labels overlay the scan and equal
+    nnUNetPredictor's on the same files (Dice >= 0.99 per class)."""
+    from tests.models.nnunet_helpers import agreement, model_folders, reference_labels
+    from tests.models.test_nnunet_fidelity import _mr_channels
+
+    folder = model_folders("mr")["3d_fullres"]
+    images = _mr_channels(tmp_path)
+    viewer = make_napari_viewer()
+    (c0,) = viewer.open(str(images[0]), plugin="napari-medseg")
+    (c1,) = viewer.open(str(images[1]), plugin="napari-medseg")
+    widget = _widget(viewer)
+    widget.add_model_path(str(folder))
+    widget.image.value = c0
+    widget.tta.value = False
+    # one channel for a two-channel model: a sentence, no layer
+    widget.run_button.native.click()
+    qtbot.waitUntil(lambda: widget.job.worker is None, timeout=120_000)
+    assert widget.status.value.startswith("Failed") and "channel" in widget.status.value
+    assert len(viewer.layers) == 2
+    widget.channels.value = [c1]
+    widget.run_button.native.click()
+    qtbot.waitUntil(lambda: widget.job.worker is None, timeout=300_000)
+    assert widget.status.value.startswith("Done"), widget.status.value
+    labels = viewer.layers[f"{c0.name}_seg"]
+    assert labels.data.shape == c0.data.shape
+    np.testing.assert_allclose(labels.affine.affine_matrix, c0.affine.affine_matrix)
+    # back in the files' axis order (the layer shows them transposed)
+    file_labels = np.asarray(labels.data).transpose(
+        np.argsort(labels.metadata["medseg"]["layer_axes"])
+    )
+    ref = reference_labels(folder, images, [0], False)
+    dice = agreement(ref, file_labels)
+    assert len(dice) >= 2 and min(dice.values()) >= 0.99, dice

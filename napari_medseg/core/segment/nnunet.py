@@ -473,6 +473,8 @@ def segment_nnunet(
     mirror: bool = True,
     batch_size: int = 4,
     return_probabilities: bool = False,
+    precision: str = "auto",
+    fast_path: bool = True,
 ) -> Generator[Progress, None, dict]:
     """Segment one image with an nnU-Net v2 model as ``nnUNetPredictor`` does.
 
@@ -495,6 +497,14 @@ def segment_nnunet(
     return_probabilities : bool
         Also return the class (or region) probabilities on the input grid, float32
         ``(K, *record.spatial_shape)`` (1 for background outside the nonzero box).
+    precision : {"auto", "fp32", "bf16", "fp16"}
+        Each fold's network goes through
+        :func:`napari_medseg.core.engine.fastpath.prepare_network` (precision, BatchNorm
+        folding, memory format, inference mode, threads; the labels guard falls back to fp32
+        when a reduced precision changes them). On a GPU, ``"auto"`` keeps nnUNetPredictor's own
+        float16 autocast instead.
+    fast_path : bool
+        ``False``: the network as loaded (the reference the fidelity tests compare with).
 
     Returns
     -------
@@ -575,11 +585,30 @@ def segment_nnunet(
     )
     t = time.perf_counter()
     logits = None
+    fast_info: dict | None = None
     for i in range(n_folds):
         ens.use_fold(i)
         ens.to(dev)
         ens.eval()
-        predictor = slicewise(ens.network) if plan.dims == 2 else ens.network
+        amp: Any = False
+        if dev.type == "cpu" or precision != "auto" or not fast_path:
+            from napari_medseg.core.engine.fastpath import prepare_network
+
+            fold_net, fast = prepare_network(
+                ens.network, dev, precision, guard="labels", enabled=fast_path
+            )
+            if fast_info is None:
+                fast_info = fast.as_dict()
+        else:  # a GPU with "auto": nnUNetPredictor's own float16 autocast, as it runs there
+            fold_net, amp = ens.network, "auto"
+            if fast_info is None:
+                fast_info = {
+                    "device": dev.type,
+                    "precision_requested": precision,
+                    "precision": "fp16",
+                    "note": "nnUNetPredictor's float16 autocast on the GPU",
+                }
+        predictor = slicewise(fold_net) if plan.dims == 2 else fold_net
         gen = sliding_window(
             x,
             predictor,
@@ -587,7 +616,7 @@ def segment_nnunet(
             overlap=0.5,
             batch_size=batch_size,
             device=dev,
-            amp=False if dev.type == "cpu" else "auto",
+            amp=amp,  # a prepared network runs its own precision
             tta_flips=bool(axes),
             activation=None,
             layout="nnunet",
@@ -698,6 +727,7 @@ def segment_nnunet(
             "network_grid_shape": [int(s) for s in image.shape[1:]],
             "crop_bbox": bbox,
             "normalization": list(plan.normalization_schemes),
+            "precision": (fast_info or {}).get("precision", "fp32"),
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
         },
         "input": {
@@ -708,12 +738,13 @@ def segment_nnunet(
             "orientation": record.orientation,
             "modality": record.modality,
         },
+        "fast_path": fast_info or {},
         "versions": software_versions(),
         "device": str(dev),
         "device_requested": str(device),
         "elapsed_s": round(elapsed, 3),
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "notes": [],
+        "notes": list((fast_info or {}).get("notes", [])),
     }
     yield Progress(total, total, f"done in {elapsed:.1f} s")
     return dict(

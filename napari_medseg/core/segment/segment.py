@@ -142,6 +142,13 @@ def check_channels(record: ImageRecord, card: Any) -> None:
         )
 
 
+def _precision_of(precision: str, amp: Any) -> str:
+    """``precision``, with the older ``amp`` switch read when it is ``"auto"``."""
+    if precision == "auto" and amp is not None and not isinstance(amp, str):
+        return "bf16" if amp else "fp32"
+    return precision
+
+
 def segment(
     record: ImageRecord,
     model: LoadedModel,
@@ -224,6 +231,8 @@ def segment(
             mirror=True if tta is None else bool(tta),
             batch_size=batch_size,
             return_probabilities=return_probabilities,
+            precision=_precision_of(precision, amp),
+            fast_path=fast_path,
         )
         return SegmentationResult(**fields)
     t0 = time.perf_counter()
@@ -287,8 +296,7 @@ def segment(
         # MONAI's SimpleInferer: the network sees the whole (model-grid) image at once, so
         # image-wide layers (InstanceNorm) and the borders see what they see in MONAI
         roi = [int(v) for v in image.shape[1 : 1 + card.dims]]
-    if precision == "auto" and amp is not None and not isinstance(amp, str):
-        precision = "bf16" if amp else "fp32"
+    precision = _precision_of(precision, amp)
     t_stage = time.perf_counter()
     net, fast = prepare_network(
         model.network, dev, precision, compile=compile, guard="labels", enabled=fast_path

@@ -104,6 +104,8 @@ def test_n2v2_saves_a_model_that_another_image_reuses(tmp_path):
                 str(model),
                 "--device",
                 "cpu",
+                "--precision",
+                "fp32",
                 "--quiet",
             ]
         )
@@ -111,6 +113,9 @@ def test_n2v2_saves_a_model_that_another_image_reuses(tmp_path):
     )
     prov = json.loads((tmp_path / "b_dn.nii.gz.provenance.json").read_text())
     assert prov["network"]["reused"] is True and prov["model"] == str(model)
+    fp = prov["network"]["fast_path"]  # what the prediction ran
+    assert fp["precision_requested"] == "fp32" and fp["precision"] == "fp32"
+    assert fp["device"] == "cpu" and fp["memory_format"] and fp["threads"] >= 1
     out = read_image(tmp_path / "b_dn.nii.gz")[0]
     assert out.spatial_shape[:2] == (48, 61)
 

@@ -96,6 +96,13 @@ def add_parser(sub: Any) -> None:
         help="off: networks train on raw intensities even when the noise grows with the signal",
     )
     p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="auto",
+        help="network precision when predicting: auto = bf16 only where the device runs it "
+        "natively and the values agree with fp32 (the provenance says what ran)",
+    )
+    p.add_argument(
         "--no-tta",
         action="store_true",
         help="predict once instead of averaging 8 rotations/flips (8x faster prediction)",
@@ -252,6 +259,7 @@ def run_denoise(args: argparse.Namespace) -> int:
                 background=background,
                 noise_model=args.noise_model,
                 tta=False if args.no_tta else None,
+                precision=args.precision,
             ),
             bar,
         )

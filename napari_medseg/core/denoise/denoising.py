@@ -312,6 +312,7 @@ def denoise(
     background: np.ndarray | None = None,
     noise_model: str = "auto",
     tta: bool | None = None,
+    precision: str = "auto",
     **train_kwargs: Any,
 ) -> Generator[Progress, None, DenoiseResult]:
     """Denoise one image; a generator that yields :class:`Progress` and returns the result.
@@ -348,6 +349,9 @@ def denoise(
     tta : bool, optional
         Average the network's predictions over rotations/flips (default: on for images of at
         most :data:`TTA_MAX_PIXELS` voxels per frame).
+    precision : {"auto", "fp32", "bf16", "fp16"}
+        The network's precision when predicting (:func:`predict_n2v`); the provenance records
+        what ran (``network.fast_path``).
     **train_kwargs
         Passed to :func:`train_n2v` (``patch_size``, ``batch_size``, ``features``,
         ``mask_fraction``, ``learning_rate``).
@@ -533,6 +537,7 @@ def denoise(
         blend = bool((model.training or {}).get("blend_with_classical")) and bool(partners)
         spatial_n = int(np.prod(spatial))
         use_tta = bool(tta) if tta is not None else spatial_n <= TTA_MAX_PIXELS
+        fast_report: dict = {}
         for k, i in enumerate(frames):
             res = yield from predict_n2v(
                 model,
@@ -541,6 +546,8 @@ def denoise(
                 channel_axis=cax,
                 device=device,
                 tta=use_tta,
+                precision=precision,
+                report=fast_report,
             )
             if blend:  # mean of the network and the classical result, in the stabilised space
                 cl = np.take(out, i, axis=frame_axis) if frame_axis is not None else out
@@ -557,6 +564,7 @@ def denoise(
             "vst": vst,
             "tta": use_tta,
             "blend_with_classical": blend,
+            "fast_path": fast_report,
             "training": {k: v for k, v in model.training.items() if k != "losses_every_10"},
         }
     result = restore_values(out, raw if raw.dtype.kind != "f" else data, lo, hi)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 import pytest
 
@@ -66,6 +69,38 @@ def test_register_writes_warped_labels_points_and_transform(main, tmp_path, caps
     np.testing.assert_allclose(
         moved, load_transform(tmp_path / "T.json").map_points(pts), atol=1e-3
     )
+    # a provenance JSON beside every file written: method, transform, inputs, its output
+    saved = load_transform(tmp_path / "T.json")
+    outs = {
+        "warped": out,
+        "labels": tmp_path / "lab.nii.gz",
+        "points": tmp_path / "moved.csv",
+        "jacobian": tmp_path / "jac.nii.gz",
+    }
+    tfiles = [tmp_path / f for f in ("T.json", "T_displacement.nii.gz", "T.tfm")]
+    mask = os.umask(0)
+    os.umask(mask)
+    for kind, path in [*outs.items(), *(("transform", f) for f in tfiles)]:
+        side = path.with_name(path.name + ".provenance.json")
+        assert side.is_file(), side
+        assert side.stat().st_mode & 0o777 == 0o666 & ~mask
+        prov = json.loads(side.read_text())
+        assert prov["output"] == str(path) and prov["output_kind"] == kind
+        assert prov["task"] == "registration" and prov["options"]["mode"] == "deformable"
+        assert prov["options"]["iterations"] == 30 and prov["similarity"] == "lncc"
+        np.testing.assert_allclose(prov["transform"]["matrix_ras"], saved.matrix, atol=1e-9)
+        assert prov["transform"]["grid_shape"] is not None  # deformable: a control grid
+        assert prov["inputs"] == {
+            "fixed": str(fixed),
+            "moving": str(moving),
+            "labels": str(labels),
+            "points": str(pcsv),
+        }
+        assert prov["outputs"] == {
+            **{k: str(v) for k, v in outs.items()},
+            "transform": [str(f) for f in tfiles],
+        }
+        assert prov["similarity_after"] > prov["similarity_before"]
     # existing outputs are not overwritten without --overwrite
     assert main(argv) == 1
     assert "--overwrite" in capsys.readouterr().err
@@ -94,3 +129,30 @@ def test_register_bad_input_is_one_line(main, tmp_path, capsys):
     err = _errors(capsys)
     assert len(err) == 1 and "do not overlap" in err[0] and "--init com" in err[0]
     assert not (tmp_path / "w.nii.gz").exists()
+
+
+@pytest.mark.parametrize("existing", ["w.nii.gz", "lab.nii.gz", "T.json", "T.tfm"])
+def test_register_existing_provenance_needs_overwrite(main, tmp_path, capsys, existing):
+    """An existing sidecar stops the command before any work; --overwrite replaces it."""
+    d = "registration/mt_pair/"
+    fixed, moving = data_path(d + "mt0.nii.gz"), data_path(d + "mt1.nii.gz")
+    side = tmp_path / f"{existing}.provenance.json"
+    side.write_text("{}\n")
+    argv = [
+        "register", str(fixed), str(moving), "-o", str(tmp_path / "w.nii.gz"),
+        "--mode", "rigid", "--iterations", "5", "--levels", "1",
+        "--labels", str(data_path(d + "mt1_seg.nii.gz")),
+        "--labels-out", str(tmp_path / "lab.nii.gz"),
+        "--save-transform", str(tmp_path / "T"), "--device", "cpu", "--quiet",
+    ]  # fmt: skip
+    assert main(argv) == 1
+    err = _errors(capsys)
+    assert len(err) == 1 and side.name in err[0] and "--overwrite" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [side.name]  # nothing written
+    assert side.read_text() == "{}\n"
+    if existing != "w.nii.gz":
+        return  # one run with --overwrite is enough
+    assert main([*argv, "--overwrite"]) == 0
+    prov = json.loads(side.read_text())
+    assert prov["output_kind"] == "warped" and prov["options"]["mode"] == "rigid"
+    assert prov["transform"]["grid_shape"] is None  # rigid: no control grid

@@ -6,7 +6,9 @@
 WARPED (and LOUT) lie on FIXED's grid with FIXED's geometry. Points are a CSV with columns
 ``x,y,z`` in FIXED's world coordinates (RAS mm, as ``napari-medseg info`` reports); POUT gets
 where each point lands in MOVING's world coordinates (RAS mm), so fixed landmarks can be
-compared with their moving partners.
+compared with their moving partners. Every file written gets a provenance JSON beside it (its
+name + ``.provenance.json``): the registration's options, similarity and transform, the input and
+output paths, and which output it belongs to.
 """
 
 from __future__ import annotations
@@ -16,7 +18,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from napari_medseg.cli._common import check_image_outputs, check_outputs, number
+from napari_medseg.cli._common import (
+    check_image_outputs,
+    check_outputs,
+    number,
+    provenance_path,
+    write_json_atomic,
+)
 
 
 def add_parser(sub: Any) -> None:
@@ -30,7 +38,8 @@ def add_parser(sub: Any) -> None:
         "FIXED's grid with its geometry. --points is a CSV with columns x,y,z in FIXED's world "
         "coordinates (RAS mm); --points-out writes where they land in MOVING's world (RAS mm). "
         "--save-transform T writes T.json, T.tfm (ITK affine, LPS) and, for deformable, "
-        "T_displacement.nii.gz (ITK displacement field, LPS mm, affine included); see "
+        "T_displacement.nii.gz (ITK displacement field, LPS mm, affine included). Every file "
+        "written gets its provenance JSON beside it (its name + .provenance.json); see "
         "docs/registration.md.",
     )
     p.add_argument("fixed", help="fixed (reference) image")
@@ -126,6 +135,69 @@ def _transform_files(path: Path, fixed: Any, mode: str) -> list[Path]:
     return files
 
 
+def _with_sidecars(paths: list[Path]) -> list[Path]:
+    """``paths`` followed by the provenance sidecar of each (what the command writes)."""
+    return paths + [provenance_path(p) for p in paths]
+
+
+def _write_provenance(
+    result: Any, args: argparse.Namespace, records: dict[str, Any], written: list[tuple[str, Path]]
+) -> list[Path]:
+    """Write ``<output>.provenance.json`` beside every output; return the sidecars' paths.
+
+    Parameters
+    ----------
+    result : RegistrationResult
+        Its ``provenance`` (options, similarity, device, timings, notes) and ``transform``
+        (matrix, fixed grid) go into every sidecar.
+    args : argparse.Namespace
+        The command's arguments: the input paths recorded.
+    records : dict of str to ImageRecord
+        The images read (``fixed``, ``moving``, ``labels``); their read notes are recorded.
+    written : list of (str, Path)
+        Each output written with its kind (``warped``, ``labels``, ``points``, ``jacobian``,
+        ``transform``), in order.
+
+    Returns
+    -------
+    list of Path
+        The sidecars written, in the order of ``written``.
+    """
+    given = {
+        "fixed": args.fixed,
+        "moving": args.moving,
+        "labels": args.labels,
+        "fixed_mask": args.fixed_mask,
+        "moving_mask": args.moving_mask,
+        "points": args.points,
+    }
+    outputs: dict[str, Any] = {}
+    for kind, path in written:
+        if kind == "transform":
+            outputs.setdefault(kind, []).append(str(path))
+        else:
+            outputs[kind] = str(path)
+    base = dict(result.provenance)
+    base.update(
+        transform=result.transform.to_dict(),
+        inputs={k: str(Path(v).expanduser()) for k, v in given.items() if v},
+        outputs=outputs,
+    )
+    notes = {
+        k: list(r.metadata["read_notes"])
+        for k, r in records.items()
+        if r is not None and r.metadata.get("read_notes")
+    }
+    if notes:  # series choice, missing slices: recorded whatever --quiet says
+        base["read_notes"] = notes
+    sidecars = []
+    for kind, path in written:
+        sidecar = provenance_path(path)
+        write_json_atomic(sidecar, dict(base, output=str(path), output_kind=kind))
+        sidecars.append(sidecar)
+    return sidecars
+
+
 def _register(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -149,7 +221,8 @@ def _register(args: argparse.Namespace) -> int:
     check_image_outputs(
         *(Path(o).expanduser() for o in (args.output, args.labels_out, args.jacobian) if o)
     )
-    check_outputs([Path(o).expanduser() for o in outputs if o], inputs, overwrite=args.overwrite)
+    out_paths = [Path(o).expanduser() for o in outputs if o]
+    check_outputs(_with_sidecars(out_paths), inputs, overwrite=args.overwrite)
     fixed = _first(args.fixed, "the fixed image")
     moving = _first(args.moving, "the moving image")
     labels = _first(args.labels, "the labels") if args.labels else None
@@ -162,8 +235,10 @@ def _register(args: argparse.Namespace) -> int:
         _check_labels(labels, args.labels)
     if args.save_transform:  # every file save_transform writes, known once FIXED is read
         check_outputs(
-            [Path(o).expanduser() for o in outputs if o]
-            + _transform_files(Path(args.save_transform).expanduser(), fixed, args.mode),
+            _with_sidecars(
+                out_paths
+                + _transform_files(Path(args.save_transform).expanduser(), fixed, args.mode)
+            ),
             inputs,
             overwrite=args.overwrite,
         )
@@ -210,36 +285,51 @@ def _register(args: argparse.Namespace) -> int:
         )
 
     written = [
-        write_image(
-            Path(args.output).expanduser(),
-            on_fixed(result.warped, moving.modality, f"{moving.name}_warped"),
-            is_label=False,
+        (
+            "warped",
+            write_image(
+                Path(args.output).expanduser(),
+                on_fixed(result.warped, moving.modality, f"{moving.name}_warped"),
+                is_label=False,
+            ),
         )
     ]
     if labels is not None:
         written.append(
-            write_image(
-                Path(args.labels_out).expanduser(),
-                on_fixed(result.warped_labels, "label", f"{labels.name}_warped"),
-                is_label=True,
+            (
+                "labels",
+                write_image(
+                    Path(args.labels_out).expanduser(),
+                    on_fixed(result.warped_labels, "label", f"{labels.name}_warped"),
+                    is_label=True,
+                ),
             )
         )
     if points is not None:
-        written.append(write_points_csv(Path(args.points_out).expanduser(), result.points))
+        written.append(
+            ("points", write_points_csv(Path(args.points_out).expanduser(), result.points))
+        )
     if args.jacobian:
         jac = result.jacobian
         if jac is None:
             det = float(np.linalg.det(result.transform.matrix[:-1, :-1]))
             jac = np.full(fixed.spatial_shape, det, dtype=np.float32)
         written.append(
-            write_image(
-                Path(args.jacobian).expanduser(),
-                on_fixed(jac, "unknown", "jacobian"),
-                is_label=False,
+            (
+                "jacobian",
+                write_image(
+                    Path(args.jacobian).expanduser(),
+                    on_fixed(jac, "unknown", "jacobian"),
+                    is_label=False,
+                ),
             )
         )
     if args.save_transform:
-        written += save_transform(result.transform, Path(args.save_transform).expanduser())
+        written += [
+            ("transform", p)
+            for p in save_transform(result.transform, Path(args.save_transform).expanduser())
+        ]
+    _write_provenance(result, args, {"fixed": fixed, "moving": moving, "labels": labels}, written)
     if not args.quiet:
         fold = (
             f", folding {100 * result.folding_fraction:.3f}% of voxels"
@@ -249,7 +339,8 @@ def _register(args: argparse.Namespace) -> int:
         print(
             f"{result.similarity} similarity {result.similarity_before:.4f} -> "
             f"{result.similarity_after:.4f}{fold}, {result.seconds:.1f} s; wrote "
-            + ", ".join(str(w) for w in written),
+            + ", ".join(str(w) for _, w in written)
+            + " (each with its .provenance.json)",
             file=sys.stderr,
         )
     return 0

@@ -216,7 +216,9 @@ class DenoiseWidget(ImageInput, Container):
         return model
 
     def _show_noise(self, summary: str, source: str) -> None:
-        self.noise_label.value = f"{summary} (from {source})"
+        # three short lines keep the dock narrow: gain and floor, correlation, where from
+        lines = summary.replace(", correlation", "\ncorrelation")
+        self.noise_label.value = f"{lines}\n(from {source})"
 
     def _on_estimate_noise(self, _v: Any = None) -> None:
         try:

@@ -43,11 +43,13 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_medseg.core.denoise.classical import CALIBRATED
+from napari_medseg.core.denoise.classical import CLASSICAL_METHODS as CLASSICAL
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MEDSEG_DATA", REPO.parent / "shared" / "data"))
 PEAK = 10.0  # photons at the brightest pixel
 READ = 0.05  # Gaussian read noise, fraction of the peak
-CLASSICAL = ("gaussian", "tv", "nlmeans", "bilateral", "wavelet")
 
 
 def _fitted(ref: np.ndarray, img: np.ndarray) -> np.ndarray:
@@ -101,39 +103,29 @@ def _run(record, method: str, **kw) -> tuple[np.ndarray, float, dict]:
     return res.data, secs, info
 
 
-def _reference_rows(x: np.ndarray, slice_axis):
-    """(label, function) of the not-shipped reference rows (module docstring)."""
+def _gauss(x: np.ndarray, width: float, slice_axis: int | None) -> np.ndarray:
+    """A Gaussian on raw intensities (in-plane only across ``slice_axis``)."""
     from scipy import ndimage as ndi
 
-    from napari_medseg.core.denoise.classical import stabilise, unstabilise
-    from napari_medseg.core.denoise.denoising import noise_model_of
+    ws = [0.0 if i == slice_axis else width for i in range(x.ndim)]
+    return ndi.gaussian_filter(x.astype(np.float32), ws)
 
-    widths = [0.0] * x.ndim
 
-    def gauss(w):
-        ws = [w if i != slice_axis else 0.0 for i in range(x.ndim)] if x.ndim == 3 else w
-        return ndi.gaussian_filter(x.astype(np.float32), ws)
-
-    rows = [("gaussian 1.5 px, raw", lambda: (gauss(1.5), {}))]
-    rows.append(
-        ("gaussian oracle", lambda: (None, {"widths": (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)}))
-    )
+def _bm3d_vst(x: np.ndarray) -> np.ndarray | None:
+    """BM3D in the noise model's stabilised space (None without the bm3d package or in 3D)."""
     try:
         import bm3d
     except ImportError:
-        return rows, gauss, widths
-    if x.ndim == 2:
+        return None
+    if x.ndim != 2:
+        return None
+    from napari_medseg.core.denoise.classical import estimate_noise_sigma
+    from napari_medseg.core.denoise.denoising import noise_model_of
+    from napari_medseg.core.denoise.noise import gat_forward, gat_inverse
 
-        def run_bm3d():
-            nm = noise_model_of(x, None, None)
-            v = stabilise(x, nm)
-            from napari_medseg.core.denoise.classical import estimate_noise_sigma
-
-            sd = estimate_noise_sigma(v)
-            return unstabilise(bm3d.bm3d(v, sigma_psd=sd), nm), {}
-
-        rows.append(("bm3d + vst (not shipped)", run_bm3d))
-    return rows, gauss, widths
+    nm = noise_model_of(x, None, None)
+    v = gat_forward(x, nm)
+    return gat_inverse(bm3d.bm3d(v, sigma_psd=estimate_noise_sigma(v)), nm)
 
 
 def _case(name, record, ref, mask, args, data_range=None, extra=()) -> list[dict]:
@@ -161,20 +153,18 @@ def _case(name, record, ref, mask, args, data_range=None, extra=()) -> list[dict
 
     add("noisy input", x, 0.0)
     slice_axis = 2 if x.ndim == 3 else None
-    refs, gauss, _ = _reference_rows(x, slice_axis)
-    for label, fn in refs:
-        t = time.perf_counter()
-        out, info = fn()
-        if out is None:  # the oracle: best width by the ground truth
-            best = None
-            for w in info["widths"]:
-                o = gauss(w)
-                sc = _scores(ref, o, mask, data_range)[1]
-                if best is None or sc > best[0]:
-                    best = (sc, w, o)
-            add(f"{label} ({best[1]:g} px)", best[2], time.perf_counter() - t)
-            continue
-        add(label, out, time.perf_counter() - t, info)
+    add("gaussian 1.5 px, raw", _gauss(x, 1.5, slice_axis), 0.0)
+    # the oracle: the calibration's own width grid, the best width chosen with the ground truth
+    t = time.perf_counter()
+    oracle = max(
+        ((w, _gauss(x, w, slice_axis)) for w in CALIBRATED["gaussian"]),
+        key=lambda wo: _scores(ref, wo[1], mask, data_range)[1],
+    )
+    add(f"gaussian oracle ({oracle[0]:g} px)", oracle[1], time.perf_counter() - t)
+    t = time.perf_counter()
+    b3 = _bm3d_vst(x)
+    if b3 is not None:
+        add("bm3d + vst (not shipped)", b3, time.perf_counter() - t)
     for m in CLASSICAL:
         out, secs, info = _run(record, m)
         add(m, out, secs, info)

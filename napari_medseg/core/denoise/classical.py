@@ -6,8 +6,8 @@ the generalised Anscombe transform, where the noise has (close to) one standard 
 everywhere, filters it, and maps the result back with the exact unbiased inverse. The filters'
 strength comes from that space's measured noise level; the Gaussian's width and TV's weight are
 chosen per image by J-invariant self-supervised calibration (Batson & Royer, ICML 2019:
-the parameter whose blind-spot version best predicts the noisy image, with the blind spot
-widened for correlated noise: :func:`invariant_loss`), so no ground truth is needed. See
+the parameter whose blind-spot version best predicts the noisy image,
+:func:`skimage.restoration.calibrate_denoiser`), so no ground truth is needed. See
 :mod:`napari_medseg.core.denoise.denoising` for the methods, axes and value rules.
 """
 
@@ -173,78 +173,19 @@ def _central_crop(a: np.ndarray, channel_axis: int | None, pixels: int) -> np.nd
     return a[tuple(idx)]
 
 
-def invariant_loss(
-    v: np.ndarray,
-    fn: Any,
-    blind: int = 0,
-    channel_axis: int | None = None,
-    offsets: int = 4,
-) -> float:
-    """Self-supervised (J-invariant) loss of a denoiser on one image.
-
-    A grid of pixels (one per ``(2 blind + 3)`` pixels along each spatial axis) is hidden
-    together with its ``blind``-pixel neighbourhood: those pixels are replaced by the mean of
-    the visible pixels around them, the denoiser runs, and its output at the grid pixels is
-    compared with their noisy values. With independent noise this is the true squared error
-    plus the noise variance (Batson & Royer, ICML 2019), so it ranks parameters and methods
-    without ground truth; ``blind >= 1`` hides the neighbours too, for noise correlated
-    between neighbouring pixels (which would otherwise favour filters that copy it).
-
-    Parameters
-    ----------
-    v : numpy.ndarray
-        Variance-stabilised image, file axis order, optional ``channel_axis``.
-    fn : callable
-        ``fn(image) -> image`` of the same shape.
-    blind : int
-        Neighbourhood radius hidden with each grid pixel.
-    offsets : int
-        Grid positions averaged (a fixed, evenly spread subset of all of them).
-
-    Returns
-    -------
-    float
-        Mean squared difference at the hidden grid pixels.
-    """
-    from scipy import ndimage as ndi
-
-    sp = [i for i in range(v.ndim) if i != channel_axis]
-    stride = 2 * blind + 3
-    shape = [v.shape[i] for i in sp]
-    all_offs = list(np.ndindex(*([stride] * len(sp))))
-    pick = np.linspace(0, len(all_offs) - 1, min(offsets, len(all_offs))).round().astype(int)
-    size = [2 * blind + 3 if i in sp else 1 for i in range(v.ndim)]
-    total, count = 0.0, 0
-    for k in pick:
-        off = all_offs[int(k)]
-        centre = np.zeros(shape, dtype=bool)
-        centre[tuple(slice(o, None, stride) for o in off)] = True
-        hidden = ndi.binary_dilation(centre, iterations=blind) if blind else centre
-        if channel_axis is not None:
-            centre_f = np.expand_dims(centre, channel_axis)
-            hidden_f = np.expand_dims(hidden, channel_axis)
-        else:
-            centre_f, hidden_f = centre, hidden
-        vis = (~hidden_f).astype(np.float32) * np.ones_like(v, dtype=np.float32)
-        num = ndi.uniform_filter(np.where(hidden_f, 0.0, v).astype(np.float32), size)
-        den = ndi.uniform_filter(vis, size)
-        filled = np.where(hidden_f, num / np.maximum(den, 1e-6), v).astype(np.float32)
-        out = fn(filled)
-        cm = np.broadcast_to(centre_f, v.shape)
-        total += float(np.sum((out[cm] - v[cm]) ** 2))
-        count += int(cm.sum())
-    return total / max(count, 1)
-
-
 def calibrate(
     v: np.ndarray,
     method: str,
     noise_sd: float,
     channel_axis: int | None,
     slicewise_axis: int | None,
-    blind: int = 0,
 ) -> tuple[float, float]:
-    """Pick the Gaussian width or TV weight by the J-invariant loss (:func:`invariant_loss`).
+    """Pick the Gaussian width or TV weight by J-invariant self-supervised loss.
+
+    :func:`skimage.restoration.calibrate_denoiser`: each parameter's denoiser runs on the image
+    with a grid of pixels replaced by an interpolation of their neighbours, and its output there
+    is compared with their noisy values (with independent noise, the true squared error plus the
+    noise variance).
 
     Parameters
     ----------
@@ -254,8 +195,6 @@ def calibrate(
     method : {"gaussian", "tv"}
     noise_sd : float
         Noise standard deviation in ``v`` (TV weights are multiples of it).
-    blind : int
-        Hidden neighbourhood radius (1 for correlated noise).
 
     Returns
     -------
@@ -264,29 +203,19 @@ def calibrate(
     loss : float
         The self-supervised loss of that parameter.
     """
+    from skimage.restoration import calibrate_denoiser
+
     crop = _central_crop(v, channel_axis, CALIBRATION_PIXELS)
-    grid = CALIBRATED[method]
-    params = [g if method == "gaussian" else g * noise_sd for g in grid]
-    if blind == 0:  # scikit-image's implementation (interpolated single-pixel blind spots)
-        from skimage.restoration import calibrate_denoiser
+    params = [g if method == "gaussian" else g * noise_sd for g in CALIBRATED[method]]
 
-        def fn0(image: np.ndarray, p: float) -> np.ndarray:
-            return classical_denoise(image, method, p, channel_axis, slicewise_axis)
+    def fn(image: np.ndarray, p: float) -> np.ndarray:
+        return classical_denoise(image, method, p, channel_axis, slicewise_axis)
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            _, (tested, losses) = calibrate_denoiser(crop, fn0, {"p": params}, extra_output=True)
-        k = int(np.argmin(losses))
-        return float(tested[k]["p"]), float(losses[k])
-    losses = []
-    for p in params:
-
-        def fn(image: np.ndarray, p: float = p) -> np.ndarray:
-            return classical_denoise(image, method, p, channel_axis, slicewise_axis)
-
-        losses.append(invariant_loss(crop, fn, blind, channel_axis))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, (tested, losses) = calibrate_denoiser(crop, fn, {"p": params}, extra_output=True)
     k = int(np.argmin(losses))
-    return float(params[k]), float(losses[k])
+    return float(tested[k]["p"]), float(losses[k])
 
 
 def denoise_classical(
@@ -318,29 +247,17 @@ def denoise_classical(
         ``vst`` (whether the Anscombe transform ran), ``noise_sd`` (in the stabilised space),
         ``parameter`` and, for calibrated methods, ``calibration_loss``.
     """
-    v = stabilise(image, noise_model)
+    v = gat_forward(image, noise_model)
     sd = max(estimate_noise_sigma(v, channel_axis), 1e-6)
     info: dict = {"vst": noise_model.gain > 0, "noise_sd": round(sd, 4)}
     if method in CALIBRATED:
-        blind = 0
-        p, loss = calibrate(v, method, sd, channel_axis, slicewise_axis, blind)
-        info["blind"] = blind
+        p, loss = calibrate(v, method, sd, channel_axis, slicewise_axis)
         info.update(parameter=round(p, 4), calibration_loss=round(loss, 6))
     else:
         p = sd
         info["parameter"] = round(p, 4)
     out = classical_denoise(v, method, p, channel_axis, slicewise_axis)
-    return unstabilise(out, noise_model), info
-
-
-def stabilise(image: np.ndarray, noise_model: NoiseModel) -> np.ndarray:
-    """The image in the noise model's variance-stabilised space (float32)."""
-    return gat_forward(image, noise_model)
-
-
-def unstabilise(v: np.ndarray, noise_model: NoiseModel) -> np.ndarray:
-    """Back from :func:`stabilise` with the exact unbiased inverse (float32)."""
-    return gat_inverse(v, noise_model)
+    return gat_inverse(out, noise_model), info
 
 
 def _per_slice(

@@ -73,8 +73,6 @@ from napari_medseg.core.denoise.classical import (
     denoise_classical,
     estimate_noise_sigma,
     restore_values,
-    stabilise,
-    unstabilise,
 )
 from napari_medseg.core.denoise.n2v import (
     DEFAULT_TIME_BUDGET,
@@ -84,7 +82,12 @@ from napari_medseg.core.denoise.n2v import (
     predict_n2v,
     train_n2v,
 )
-from napari_medseg.core.denoise.noise import NoiseModel, estimate_noise_model
+from napari_medseg.core.denoise.noise import (
+    NoiseModel,
+    estimate_noise_model,
+    gat_forward,
+    gat_inverse,
+)
 from napari_medseg.core.denoise.store import load_denoiser
 from napari_medseg.errors import MedsegError
 from napari_medseg.progress import Progress
@@ -244,13 +247,6 @@ def noise_model_of(
     if channel_axis is not None:
         sd = max(estimate_noise_sigma(a, channel_axis), 1e-6)
         return NoiseModel(gain=0.0, floor=sd * sd, source="colour image: constant variance")
-    if min(a.shape) < 3 and a.ndim == 3 and slice_axis is None:
-        slice_axis = int(np.argmin(a.shape))
-    if background is not None and background.shape != a.shape:
-        raise MedsegError(
-            f"the background region has shape {background.shape}; the image's spatial shape "
-            f"is {a.shape}"
-        )
     try:
         return estimate_noise_model(a, background, slice_axis=slice_axis)
     except MedsegError:
@@ -500,7 +496,7 @@ def denoise(
 
         def net_input(k: int, i: int) -> np.ndarray:
             f = frame(i)
-            return stabilise(f, models[k]) if vst else f
+            return gat_forward(f, models[k]) if vst else f
 
         if not reuse:
             imgs = [net_input(k, i) for k, i in enumerate(frames)]
@@ -513,7 +509,7 @@ def denoise(
                     )
                 e[~np.isfinite(e)] = 0.0
                 if vst:
-                    e = stabilise(e, noise_model_of(e, cax, slice_plan, None))
+                    e = gat_forward(e, noise_model_of(e, cax, slice_plan, None))
                 imgs.append(e)
             trained = yield from train_n2v(
                 imgs,
@@ -551,9 +547,9 @@ def denoise(
             )
             if blend:  # mean of the network and the classical result, in the stabilised space
                 cl = np.take(out, i, axis=frame_axis) if frame_axis is not None else out
-                cl = stabilise(cl, models[k]) if vst else cl
+                cl = gat_forward(cl, models[k]) if vst else cl
                 res = 0.5 * (res + cl)
-            put(i, unstabilise(res, models[k]) if vst else res)
+            put(i, gat_inverse(res, models[k]) if vst else res)
             if frame_axis is not None:
                 yield Progress(k + 1, len(frames), f"denoised frame {k + 1}/{len(frames)}")
         prov["network"] = {

@@ -642,29 +642,29 @@ def predict_n2v(
     if model.dims == 2 and nsp == 3:
         sa = 2 if slice_axis is None else int(slice_axis)
         x = np.moveaxis(x, sa + 1, -1)  # (C, *plane, S)
-        roi = [_round4(min(edge, s)) for s in x.shape[1:3]] + [1]
         predictor = slicewise(net)
         batch_size = max(batch_size, 8)
     else:
         sa = None
-        roi = [_round4(min(edge, s)) for s in x.shape[1:]]
         predictor = net
     threads = (model.training or {}).get("cpu_threads")
     orig_threads = torch.get_num_threads()
     if dev.type == "cpu" and threads and threads < orig_threads:
         torch.set_num_threads(int(threads))  # what training measured faster on this CPU
-    views = _tta_views(model.dims, x.ndim - 1) if tta else [(lambda a: a, lambda a: a)]
+    views = _tta_views(model.dims) if tta else [(lambda a: a, lambda a: a)]
     out = None
     try:
         for k, (fwd, back) in enumerate(views):
             xv = np.ascontiguousarray(fwd(x))
-            rv = [_round4(min(edge, n)) for n in xv.shape[1:]]
+            # windows of this view's shape (rotations swap the plane's axes); depth 1 across
+            # the slices for a 2D network on a volume
+            roi = [_round4(min(edge, n)) for n in xv.shape[1:]]
             if sa is not None:
-                rv[-1] = 1
+                roi[-1] = 1
             y = yield from sliding_window(
                 torch.from_numpy(xv),
                 predictor,
-                rv if tta else roi,
+                roi,
                 overlap=0.25,
                 batch_size=batch_size,
                 device=dev,
@@ -687,7 +687,7 @@ def predict_n2v(
     return out[0] if channel_axis is None else np.moveaxis(out, 0, channel_axis)
 
 
-def _tta_views(dims: int, nsp: int) -> list[tuple[Any, Any]]:
+def _tta_views(dims: int) -> list[tuple[Any, Any]]:
     """(forward, backward) pairs on ``(C, *spatial)`` arrays: the test-time augmentations.
 
     2D networks: the 8 rotations/flips of axes 1-2 (the plane; a trailing slice axis rides

@@ -314,6 +314,11 @@ class FastNetwork(torch.nn.Module):
 
         return getattr(torch, self._dtype_name) if self._dtype_name else None
 
+    def _no_grad(self) -> Any:
+        """``inference_mode`` for the fast path, ``no_grad`` for the reference run (not
+        ``inference_mode(False)``, which switches gradients back on)."""
+        return torch.inference_mode() if self.info.inference_mode else torch.no_grad()
+
     def _run(self, x: Any, dtype: Any) -> Any:
         import torch
 
@@ -323,9 +328,8 @@ class FastNetwork(torch.nn.Module):
         elif fmt == "channels_last" and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         dev_type = x.device.type
-        # no_grad for the reference (inference_mode(False) would switch gradients back on)
         with (
-            torch.inference_mode() if self.info.inference_mode else torch.no_grad(),
+            self._no_grad(),
             torch.autocast(dev_type, dtype=dtype or torch.float32, enabled=dtype is not None),
         ):
             t0 = time.perf_counter() if self.info.compiled and self.info.compile_s is None else None
@@ -356,7 +360,7 @@ class FastNetwork(torch.nn.Module):
         """Run this batch through the network as loaded and the folded copy, both in fp32;
         keep the copy only when it runs and agrees. Returns the fp32 output to use."""
         original = self._unfolded.pop()
-        with torch.inference_mode() if self.info.inference_mode else torch.no_grad():
+        with self._no_grad():
             ref = original(x)
         ref = _plain(ref)  # outside inference mode: an ordinary tensor
         try:

@@ -102,6 +102,18 @@ class ImageRecord:
             return ""
         return orientation_codes(self.affine)
 
+    def describe(self) -> dict:
+        """The input as a result's provenance records it: name, path, shape, spacing (mm,
+        file axis order), orientation code and modality."""
+        return {
+            "name": self.name,
+            "path": self.path,
+            "shape": list(self.shape),
+            "spacing": list(self.spacing),
+            "orientation": self.orientation,
+            "modality": self.modality,
+        }
+
 
 def layer_to_record(data: Any, attrs: dict, name: str | None = None) -> ImageRecord:
     """Build an :class:`ImageRecord` (file axis order, source affine) from a layer's data/state.

@@ -116,3 +116,21 @@ def agreement(reference: np.ndarray, ours: np.ndarray, min_voxels: int = 1000) -
         mine = ours == c
         out[int(c)] = 2.0 * float((ref & mine).sum()) / float(ref.sum() + mine.sum())
     return out
+
+
+def mr_channels(folder: Path) -> list[Path]:
+    """The MR case as nnU-Net files in ``folder``: CASE_0000 the abdominal MR, CASE_0001 its
+    smoothed copy (as the "mr" model's training data were made)."""
+    import nibabel as nib
+    from scipy.ndimage import gaussian_filter
+
+    from tests.conftest import data_path
+
+    img = nib.load(str(data_path("ct/totalseg_small/mr.nii.gz")))
+    arr = np.asarray(img.dataobj).astype(np.float32)
+    hdr = img.header.copy()
+    hdr.set_data_dtype(np.float32)
+    paths = [folder / "case_0000.nii.gz", folder / "case_0001.nii.gz"]
+    nib.save(nib.Nifti1Image(arr, img.affine, hdr), str(paths[0]))
+    nib.save(nib.Nifti1Image(gaussian_filter(arr, 1.0), img.affine, hdr), str(paths[1]))
+    return paths

@@ -29,29 +29,17 @@ from napari_medseg.models.networks import ModelLoadError
 from napari_medseg.models.registry import list_models, load_model
 from napari_medseg.progress import run_sync
 from tests.conftest import data_path
-from tests.models.nnunet_helpers import agreement, model_folders, reference_labels
+from tests.models.nnunet_helpers import (
+    agreement,
+    model_folders,
+    mr_channels,
+    reference_labels,
+)
 
 pytestmark = pytest.mark.slow
 
 CT_SPLEEN = "ct/spleen/image.nii.gz"
 CT_BODY = "ct/totalseg_small/ct.nii.gz"
-MR_BODY = "ct/totalseg_small/mr.nii.gz"
-
-
-def _mr_channels(tmp_path: Path) -> list[Path]:
-    """The MR case as nnU-Net files: CASE_0000 the MR, CASE_0001 its smoothed copy (as the
-    training data were made)."""
-    from scipy.ndimage import gaussian_filter
-
-    src = data_path(MR_BODY)
-    img = nib.load(str(src))
-    arr = np.asarray(img.dataobj).astype(np.float32)
-    hdr = img.header.copy()
-    hdr.set_data_dtype(np.float32)
-    paths = [tmp_path / "case_0000.nii.gz", tmp_path / "case_0001.nii.gz"]
-    nib.save(nib.Nifti1Image(arr, img.affine, hdr), str(paths[0]))
-    nib.save(nib.Nifti1Image(gaussian_filter(arr, 1.0), img.affine, hdr), str(paths[1]))
-    return paths
 
 
 def _ours(folder: Path, images: list[Path], folds: list[int], mirror: bool) -> np.ndarray:
@@ -94,7 +82,7 @@ def test_mr_two_channel_labels_agree_with_nnunet_predictor(tmp_path: Path) -> No
     plans = json.loads((folder / "plans.json").read_text())
     norm = plans["configurations"]["3d_fullres"]["normalization_schemes"]
     assert norm == ["ZScoreNormalization", "RescaleTo01Normalization"]
-    images = _mr_channels(tmp_path)
+    images = mr_channels(tmp_path)
     ref = reference_labels(folder, images, [0], True)
     ours = _ours(folder, images, [0], True)
     dice = agreement(ref, ours)  # the initialised MR network paints 2 classes of 1,000+ voxels
@@ -108,7 +96,7 @@ def test_cli_one_file_per_channel(tmp_path: Path) -> None:
     from napari_medseg.cli import main
 
     folder = model_folders("mr")["3d_fullres"]
-    images = _mr_channels(tmp_path)
+    images = mr_channels(tmp_path)
     out = tmp_path / "seg.nii.gz"
     args = ["segment", *map(str, images), "-m", str(folder), "-o", str(out), "--no-mirror"]
     assert main([*args, "--quiet"]) == 0

@@ -105,11 +105,15 @@ def test_more_channels_runs_a_two_channel_nnunet_folder_like_its_predictor(
     """The user opens CASE_0000 and CASE_0001, picks the nnU-Net folder, adds the second
     channel under "More channels" and presses Run: the labels overlay the scan and equal
     nnUNetPredictor's on the same files (Dice >= 0.99 per class)."""
-    from tests.models.nnunet_helpers import agreement, model_folders, reference_labels
-    from tests.models.test_nnunet_fidelity import _mr_channels
+    from tests.models.nnunet_helpers import (
+        agreement,
+        model_folders,
+        mr_channels,
+        reference_labels,
+    )
 
     folder = model_folders("mr")["3d_fullres"]
-    images = _mr_channels(tmp_path)
+    images = mr_channels(tmp_path)
     viewer = make_napari_viewer()
     (c0,) = viewer.open(str(images[0]), plugin="napari-medseg")
     (c1,) = viewer.open(str(images[1]), plugin="napari-medseg")

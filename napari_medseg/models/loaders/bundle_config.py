@@ -7,6 +7,7 @@ Used by :func:`napari_medseg.models.loaders.bundle.load_bundle`.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import copy
 import importlib
@@ -132,7 +133,10 @@ class ConfigResolver:
                             out.append(part)
                     return out
                 if not self.trust:
-                    raise self.trust_error(id, f'the Python expression "{short(shown)}"')
+                    found = self.arithmetic(value, id, stack)
+                    if found is _NOT_ARITHMETIC:
+                        raise self.trust_error(id, f'the Python expression "{short(shown)}"')
+                    return found
                 return self.evaluate(id)
             if value.startswith("@"):
                 ref = value[1:]
@@ -159,6 +163,38 @@ class ConfigResolver:
         if isinstance(value, list):
             return [self.value(v, f"{id}#{i}", instantiate, stack) for i, v in enumerate(value)]
         return value
+
+    def arithmetic(self, expr: str, id: str, stack: tuple = ()) -> Any:
+        """Evaluate a ``$`` expression that is plain arithmetic on config values, without eval.
+
+        Allowed: numbers, ``@`` references to plain values (numbers, strings, lists, dicts),
+        ``+ - * / // %``, unary minus, tuples and lists, indexing with a constant, and
+        ``int()``, ``float()``, ``len()``. E.g. ``"$1.0 - float(@out_size) / float(@patch_size)"``
+        (HoVerNet's overlap) or ``"$len(@label_names) + @number_intensity_ch"``. Anything else
+        gives :data:`_NOT_ARITHMETIC` (the caller then asks for trust).
+        """
+        names: dict[str, Any] = {}
+
+        def bind(m: re.Match) -> str:
+            ref = m.group(1)
+            try:
+                val = self.value(self.raw(ref), ref, False, stack)
+            except ModelLoadError:
+                val = _NOT_ARITHMETIC
+            key = f"_ref{len(names)}"
+            names[key] = val
+            return key
+
+        text = REF_RE.sub(bind, expr[1:])
+        if any(v is _NOT_ARITHMETIC or not _is_plain(v) for v in names.values()):
+            return _NOT_ARITHMETIC
+        try:
+            tree = ast.parse(text.strip(), mode="eval")
+            return _arith(tree.body, names)
+        except (SyntaxError, _NotArithmetic, TypeError, ValueError, ZeroDivisionError):
+            return _NOT_ARITHMETIC
+        except (IndexError, KeyError) as e:
+            raise ModelLoadError(f"bundle '{self.name}': '{id}' indexes out of range ({e})") from e
 
     def get(self, id: str, instantiate: bool = True) -> Any:
         return self.value(self.raw(id), id, instantiate)
@@ -318,6 +354,57 @@ class ConfigResolver:
             if _is_plain(val):
                 out[k] = val
         return raw["_target_"].rsplit(".", 1)[-1], out
+
+
+class _NotArithmetic(Exception):
+    """An expression node that :meth:`ConfigResolver.arithmetic` does not evaluate."""
+
+
+#: Returned by :meth:`ConfigResolver.arithmetic` for expressions it leaves alone.
+_NOT_ARITHMETIC = object()
+
+_BINOPS: dict[type, Any] = {
+    ast.Add: lambda a, b: a + b,
+    ast.Sub: lambda a, b: a - b,
+    ast.Mult: lambda a, b: a * b,
+    ast.Div: lambda a, b: a / b,
+    ast.FloorDiv: lambda a, b: a // b,
+    ast.Mod: lambda a, b: a % b,
+}
+_CALLS: dict[str, Any] = {"int": int, "float": float, "len": len}
+
+
+def _arith(node: ast.AST, names: dict[str, Any]) -> Any:
+    """Evaluate an arithmetic expression tree (see :meth:`ConfigResolver.arithmetic`)."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, str)):
+        return node.value
+    if isinstance(node, ast.Name) and node.id in names:
+        return names[node.id]
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+        a, b = _arith(node.left, names), _arith(node.right, names)
+        if isinstance(a, str) or isinstance(b, str):  # no string building (paths, code)
+            raise _NotArithmetic
+        if isinstance(node.op, ast.Mult) and (isinstance(a, list) or isinstance(b, list)):
+            n, seq = (a, b) if isinstance(a, int) else (b, a)
+            if not isinstance(n, int) or not isinstance(seq, list) or n * len(seq) > 4096:
+                raise _NotArithmetic  # a short repeat like (k,) * 4, never a huge list
+        return _BINOPS[type(node.op)](a, b)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        v = _arith(node.operand, names)
+        return -v if isinstance(node.op, ast.USub) else +v
+    if isinstance(node, (ast.Tuple, ast.List)):
+        return [_arith(e, names) for e in node.elts]
+    if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
+        return _arith(node.value, names)[node.slice.value]
+    if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id in _CALLS
+        and len(node.args) == 1
+        and not node.keywords
+    ):
+        return _CALLS[node.func.id](_arith(node.args[0], names))
+    raise _NotArithmetic
 
 
 def _rewrite_cuda(config: Any, device: str) -> Any:

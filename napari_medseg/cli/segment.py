@@ -176,7 +176,8 @@ def _segment(args: argparse.Namespace) -> int:
     if args.scheduler and len(jobs) > 1:
         if args.folds:
             raise MedsegError("--folds needs a single process: leave out --scheduler")
-        load_model(args.model, device="cpu", trust_bundle=args.trust_bundle)  # fail early
+        early = load_model(args.model, device="cpu", trust_bundle=args.trust_bundle)
+        _check_companions(jobs, early.card, args.overwrite)  # fail early
         provs = run_sync(
             segment_batch(jobs, args.model, scheduler=args.scheduler, **opts),
             TextProgress(quiet=args.quiet),
@@ -191,6 +192,7 @@ def _segment(args: argparse.Namespace) -> int:
         )
         if args.verbose:
             print(f"model loaded in {time.perf_counter() - t_load:.2f} s", file=sys.stderr)
+        _check_companions(jobs, model.card, args.overwrite)
         provs = []
         for image_path, dest in jobs:
             prov = run_sync(
@@ -218,9 +220,25 @@ def _segment(args: argparse.Namespace) -> int:
                 f"wrote {prov['output']} ({counts}) and {Path(prov['provenance_file']).name}",
                 file=sys.stderr,
             )
+            if prov.get("instances"):
+                print(
+                    f"wrote {prov['instances']} ({prov.get('nuclei', 0)} objects, one id each) "
+                    f"and {Path(prov['objects']).name}",
+                    file=sys.stderr,
+                )
         if args.verbose:
             print(verbose_summary(prov), file=sys.stderr)
     return 0
+
+
+def _check_companions(jobs: list, card: Any, overwrite: bool) -> None:
+    """The files a model writes beside each output (HoVerNet: instances, objects), checked
+    before any work as the outputs were."""
+    from napari_medseg.core.segment.batch import companion_paths
+
+    extra = [p for _, dest in jobs for p in companion_paths(dest, card)]
+    if extra:
+        check_outputs(extra, [f for f, _ in jobs if not isinstance(f, list)], overwrite=overwrite)
 
 
 def verbose_summary(prov: dict) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import time
 import weakref
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -315,6 +316,8 @@ class SegmentWidget(ImageInput, Container):
         kept = self._show_labels(name, data, kwargs, result)
         if result.probabilities is not None:
             self._show_probabilities(source_layer, record, result)
+        if result.instances is not None:
+            self._show_instances(source_layer, record, result)
         secs = time.perf_counter() - self._t0
         counts = np.bincount(np.asarray(result.labels).ravel(), minlength=len(result.class_names))
         voxel = float(np.prod(record.spacing)) if record.space == "RAS" else None
@@ -323,6 +326,9 @@ class SegmentWidget(ImageInput, Container):
             if i and n and i in result.class_names:
                 size = f"{n * voxel / 1000:.1f} mL" if voxel else f"{int(n)} px"
                 found.append(f"{result.class_names[i]} {size}")
+        if result.objects is not None:  # objects (nuclei): counted per class, not in pixels
+            per = Counter(r["type_name"] for r in result.objects if r.get("type_name"))
+            found = [f"{len(result.objects)} nuclei"] + [f"{k} {n}" for k, n in per.items()]
         self.progress.value = self.progress.max
         self.status.value = f"Done in {secs:.1f} s. " + (
             ", ".join(found) if found else "Nothing found."
@@ -389,6 +395,29 @@ class SegmentWidget(ImageInput, Container):
         with layer.block_history():
             layer.data_setitem(changed, data[changed])
         return True
+
+    def _show_instances(self, source_layer: Any, record: Any, result: Any) -> None:
+        """One id per object (HoVerNet's nuclei) as a Labels layer, the table as features."""
+        name = f"{source_layer.name}_nuclei"
+        meta = {"provenance": result.provenance, "objects": "one label id per nucleus"}
+        data, kwargs = labels_layer_data(source_layer, result.instances, record, name, meta)
+        rows = result.objects or []
+        features = {
+            "index": [0, *(r["id"] for r in rows)],
+            "type": ["background", *(r.get("type_name") or "" for r in rows)],
+            "area_px": [0, *(r["area_px"] for r in rows)],
+        }
+        if name in self._viewer.layers:
+            self._viewer.layers.remove(name)
+        self._viewer.add_labels(
+            data,
+            name=name,
+            affine=kwargs["affine"],
+            units=kwargs.get("units"),
+            metadata=kwargs["metadata"],
+            features=features,
+            opacity=0.5,
+        )
 
     def _show_probabilities(self, source_layer: Any, record: Any, result: Any) -> None:
         from napari_medseg.io.geometry import record_to_layer_data

@@ -51,16 +51,17 @@ EXPECTED: dict[str, tuple[str, bool, tuple | None, str | None]] = {
     "multi_organ_segmentation": (SEG, True, (32, 32, 32), None),
     "pancreas_ct_dints_segmentation": (SEG, True, (32, 32, 32), None),
     "pathology_nuclei_classification": (CLS, False, None, None),
-    "pathology_nuclei_segmentation_classification": (SEG, False, None, "returns 3 maps"),
+    # HoVerNet: three maps per window, nuclei as instances (tested on its own below)
+    "pathology_nuclei_segmentation_classification": (SEG, False, None, None),
     "pathology_nuclick_annotation": (SEG, False, None, "interactive annotation"),
     "pathology_tumor_detection": (CLS, False, None, None),
-    "pediatric_abdominal_ct_segmentation": (SEG, True, (32, 32, 32), None),
+    "pediatric_abdominal_ct_segmentation": (SEG, False, (32, 32, 32), None),
     "prostate_mri_anatomy": (SEG, False, (32, 32, 32), None),
     "renalStructures_CECT_segmentation": (SEG, False, (16, 24, 32), None),
     "renalStructures_UNEST_segmentation": (SEG, True, None, "needs its Python module scripts"),
     "segmentation_template": (SEG, False, (24, 32, 40), None),
     "spleen_ct_segmentation": (SEG, False, (32, 48, 16), None),
-    "spleen_deepedit_annotation": (SEG, True, None, "interactive annotation"),
+    "spleen_deepedit_annotation": (SEG, False, (64, 64, 32), None),  # automatic mode: no clicks
     "swin_unetr_btcv_segmentation": (SEG, False, (64, 64, 64), None),
     "valve_landmarks": ("landmarks", False, None, None),
     "ventricular_short_axis_3label": (SEG, False, (64, 80), None),
@@ -69,7 +70,11 @@ EXPECTED: dict[str, tuple[str, bool, tuple | None, str | None]] = {
     "wholeBody_ct_segmentation": (SEG, True, (16, 16, 24), None),
     "wholeBrainSeg_Large_UNEST_segmentation": (SEG, True, None, "needs its Python module scripts"),
 }
-SUPPORTED = [n for n in ALL if n in EXPECTED and EXPECTED[n][0] == SEG and EXPECTED[n][3] is None]
+SUPPORTED = [
+    n
+    for n in ALL
+    if n in EXPECTED and EXPECTED[n][0] == SEG and EXPECTED[n][3] is None and EXPECTED[n][2]
+]
 UNSUPPORTED_SEG = [n for n in ALL if n in EXPECTED and EXPECTED[n][0] == SEG and EXPECTED[n][3]]
 OTHER = [n for n in ALL if n in EXPECTED and EXPECTED[n][0] != SEG]
 # ~30 s (SwinUNETR, 62 M parameters) and ~5 s (DynUNet 31 M, UNet 38 M) on 2 CPU cores
@@ -177,6 +182,26 @@ def test_segmentation_bundle_roundtrip(name: str, tmp_path: Path) -> None:
         y = lm.network(x)
     assert tuple(y.shape) == (1, card.out_channels, *patch)
     assert torch.isfinite(y).all()
+
+
+def test_hovernet_card_reads_the_config_without_running_it() -> None:
+    """HoVerNet's overlap and padding are arithmetic in ``$`` expressions: read, not run."""
+    lm = load_bundle(BUNDLES / "pathology_nuclei_segmentation_classification", weights="random")
+    card = lm.card
+    assert card.extra["trusted"] is False
+    assert card.dims == 2 and card.in_channels == 3 and card.patch_size == [256, 256]
+    assert card.overlap == 1.0 - 164 / 256  # "$1.0 - float(@out_size) / float(@patch_size)"
+    spec = card.extra["hovernet"]
+    assert spec["input_padding"] == [46, 46, 46, 46]  # "$((@patch_size - @out_size) // 2,) * 4"
+    assert spec["instance"] == {
+        "sobel_kernel_size": 21,
+        "marker_threshold": 0.4,
+        "marker_radius": 2,
+    }
+    names = [c["name"] for c in card.classes]
+    assert names == ["background", "other", "inflammatory", "epithelial", "spindle-shaped"]
+    assert card.normalization["window"] == [0.0, 255.0]
+    assert card.extra["bundle_transforms_ignored"] == []
 
 
 def test_spleen_card_matches_config(tmp_path: Path) -> None:

@@ -422,6 +422,12 @@ def _last_score(text: str) -> float:
 
 
 def _first(y: Any) -> Any:
+    """The main output: the first of a list/tuple (deep supervision); for a dictionary of
+    maps (HoVerNet), all of them flattened into one tensor."""
+    if isinstance(y, dict):
+        import torch
+
+        return torch.cat([v.float().reshape(v.shape[0], -1) for v in y.values()], dim=1)
     return y[0] if isinstance(y, (list, tuple)) else y
 
 
@@ -431,6 +437,8 @@ def _plain(y: Any) -> Any:
 
     if isinstance(y, (list, tuple)):
         return type(y)(_plain(v) for v in y)
+    if isinstance(y, dict):
+        return {k: _plain(v) for k, v in y.items()}
     if not isinstance(y, torch.Tensor):
         return y
     if y.dtype != torch.float32 and y.is_floating_point():

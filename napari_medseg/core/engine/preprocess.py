@@ -27,10 +27,18 @@ MONAI's ``LoadImage`` reads PNG/JPEG/TIFF as ``(x, y)``, i.e. ``(col, row)``) se
 transposed, as the bundle's network does in MONAI.
 
 A card with ``normalization["resize"]`` (MONAI's ``Resize``:
-``{"spatial_size": [...], "size_mode": "all" | "longest", "align_corners": bool}``) resizes
-the reoriented image to a fixed shape with ``F.interpolate``'s (bi/tri)linear arithmetic
-instead of resampling to a spacing; its inverse is the same resize back to the source shape,
-as MONAI's ``Invertd`` does.
+``{"spatial_size": [...], "size_mode": "all" | "longest", "align_corners": bool,
+"mode": "linear" | "area"}``) resizes the reoriented image to a fixed shape with
+``F.interpolate``'s (bi/tri)linear arithmetic, or with its ``"area"`` mode (each model voxel
+the mean of the source voxels its box overlaps, torch's adaptive average pooling), instead of
+resampling to a spacing; its inverse is the same resize back to the source shape, in the same
+mode, as MONAI's ``Invertd`` does. ``resize["intensity_steps_before"] = k`` runs the first
+``k`` of the card's ``monai_steps`` before the resize and the rest after it (MONAI's order:
+e.g. a CT window clipped before area averaging is not the same as after it).
+
+A card with ``extra["guidance_channels"] = n`` (an interactive MONAI bundle such as DeepEdit,
+run in automatic mode) gets ``n`` channels of zeros appended to the image on the model grid:
+the click-guidance channels its network takes, empty because no clicks are given.
 
 :class:`GridMap` undoes the map onto the source file grid: labels with nearest neighbour (an
 index gather, exact for any integer dtype), probabilities with (tri)linear interpolation, and
@@ -405,8 +413,8 @@ class GridMap:
     step : tuple of float
         Model voxel ``j`` lies at oriented source index ``j * step`` (MONAI ``Spacing``
         convention: first voxel centres aligned, exact target spacing), or with
-        ``align="edges"`` at ``(j + 0.5) * step - 0.5`` (MONAI ``Resize``: ``step`` is the
-        ratio of the sizes and both grids cover the same extent).
+        ``align="edges"`` (or ``"area"``) at ``(j + 0.5) * step - 0.5`` (MONAI ``Resize``:
+        ``step`` is the ratio of the sizes and both grids cover the same extent).
     model_affine : numpy.ndarray
         Model-grid voxel indices to world (for checks and debugging).
     slice_axis : int or None
@@ -415,10 +423,12 @@ class GridMap:
         Where resampling runs.
     info : dict
         Notes such as ``{"nonfinite_replaced": n}``.
-    align : {"centres", "edges", "corners"}
+    align : {"centres", "edges", "corners", "area"}
         How the two grids line up (see ``step``): ``"centres"`` MONAI's ``Spacing``;
         ``"edges"`` and ``"corners"`` MONAI's ``Resize`` with ``align_corners`` False or True
-        (``"corners"`` places voxels as ``"centres"`` does, ``step = (n - 1) / (m - 1)``).
+        (``"corners"`` places voxels as ``"centres"`` does, ``step = (n - 1) / (m - 1)``);
+        ``"area"`` MONAI's ``Resize`` with ``mode="area"``: placed as ``"edges"``, values are
+        box means (see :meth:`resample`) instead of interpolated.
     """
 
     source_shape: tuple[int, ...]
@@ -478,10 +488,18 @@ class GridMap:
         ``to_model=True``: oriented source grid -> model grid; ``False``: model grid ->
         oriented source grid. Separable (tri)linear or nearest interpolation at the exact
         positions of the other grid's voxel centres (edges clamped), on the tensor's device.
+        With ``align="area"`` every mode but ``"nearest"`` is torch's ``F.interpolate(...,
+        mode="area")`` (what MONAI's ``Resize(mode="area")`` and its inverse run): output voxel
+        ``j`` along an axis of ``n_in -> n_out`` voxels is the mean of input voxels
+        ``floor(j * n_in / n_out)`` to ``ceil((j + 1) * n_in / n_out) - 1``, in both directions.
         """
         if not self.resampled:
             return x
         size = self.model_shape if to_model else self.oriented_shape
+        if self.align == "area" and mode != "nearest":
+            import torch.nn.functional as F
+
+            return F.interpolate(x.float()[None], size=tuple(size), mode="area")[0]
         out = x if mode == "nearest" else x.float()
         # axes that shrink first, then those that grow: fewer voxels to interpolate (the
         # separable steps commute; 512x512x300 <-> 274x274x375: 142M instead of 228M outputs)
@@ -492,7 +510,8 @@ class GridMap:
                 continue
             # (a resize to one voxel with align_corners has step 0: every voxel reads voxel 0)
             inv = 1.0 / st if st else 0.0
-            pos = _positions(n_out, st if to_model else inv, self.align)
+            align = "edges" if self.align == "area" else self.align
+            pos = _positions(n_out, st if to_model else inv, align)
             out = _resample_axis(out, ax + 1, pos, mode)
         return out
 
@@ -502,7 +521,7 @@ class GridMap:
         """Labels on the model grid ``(*model_shape)`` to the source file grid (nearest).
 
         Exact index gather: each source voxel takes the label of the model voxel whose centre
-        is nearest (a resize, ``align`` ``"edges"`` or ``"corners"``: model voxel
+        is nearest (a resize, ``align`` ``"edges"``, ``"corners"`` or ``"area"``: model voxel
         ``floor(i * n_model / n_source)``, what ``F.interpolate(mode="nearest")`` and so
         MONAI's ``Resize`` inverse with ``nearest_interp`` pick); dtype is kept. Returns a
         numpy array of shape ``source_shape``.
@@ -517,7 +536,7 @@ class GridMap:
             # one axis at a time (last first): several times faster than np.ix_ on big maps
             for ax in reversed(range(lab.ndim)):
                 n_src = self.oriented_shape[ax]
-                if self.align in ("edges", "corners"):  # torch's "nearest", as MONAI's Resize
+                if self.align in ("edges", "corners", "area"):  # torch's "nearest", as MONAI
                     scale = np.float32(lab.shape[ax]) / np.float32(n_src)  # float32, as torch
                     pos = np.floor(np.arange(n_src, dtype=np.float32) * scale)
                 else:
@@ -608,7 +627,9 @@ def to_model_grid(
     -------
     image : torch.Tensor
         ``(C, *model_axes)`` float32 on ``device``; for a 2D model on a volume the last axis is
-        the slice axis.
+        the slice axis. A card with ``extra["guidance_channels"] = n`` gets ``n`` channels of
+        zeros after the image's own (empty click guidance: ``C`` is then the card's
+        ``in_channels``).
     grid : GridMap
         The map back to the source grid.
     """
@@ -631,8 +652,11 @@ def to_model_grid(
     # MONAI bundles scale intensities after Spacing (statistics of the resampled image); the
     # project's own models normalise on the source grid (cheaper, and how they were trained)
     late = bool((card.normalization or {}).get("on_model_grid"))
+    late_norm = card.normalization
     if not late:
         x = normalize(x, card.normalization, channel_axis=0, copy=False)
+    else:
+        x, late_norm = _intensity_before_resize(x, card.normalization)
     src_shape = tuple(int(s) for s in record.spatial_shape)
     src_spacing = np.asarray(record.spacing, dtype=float)
     affine = np.asarray(record.affine, dtype=float)
@@ -705,7 +729,7 @@ def to_model_grid(
     model_spacing = tuple(float(v) * st for v, st in zip(oriented_spacing, step))
     s_mat = np.eye(nsp + 1)
     s_mat[:nsp, :nsp] = np.diag(step)
-    if align == "edges":  # model voxel j at source index (j + 0.5) * step - 0.5
+    if align in ("edges", "area"):  # model voxel j at source index (j + 0.5) * step - 0.5
         s_mat[:nsp, nsp] = 0.5 * (np.asarray(step) - 1.0)
     model_affine = oriented_affine @ s_mat
 
@@ -727,10 +751,45 @@ def to_model_grid(
     )
     t = torch.from_numpy(np.ascontiguousarray(x)).to(dev)
     t = grid.image_to_model(t)
-    if late:
-        arr = normalize(t.cpu().numpy(), card.normalization, channel_axis=0, copy=False)
+    if late and late_norm is not None:
+        arr = normalize(t.cpu().numpy(), late_norm, channel_axis=0, copy=False)
         t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(dev)
+    n_guide = int((card.extra or {}).get("guidance_channels") or 0)
+    if n_guide > 0:
+        # an interactive bundle in automatic mode: its click-guidance channels, empty
+        zeros = torch.zeros((n_guide, *t.shape[1:]), dtype=t.dtype, device=t.device)
+        t = torch.cat([t, zeros], dim=0)
     return t.contiguous(), grid
+
+
+def _intensity_before_resize(x: np.ndarray, norm: dict | None) -> tuple[np.ndarray, dict | None]:
+    """Run the MONAI intensity steps a card's resize comes after, in MONAI's order.
+
+    Parameters
+    ----------
+    x : numpy.ndarray
+        ``(C, *spatial)`` float32 image on the source grid (axis order does not matter: the
+        steps are voxel-wise or use whole-image statistics).
+    norm : dict or None
+        The card's ``normalization``; ``norm["resize"]["intensity_steps_before"] = k`` names
+        how many of its ``monai_steps`` come before the resize.
+
+    Returns
+    -------
+    x : numpy.ndarray
+        The image with those ``k`` steps applied (unchanged when ``k`` is 0).
+    late : dict or None
+        The normalisation left for the model grid: ``norm`` itself when ``k`` is 0, the
+        remaining steps otherwise, None when none remains.
+    """
+    resize = (norm or {}).get("resize")
+    k = int(resize.get("intensity_steps_before", 0)) if isinstance(resize, dict) else 0
+    steps = list((norm or {}).get("monai_steps") or [])
+    if k <= 0 or not steps:
+        return x, norm
+    x = monai_intensity(x, steps[:k], channel_axis=0)
+    rest = steps[k:]
+    return x, ({"scheme": "none", "monai_steps": rest} if rest else None)
 
 
 def resize_grid(
@@ -743,10 +802,11 @@ def resize_grid(
     shape : tuple of int
         Spatial shape of the (reoriented) image, model axis order.
     resize : dict
-        ``{"spatial_size": [...], "size_mode": "all", "align_corners": False}``:
-        ``size_mode="all"`` gives each axis its size (one int: every axis; ``-1`` keeps the
-        image's); ``"longest"`` scales the longest axis to ``spatial_size`` (an int) and the
-        others by the same factor, rounded.
+        ``{"spatial_size": [...], "size_mode": "all", "align_corners": False, "mode":
+        "linear"}``: ``size_mode="all"`` gives each axis its size (one int: every axis; ``-1``
+        keeps the image's); ``"longest"`` scales the longest axis to ``spatial_size`` (an int)
+        and the others by the same factor, rounded. ``mode`` ``"linear"`` (default) or
+        ``"area"`` (box means, torch's ``F.interpolate(mode="area")``; no ``align_corners``).
 
     Returns
     -------
@@ -754,9 +814,10 @@ def resize_grid(
         The resized spatial shape.
     step : tuple of float
         Source voxels per model voxel along each axis (1.0 where the size does not change).
-    align : {"edges", "corners"}
+    align : {"edges", "corners", "area"}
         ``"edges"`` for ``align_corners=False`` (torch's default), ``"corners"`` for ``True``
-        (then ``step = (n - 1) / (m - 1)``); see :class:`GridMap`.
+        (then ``step = (n - 1) / (m - 1)``), ``"area"`` for ``mode="area"`` (placed as
+        ``"edges"``); see :class:`GridMap`.
     """
     size = resize.get("spatial_size")
     if str(resize.get("size_mode", "all")) == "longest":
@@ -773,13 +834,16 @@ def resize_grid(
             )
         out = tuple(int(n) if s is None or int(s) <= 0 else int(s) for n, s in zip(shape, sizes))
     corners = bool(resize.get("align_corners", False))
+    area = str(resize.get("mode", "linear")) == "area"
+    if corners and area:
+        raise MedsegError("an 'area' resize has no align_corners (torch refuses the pair)")
     if corners:
         step = tuple(
             1.0 if m == n else (n - 1) / (m - 1) if m > 1 else 0.0 for n, m in zip(shape, out)
         )
     else:
         step = tuple(1.0 if m == n else n / m for n, m in zip(shape, out))
-    return out, step, "corners" if corners else "edges"
+    return out, step, "corners" if corners else "area" if area else "edges"
 
 
 def foreground_box(image: Any, spec: dict) -> tuple[slice, ...] | None:

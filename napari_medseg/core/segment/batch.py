@@ -29,10 +29,25 @@ from napari_medseg.progress import Progress, run_sync
 if TYPE_CHECKING:  # pragma: no cover
     from napari_medseg.models.networks import LoadedModel
 
-__all__ = ["segment_batch", "segment_file"]
+__all__ = ["companion_paths", "segment_batch", "segment_file"]
 
 #: Models kept by a dask worker (or this process) between jobs: {(ref, device, trust): model}.
 _MODEL_CACHE: dict[tuple, Any] = {}
+
+
+def companion_paths(dest: str | Path, card: Any) -> list[Path]:
+    """Files written beside ``dest`` by a model that separates objects (HoVerNet's nuclei).
+
+    ``<name>_instances<ext>`` (one id per object, same format and geometry as ``dest``) and
+    ``<name>_objects.csv`` (one row per object); nothing for other models.
+    """
+    from napari_medseg._files import split_ext
+
+    if not (getattr(card, "extra", None) or {}).get("hovernet"):
+        return []
+    dest = Path(dest)
+    stem, ext = split_ext(dest)
+    return [dest.with_name(f"{stem}_instances{ext}"), dest.with_name(f"{stem}_objects.csv")]
 
 
 def _model(ref: Any, device: str, trust_bundle: bool) -> LoadedModel:
@@ -150,6 +165,18 @@ def segment_file(
     prov["class_voxels"] = {
         str(result.class_names.get(i, i)): int(n) for i, n in enumerate(counts) if i and n
     }
+    if result.instances is not None:
+        inst_path, table_path = companion_paths(dest, loaded.card)
+        inst = ImageRecord(
+            data=result.instances,
+            affine=record.affine,
+            space=record.space,
+            modality="label",
+            name=f"{record.name}_instances",
+            metadata=record.metadata,
+        )
+        prov["instances"] = str(write_image(inst_path, inst, is_label=True, overwrite=True))
+        prov["objects"] = str(write_objects(table_path, result.objects or []))
     if probabilities is not None:
         prob = ImageRecord(
             data=np.moveaxis(result.probabilities, 0, -1),
@@ -165,6 +192,22 @@ def segment_file(
     write_text(prov_path, json.dumps(prov, indent=2, default=str) + "\n")
     prov["provenance_file"] = str(prov_path)
     return prov
+
+
+def write_objects(path: str | Path, rows: list[dict]) -> Path:
+    """One row per object as CSV (atomic): id, centroid ``row``/``col`` (pixels), area, type."""
+    import csv
+    import io
+
+    from napari_medseg._files import write_text
+
+    cols = ["id", "row", "col", "area_px", "type", "type_name", "type_fraction"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
+    return write_text(Path(path), buf.getvalue())
 
 
 def _dask_job(image_path: str, dest: str, model_ref: str, opts: dict) -> dict:

@@ -60,6 +60,13 @@ class SegmentationResult:
     probabilities : numpy.ndarray or None
         float32 ``(K, *record.spatial_shape)`` class probabilities (channel ``k`` is the
         card's ``classes[k]``), when asked for.
+    instances : numpy.ndarray or None
+        int32 instance ids (0 background, one id per object), shape
+        ``record.spatial_shape``, for models that separate objects (HoVerNet's nuclei; then
+        ``labels`` holds each object's class).
+    objects : list of dict or None
+        One row per instance (id, centroid ``row``/``col`` in pixels, ``area_px``, class),
+        with ``instances``.
     affine : numpy.ndarray
         The source record's affine, unchanged.
     class_names, class_colors : dict
@@ -75,6 +82,8 @@ class SegmentationResult:
     class_colors: dict[int, str]
     provenance: dict = field(default_factory=dict)
     probabilities: np.ndarray | None = None
+    instances: np.ndarray | None = None
+    objects: list[dict] | None = None
 
 
 def estimate_memory(record: ImageRecord, model: LoadedModel, probabilities: bool = False) -> int:
@@ -131,14 +140,20 @@ def check_inputs(record: ImageRecord, model: LoadedModel) -> None:
 
 def check_channels(record: ImageRecord, card: Any) -> None:
     """Raise :class:`MedsegError` when the image's channels (non-spatial axes, RGB included)
-    do not match the model card's ``in_channels``."""
+    do not match the model card's ``in_channels``.
+
+    A card with ``extra["guidance_channels"] = n`` (an interactive bundle in automatic mode)
+    takes ``in_channels - n`` image channels; the engine adds the ``n`` empty guidance ones.
+    """
     shape, nsp = record.shape, record.spatial_ndim
     n_ch = int(np.prod(shape[nsp:])) if len(shape) > nsp else 1
-    if n_ch != card.in_channels:
+    n_guide = int((getattr(card, "extra", None) or {}).get("guidance_channels") or 0)
+    if n_ch + n_guide != card.in_channels:
         what = "RGB channels" if record.rgb else "channels (or time points)"
+        guide = f" (plus {n_guide} empty click-guidance channels)" if n_guide else ""
         raise MedsegError(
-            f"model {card.name!r} expects {card.in_channels} input channel(s) but the image "
-            f"{record.name!r} has {n_ch} {what}"
+            f"model {card.name!r} expects {card.in_channels - n_guide} input channel(s){guide} "
+            f"but the image {record.name!r} has {n_ch} {what}"
         )
 
 
@@ -235,6 +250,19 @@ def segment(
             fast_path=fast_path,
         )
         return SegmentationResult(**fields)
+    if (model.card.extra or {}).get("hovernet"):  # nuclei: MONAI's HoVerNet pipeline
+        from napari_medseg.core.segment.hovernet import segment_hovernet
+
+        check_inputs(record, model)
+        fields = yield from segment_hovernet(
+            record,
+            model,
+            device=device,
+            batch_size=batch_size,
+            precision=_precision_of(precision, amp),
+            fast_path=fast_path,
+        )
+        return SegmentationResult(**fields)
     t0 = time.perf_counter()
     check_inputs(record, model)
     card = model.card
@@ -277,6 +305,8 @@ def segment(
     for w in caught:
         if "NaN/Inf" not in str(w.message):
             warnings.warn(w.message, w.category, stacklevel=2)
+    if (card.extra or {}).get("bundle_mode"):  # e.g. DeepEdit without clicks
+        notes.append(str(card.extra["bundle_mode"]))
 
     crop_spec = (card.normalization or {}).get("crop_foreground")
     box = None

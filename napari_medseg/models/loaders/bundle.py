@@ -266,13 +266,16 @@ def _classify(meta: dict) -> str:
 def _check_supported(name: str, meta: dict, config: dict) -> None:
     """Refuse segmentation bundles napari-medseg cannot run, with the reason, before any work."""
     outputs = (meta.get("network_data_format") or {}).get("outputs") or {}
-    if len(outputs) > 1:
+    inferer = config.get("inferer")
+    target = inferer.get("_target_") if isinstance(inferer, dict) else None
+    hovernet = isinstance(target, str) and target.rsplit(".", 1)[-1] == (
+        "SlidingWindowHoVerNetInferer"
+    )
+    if len(outputs) > 1 and not hovernet:
         raise ModelLoadError(
             f"bundle '{name}' is not supported: its network returns {len(outputs)} maps "
             f"({', '.join(outputs)}) that need the bundle's own post-processing"
         )
-    inferer = config.get("inferer")
-    target = inferer.get("_target_") if isinstance(inferer, dict) else None
     if isinstance(target, str) and "." in target and not target.startswith("monai."):
         raise ModelLoadError(
             f"bundle '{name}' is not supported: its inference needs the bundle's own Python "
@@ -284,11 +287,18 @@ def _check_supported(name: str, meta: dict, config: dict) -> None:
             f"bundle '{name}' is not supported: its SAM-based network predicts cell flows that "
             "need cellpose-style post-processing (and the segment_anything package)"
         )
-    guidance = [
-        t
-        for t in all_targets(config.get("preprocessing"), config)
-        if "Guidance" in t or "Click" in t
-    ]
+    # DeepEdit runs in automatic mode: without clicks its click transforms only add empty
+    # guidance channels (reproduced by the card's extra["guidance_channels"])
+    deepedit = {
+        "OrientationGuidanceMultipleLabelDeepEditd",
+        "AddGuidanceFromPointsDeepEditd",
+        "ResizeGuidanceMultipleLabelDeepEditd",
+        "AddGuidanceSignalDeepEditd",
+    }
+    targets = all_targets(config.get("preprocessing"), config)
+    guidance = [t for t in targets if ("Guidance" in t or "Click" in t) and t not in deepedit]
+    if not guidance and (deepedit & set(targets)) and "AddGuidanceSignalDeepEditd" not in targets:
+        guidance = sorted(deepedit & set(targets))  # clicks read but no channels made of them
     if guidance:
         raise ModelLoadError(
             f"bundle '{name}' is not supported: it is an interactive annotation model whose input "

@@ -52,6 +52,16 @@ _IMPLICIT = {
 }
 
 
+#: DeepEdit's click transforms (the MONAI ones and the bundle's own click reorientation in
+#: ``scripts/``), minus the trailing ``d``. With no clicks they pass the image through; only
+#: AddGuidanceSignal adds one channel of zeros per label name after the image's channels.
+_DEEPEDIT_CLICKS = {
+    "OrientationGuidanceMultipleLabelDeepEdit",
+    "AddGuidanceFromPointsDeepEdit",
+    "ResizeGuidanceMultipleLabelDeepEdit",
+    "AddGuidanceSignalDeepEdit",
+}
+
 #: ``lambda x: x[1:]``: the foreground channel of a one-hot label map of two classes.
 _FOREGROUND_CHANNEL = re.compile(r"^\$?\s*lambda\s+(\w+)\s*:\s*\1\s*\[\s*1\s*:\s*\]\s*$")
 
@@ -99,7 +109,12 @@ def build_card(res: ConfigResolver, root: Path, meta: dict, network: Any) -> Mod
             p = inspect.signature(cls).parameters.get("spatial_dims")
             if p is not None and isinstance(p.default, int):
                 dims = p.default
-    shape = [s for s in (img.get("spatial_shape") or []) if isinstance(s, int)]
+    # metadata sizes may be written as strings ("256"; HoVerNet's)
+    shape = [
+        int(s)
+        for s in (img.get("spatial_shape") or [])
+        if isinstance(s, int) or (isinstance(s, str) and s.isdigit())
+    ]
     if not isinstance(dims, int):
         if isinstance(roi, (list, tuple)):
             dims = len(roi)
@@ -127,6 +142,12 @@ def build_card(res: ConfigResolver, root: Path, meta: dict, network: Any) -> Mod
         pre["normalization"]["raster_axes"] = pre["raster_axes"]
     post = _translate_postprocessing(res)
     classes = _classes(res, pred, out_channels, post)
+    hovernet = None
+    if inferer_name == "SlidingWindowHoVerNetInferer":
+        hovernet = _hovernet_spec(res, meta)
+        classes = _hovernet_classes(meta, out_channels)
+        post["ignored"] = [t for t in post["ignored"] if t not in _HOVERNET_POST]
+        post["card"] = {}
 
     modality = str(img.get("modality") or "")
     modality = {"MRI": "MR", "": "unknown", "NONE": "unknown", "REGULAR": "unknown"}.get(
@@ -159,6 +180,25 @@ def build_card(res: ConfigResolver, root: Path, meta: dict, network: Any) -> Mod
     }
     if inferer_extra:
         extra["bundle_slice_inferer"] = inferer_extra
+    if pre["guidance"]:
+        n_guide = len(pre["guidance"])
+        if int(in_channels) <= n_guide:
+            raise ModelLoadError(
+                f"bundle '{name}': its network takes {in_channels} channel(s), not enough for "
+                f"the image and its {n_guide} click-guidance channels"
+            )
+        # an interactive bundle (DeepEdit) run without clicks: the network's in_channels count
+        # the image's channels plus one guidance channel per label, all zeros here
+        extra["guidance_channels"] = n_guide
+        extra["guidance_labels"] = pre["guidance"]
+        extra["bundle_mode"] = (
+            f"automatic mode, no clicks: the {n_guide} click-guidance channels "
+            f"({', '.join(pre['guidance'])}) are left empty, as MONAI fills them when no clicks "
+            "are given; interactive correction with clicks is not supported"
+        )
+    if hovernet is not None:
+        extra["hovernet"] = hovernet
+        extra["blend_mode"] = str(blend)
     if post["ignored"]:
         extra["bundle_postprocessing_ignored"] = post["ignored"]
     if res.dropped:
@@ -224,6 +264,7 @@ def _transforms(res: ConfigResolver, id: str) -> list[tuple[str, dict | None, st
 
 def _translate_preprocessing(res: ConfigResolver) -> dict:
     spacing, orientation, steps, ignored = None, "RAS", [], []
+    guidance: dict = {}  # DeepEdit's click guidance: label names, whether channels are added
     crop: dict | None = None
     resize: dict | None = None
     raster_axes = "xy"  # MONAI's readers give 2D PNG/JPEG/TIFF as (x, y), i.e. (col, row)
@@ -317,12 +358,23 @@ def _translate_preprocessing(res: ConfigResolver) -> dict:
                     "channel_wise": truthy(arg(args, tid, "channel_wise", False)),
                 }
             )
-        elif base == "Resize" and spacing is None and resize is None and not steps:
-            # the whole image to a fixed size (before any intensity step, where the engine
-            # runs it); its inverse (Invertd) is the same resize back
+        elif base == "Resize" and spacing is None and resize is None:
+            # the whole image to a fixed size; its inverse (Invertd) is the same resize back.
+            # Intensity steps before it run before it (e.g. DeepEdit clips the CT window, then
+            # area-averages), those after it on the resized image
             resize = _resize_spec(res, args, tid)
             if resize is None:
                 ignored.append(tname)
+            elif exact:
+                resize["intensity_steps_before"] = len(exact)
+        elif base in _DEEPEDIT_CLICKS:
+            # DeepEdit's click handling: without clicks the points are empty lists and only
+            # AddGuidanceSignal leaves a mark, one channel of zeros per label name
+            if base == "AddGuidanceFromPointsDeepEdit":
+                names = arg(args, tid, "label_names", {})
+                guidance["labels"] = [str(n) for n in names] if isinstance(names, dict) else []
+            elif base == "AddGuidanceSignalDeepEdit":
+                guidance["signal"] = True
         elif base == "CropForeground" and steps and crop is None and _default_select(args):
             # reproduced on the model grid after the intensity steps (where it stands in every
             # Model Zoo config that uses it): the box of values > 0, margin, k_divisible
@@ -353,6 +405,8 @@ def _translate_preprocessing(res: ConfigResolver) -> dict:
         "normalization": norm,
         "ignored": ignored,
         "raster_axes": raster_axes,
+        # label names whose (empty) click-guidance channels the network takes after the image
+        "guidance": guidance.get("labels", []) if guidance.get("signal") else [],
     }
 
 
@@ -360,7 +414,10 @@ def _resize_spec(res: ConfigResolver, args: dict, tid: str) -> dict | None:
     """A ``Resize(d)``'s arguments for the engine, or None when it cannot be reproduced.
 
     Reproduced: ``size_mode`` ``"all"`` or ``"longest"``, (bi/tri)linear interpolation of the
-    image, ``align_corners`` unset/False/True, no anti-aliasing.
+    image with ``align_corners`` unset/False/True, or ``"area"`` (MONAI's default mode: box
+    means, ``align_corners`` unset), no anti-aliasing. An ``"area"`` resize gives
+    ``{"mode": "area"}`` in the spec (the engine resizes back in the same mode, as MONAI's
+    ``Invertd`` does).
     """
 
     def arg(key: str, default: Any = None) -> Any:
@@ -381,9 +438,10 @@ def _resize_spec(res: ConfigResolver, args: dict, tid: str) -> dict | None:
     if (
         not ok_size
         or size_mode not in ("all", "longest")
-        or str(mode) not in ("linear", "bilinear", "trilinear")
+        or str(mode) not in ("linear", "bilinear", "trilinear", "area")
         or truthy(arg("anti_aliasing", False))
         or corners not in (None, False, True)
+        or (str(mode) == "area" and corners is not None)  # torch refuses the pair
     ):
         return None
     spec: dict = {
@@ -392,6 +450,8 @@ def _resize_spec(res: ConfigResolver, args: dict, tid: str) -> dict | None:
     }
     if corners:
         spec["align_corners"] = True
+    if str(mode) == "area":
+        spec["mode"] = "area"
     return spec
 
 
@@ -519,6 +579,70 @@ def _classes(res: ConfigResolver, pred: dict, n: int, post: dict) -> list[dict]:
         elif name.lower() != "background":  # a real class in channel 0 (sigmoid outputs)
             c["color"] = PALETTE[-1]
         out.append(c)
+    return out
+
+
+#: Post-processing steps of a HoVerNet bundle that :mod:`napari_medseg.core.segment.hovernet`
+#: runs (MONAI's own post-processing transforms) or that only move dictionary keys.
+_HOVERNET_POST = {
+    "FlattenSubKeysd",
+    "HoVerNetInstanceMapPostProcessingd",
+    "HoVerNetNuclearTypePostProcessingd",
+    "FromMetaTensord",
+}
+
+#: CoNSeP's nucleus types as HoVer-Net and MONAI's CoNSeP bundles merge them (type 0 is
+#: background): the names of a 5-class HoVerNet type branch trained on CoNSeP.
+_CONSEP_TYPES = ["other", "inflammatory", "epithelial", "spindle-shaped"]
+
+
+def _hovernet_spec(res: ConfigResolver, meta: dict) -> dict:
+    """How a HoVerNet bundle runs: its ``SlidingWindowHoVerNetInferer`` and post-processing.
+
+    Returns ``{"input_padding": [left, right, top, bottom], "cval": float, "padding_mode":
+    str, "instance": {...}, "type": {...}}``, the last two the keyword arguments of MONAI's
+    ``HoVerNetInstanceMapPostProcessing`` and ``HoVerNetNuclearTypePostProcessing`` that the
+    config sets (plain values only; a callable argument is refused).
+    """
+    inf = res.raw("inferer")
+    pad = res.value(inf.get("extra_input_padding"), "inferer#extra_input_padding")
+    pad = [int(v) for v in pad] if isinstance(pad, (list, tuple)) else [0, 0, 0, 0]
+    spec: dict = {
+        "input_padding": pad,
+        "cval": float(res.value(inf.get("cval", 0.0), "inferer#cval")),
+        "padding_mode": str(res.value(inf.get("padding_mode", "constant"), "inferer#padding_mode")),
+        "instance": {},
+        "type": {},
+    }
+    keys = {"keys", "allow_missing_keys", "device"}
+    for tname, args, tid in _transforms(res, "postprocessing"):
+        part = {
+            "HoVerNetInstanceMapPostProcessingd": "instance",
+            "HoVerNetNuclearTypePostProcessingd": "type",
+        }.get(tname)
+        if part is None or args is None:
+            continue
+        for k, v in args.items():
+            if k.startswith("_") or k in keys or k.endswith("_key") or k.endswith("_postfix"):
+                continue
+            val = res.value(v, f"{tid}#{k}", instantiate=False)
+            if not isinstance(val, (int, float, str, bool)) and val is not None:
+                raise ModelLoadError(
+                    f"bundle '{res.name}': {tname}'s '{k}' is not a plain value, which "
+                    "napari-medseg does not run"
+                )
+            spec[part][k] = val
+    return spec
+
+
+def _hovernet_classes(meta: dict, n: int) -> list[dict]:
+    """Nucleus type classes of a HoVerNet type branch with ``n`` outputs (0: background)."""
+    text = f"{meta.get('description', '')} {meta.get('data_source', '')}".lower()
+    names = _CONSEP_TYPES if n == len(_CONSEP_TYPES) + 1 and "consep" in text else []
+    out = [{"id": 0, "name": "background"}]
+    for i in range(1, n):
+        name = names[i - 1] if names else f"type {i}"
+        out.append({"id": i, "name": name, "color": PALETTE[i % len(PALETTE)]})
     return out
 
 

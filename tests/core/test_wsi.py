@@ -186,3 +186,19 @@ def test_tissue_mask_keeps_small_fragments_on_a_low_level():
     mask, down = tissue_mask(rec)
     assert down == 32.0
     assert mask.mean() > 0.1
+
+
+def test_bundles_with_their_own_pipeline_are_refused_on_slides(slide, tmp_path):
+    """HoVerNet (three maps, watershed nuclei) runs on images, not tile by tile: one sentence."""
+    from tests.models.test_bundles import BUNDLES
+
+    if not BUNDLES.is_dir():
+        pytest.skip(f"MONAI bundle configs not at {BUNDLES}")
+    from napari_medseg.models.loaders.bundle import load_bundle
+
+    hovernet = load_bundle(
+        BUNDLES / "pathology_nuclei_segmentation_classification", weights="random"
+    )
+    with pytest.raises(MedsegError, match="save a region of the slide as an image"):
+        run_sync(segment_slide(read_slide(slide), hovernet, tmp_path / "h.zarr", device="cpu"))
+    assert not (tmp_path / "h.zarr").exists()

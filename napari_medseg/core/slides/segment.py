@@ -132,6 +132,13 @@ def _check_model(record: ImageRecord, model: LoadedModel) -> None:
         raise MedsegError(f"model {card.name!r} is a model for {card.task}, not segmentation")
     if card.dims != 2:
         raise MedsegError(f"model {card.name!r} is {card.dims}D; slides need a 2D model")
+    own = [k for k in ("hovernet", "nuclick", "guidance_channels") if (card.extra or {}).get(k)]
+    if own:
+        raise MedsegError(
+            f"model {card.name!r} runs its own pipeline ({own[0]}), which napari-medseg runs on "
+            "images, not yet tile by tile on whole slides: save a region of the slide as an image "
+            "(e.g. a PNG or TIFF) and segment that"
+        )
     nch = record.data.shape[-1] if record.data.ndim == 3 else 1
     if nch != card.in_channels:
         raise MedsegError(

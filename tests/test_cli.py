@@ -131,6 +131,62 @@ def test_segment_errors_are_one_line(argv, message, ct_crop, tmp_path, capsys):
     assert len(err) == 1 and message in err[0]
 
 
+@pytest.fixture
+def he_png(tmp_path):
+    from PIL import Image
+
+    tile = np.asarray(Image.open(data_path("pathology/he_tile_tcia.jpg")).convert("RGB"))
+    path = tmp_path / "he.png"
+    Image.fromarray(np.ascontiguousarray(tile[:150, :170])).save(path)
+    return path
+
+
+def test_segment_click_model_without_clicks_fails_before_work(he_png, tmp_path, capsys):
+    from tests.models.test_bundle_fidelity_nuclick import nuclick_bundle
+
+    bundle = nuclick_bundle(tmp_path)
+    out = tmp_path / "o.tif"
+    assert main(["segment", str(he_png), "-m", str(bundle), "-o", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "give clicks" in err[0] and "--clicks" in err[0], err
+    assert not list(tmp_path.glob("o*"))  # nothing written
+
+
+def test_segment_clicks_outside_the_image_are_refused(he_png, tmp_path, capsys):
+    from tests.models.test_bundle_fidelity_nuclick import nuclick_bundle
+
+    bundle = nuclick_bundle(tmp_path)
+    clicks = tmp_path / "clicks.csv"
+    clicks.write_text("row,col\n40,50\n149,200\n")  # 150 rows x 170 columns: col 200 is out
+    out = tmp_path / "o.tif"
+    argv = ["segment", str(he_png), "-m", str(bundle), "-o", str(out), "--clicks", str(clicks)]
+    assert main([*argv, "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "click 2 at (row 149, col 200) lies outside the image" in err[0], err
+    assert not list(tmp_path.glob("o*"))
+    # the bundle's own [x, y] centroid files: [200, 149] is the same click, also outside
+    (tmp_path / "c.json").write_text("[[50, 40], [200, 149]]")
+    argv[-1] = str(tmp_path / "c.json")
+    assert main([*argv, "--quiet"]) == 1
+    assert "click 2 at (row 149, col 200)" in capsys.readouterr().err
+    (tmp_path / "c.json").write_text("[[50, 40], [160, 149]]")  # inside: it runs
+    assert main([*argv, "--quiet"]) == 0
+    rows = (tmp_path / "o_objects.csv").read_text().splitlines()
+    assert rows[0] == "id,row,col,area_px" and rows[2].startswith("2,149,160,")
+
+
+def test_segment_clicks_with_a_model_that_takes_none(ct_crop, tmp_path, capsys):
+    model = _tiny_ct_model(tmp_path / "tiny")
+    clicks = tmp_path / "clicks.csv"
+    clicks.write_text("row,col\n10,10\n")
+    out = tmp_path / "o.nii.gz"
+    argv = ["segment", str(ct_crop), "-m", str(model), "-o", str(out), "--clicks", str(clicks)]
+    assert main([*argv, "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "takes no clicks" in err[0], err
+    assert not out.exists()
+
+
 def test_corrupt_weights_and_wrong_sha(tmp_path, ct_crop, capsys):
     model = _tiny_ct_model(tmp_path / "tiny")
     w = model / "weights.safetensors"

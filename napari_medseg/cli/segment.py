@@ -76,6 +76,14 @@ def add_parser(sub: Any) -> None:
         help="also write class probabilities (float32, one volume per class, 4D NIfTI)",
     )
     p.add_argument(
+        "--clicks",
+        metavar="CLICKS",
+        help="click models (MONAI's NuClick bundle): one click per nucleus to outline, as a "
+        ".csv with columns row,col (pixels, row first) or a .json list of [x, y] pairs as the "
+        "bundle's centroid files hold them (x = column, y = row); the nuclei go to "
+        "OUT_instances (id = click order) and OUT_objects.csv",
+    )
+    p.add_argument(
         "--trust-bundle",
         action="store_true",
         help="allow a MONAI bundle's config to run its Python expressions",
@@ -118,6 +126,8 @@ def _segment(args: argparse.Namespace) -> int:
     from napari_medseg.cli.slides import is_slide_job, run_segment_slide
 
     if is_slide_job(src, out):
+        if args.clicks:
+            raise MedsegError("--clicks is for one 2D image, not a whole slide")
         return run_segment_slide(args)
     batch = src.is_dir() and any(
         split_ext(f)[1] in SUPPORTED_EXTENSIONS and split_ext(f)[1] not in (".dcm", ".ima")
@@ -142,6 +152,13 @@ def _segment(args: argparse.Namespace) -> int:
     prob = user_path(args.probabilities) if args.probabilities else None
     if prob is not None and len(jobs) > 1:
         raise MedsegError("--probabilities writes one file: it needs a single input image")
+    clicks = None
+    if args.clicks:
+        if batch:
+            raise MedsegError("--clicks belong to one image: give a single IMAGE, not a folder")
+        from napari_medseg.core.segment.nuclick import read_clicks
+
+        clicks = read_clicks(user_path(args.clicks))
     if not batch:
         check_image_outputs(out, prob)
     model_path = user_path(args.model)
@@ -150,6 +167,7 @@ def _segment(args: argparse.Namespace) -> int:
         [
             src,
             *channels,
+            user_path(args.clicks) if args.clicks else None,
             *(f for f, _ in jobs if not channels),
             model_path if model_path.exists() else None,
         ],
@@ -177,6 +195,7 @@ def _segment(args: argparse.Namespace) -> int:
         if args.folds:
             raise MedsegError("--folds needs a single process: leave out --scheduler")
         early = load_model(args.model, device="cpu", trust_bundle=args.trust_bundle)
+        _check_clicks(early.card, clicks)
         _check_companions(jobs, early.card, args.overwrite)  # fail early
         provs = run_sync(
             segment_batch(jobs, args.model, scheduler=args.scheduler, **opts),
@@ -192,6 +211,7 @@ def _segment(args: argparse.Namespace) -> int:
         )
         if args.verbose:
             print(f"model loaded in {time.perf_counter() - t_load:.2f} s", file=sys.stderr)
+        _check_clicks(model.card, clicks)
         _check_companions(jobs, model.card, args.overwrite)
         provs = []
         for image_path, dest in jobs:
@@ -201,6 +221,7 @@ def _segment(args: argparse.Namespace) -> int:
                     dest,
                     model,
                     probabilities=prob,
+                    clicks=clicks,
                     **opts,
                 ),
                 TextProgress(quiet=args.quiet),
@@ -229,6 +250,18 @@ def _segment(args: argparse.Namespace) -> int:
         if args.verbose:
             print(verbose_summary(prov), file=sys.stderr)
     return 0
+
+
+def _check_clicks(card: Any, clicks: Any) -> None:
+    """A click model (NuClick) needs ``--clicks``; every other model refuses them. Checked
+    once the model is known, before any image is read."""
+    from napari_medseg.core.segment.nuclick import no_clicks_message, takes_clicks
+    from napari_medseg.errors import MedsegError
+
+    if takes_clicks(card) and clicks is None:
+        raise MedsegError(no_clicks_message(card.name))
+    if clicks is not None and not takes_clicks(card):
+        raise MedsegError(f"model {card.name!r} takes no clicks; leave out --clicks")
 
 
 def _check_companions(jobs: list, card: Any, overwrite: bool) -> None:

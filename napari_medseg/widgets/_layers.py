@@ -320,6 +320,39 @@ def find_source_layer(viewer: Any, data: Any, attrs: dict) -> Any | None:
     return None
 
 
+def points_to_pixels(points: Any, image_layer: Any, record: ImageRecord) -> np.ndarray:
+    """The points of a napari Points layer as pixel positions on ``record``'s grid.
+
+    Each point goes from the Points layer's data to world coordinates and into the image
+    layer's data indices (napari's own transforms, as :func:`region_mask` does for shapes),
+    then from the layer's spatial axes to the file's axis order (the image layer's
+    ``layer_axes``, as :func:`record_from_layer` lays the record out).
+
+    Parameters
+    ----------
+    points : napari.layers.Points
+    image_layer : napari.layers.Image
+        The image ``record`` comes from.
+    record : ImageRecord
+
+    Returns
+    -------
+    numpy.ndarray
+        float ``(N, record.spatial_ndim)`` positions in pixels, file axis order (``(row, col)``
+        for a 2D raster); not rounded, not checked against the image's bounds.
+    """
+    nsp = record.spatial_ndim
+    meta = dict(image_layer.metadata).get(META_KEY, {})
+    full = list(meta.get("layer_axes", range(len(record.shape))))
+    sp_perm = [p for p in full if p < nsp]  # layer spatial axis j shows file axis sp_perm[j]
+    out = []
+    for v in np.asarray(points.data, dtype=float):
+        d = np.asarray(image_layer.world_to_data(points.data_to_world(v)), dtype=float)
+        out.append(d[len(d) - nsp :])  # the image's last nsp axes are its spatial ones
+    pts = np.asarray(out, dtype=float).reshape(-1, nsp)
+    return np.ascontiguousarray(pts[:, np.argsort(sp_perm)])
+
+
 def region_mask(region: Any, image_layer: Any, record: ImageRecord) -> np.ndarray:
     """A region drawn in napari as a boolean mask on ``record``'s spatial grid (file order).
 

@@ -79,6 +79,12 @@ class SegmentWidget(ImageInput, Container):
             "one-channel models"
         )
         self.model = ComboBox(label="Model", choices=self._model_choices)
+        self.clicks = ComboBox(label="Clicks", choices=self._points_choices, nullable=True)
+        self.clicks.tooltip = (
+            "Click models (MONAI's NuClick bundle): a Points layer with one point on each "
+            "nucleus to outline; the nuclei come back as <image>_nuclei, one id per point in "
+            "the layer's order"
+        )
         self.load_button = PushButton(text=LOAD_MODEL)
         self.get_button = PushButton(text=GET_MODELS)
         self.get_button.tooltip = (
@@ -107,6 +113,7 @@ class SegmentWidget(ImageInput, Container):
                 self.image,
                 self.channels,
                 self.model,
+                self.clicks,
                 self.load_button,
                 self.get_button,
                 self.model_info,
@@ -165,8 +172,27 @@ class SegmentWidget(ImageInput, Container):
             choices.append((label, path))
         return choices
 
+    def _points_choices(self, _w: Any = None) -> list:
+        from napari.layers import Points
+
+        return [lyr for lyr in self._viewer.layers if isinstance(lyr, Points)]
+
+    def _takes_clicks(self) -> bool:
+        """Whether the chosen model outlines objects from clicks (read from its config)."""
+        ref = self.model.value
+        if not ref:
+            return False
+        from napari_medseg.models.loaders.bundle import bundle_takes_clicks
+        from napari_medseg.models.registry import resolve_model
+
+        try:
+            return bundle_takes_clicks(resolve_model(ref))
+        except Exception:  # noqa: BLE001 - an unknown model is reported when it is loaded
+            return False
+
     def _on_layers_changed(self, event: Any = None) -> None:
         super()._on_layers_changed(event)
+        self.clicks.reset_choices()
         if event is not None and getattr(event, "type", "") == "inserted":
             layer = event.value
             if (
@@ -176,8 +202,11 @@ class SegmentWidget(ImageInput, Container):
                 apply_view_convention(self._viewer)
             if self.image.value is None and layer in self._image_choices():
                 self.image.value = layer
+            if self.clicks.value is None and layer in self._points_choices():
+                self.clicks.value = layer  # the new Points layer holds the clicks
 
     def _show_model_info(self, _v: Any = None) -> None:
+        self.clicks.visible = self._takes_clicks()  # shown for click models only
         ref = self.model.value
         if not ref:
             self.model_info.value = "No model installed: use Load model..."
@@ -280,15 +309,35 @@ class SegmentWidget(ImageInput, Container):
             except Exception as e:  # noqa: BLE001 - shown to the user as one sentence
                 report_error(self.status, e)
                 return
+        options = self._options()
+        if self._takes_clicks():
+            clicks = self._clicks_on(layer, record)
+            if clicks is None:
+                return
+            options["clicks"] = clicks
         self._t0 = time.perf_counter()
         self.job.start(
             _segment_job,
             record,
             self.model.value,
-            self._options(),
+            options,
             trust,
             on_result=lambda result: self._on_result(layer, record, result),
         )
+
+    def _clicks_on(self, layer: Any, record: Any) -> np.ndarray | None:
+        """The chosen Points layer's points as ``(row, col)`` pixels on ``record``, or None
+        after saying on the status line that a click model needs them."""
+        from napari_medseg.widgets._layers import points_to_pixels
+
+        points = self.clicks.value
+        if points is None or not len(points.data):
+            self.status.value = (
+                "This model outlines the nuclei you click: add a Points layer with one point "
+                "on each nucleus and choose it under Clicks."
+            )
+            return None
+        return points_to_pixels(points, layer, record)
 
     def _trust_and_rerun(self, err: BaseException) -> bool:
         """A bundle that needs trust: ask, and run again trusted when the user agrees."""
@@ -328,7 +377,8 @@ class SegmentWidget(ImageInput, Container):
                 found.append(f"{result.class_names[i]} {size}")
         if result.objects is not None:  # objects (nuclei): counted per class, not in pixels
             per = Counter(r["type_name"] for r in result.objects if r.get("type_name"))
-            found = [f"{len(result.objects)} nuclei"] + [f"{k} {n}" for k, n in per.items()]
+            n_obj = sum(1 for r in result.objects if r.get("area_px", 1))  # NuClick: 0 = none
+            found = [f"{n_obj} nuclei"] + [f"{k} {n}" for k, n in per.items()]
         self.progress.value = self.progress.max
         self.status.value = f"Done in {secs:.1f} s. " + (
             ", ".join(found) if found else "Nothing found."

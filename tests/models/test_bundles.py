@@ -53,7 +53,8 @@ EXPECTED: dict[str, tuple[str, bool, tuple | None, str | None]] = {
     "pathology_nuclei_classification": (CLS, False, None, None),
     # HoVerNet: three maps per window, nuclei as instances (tested on its own below)
     "pathology_nuclei_segmentation_classification": (SEG, False, None, None),
-    "pathology_nuclick_annotation": (SEG, False, None, "interactive annotation"),
+    # NuClick: one patch per user click, nuclei as instances (tested on its own below)
+    "pathology_nuclick_annotation": (SEG, False, None, None),
     "pathology_tumor_detection": (CLS, False, None, None),
     "pediatric_abdominal_ct_segmentation": (SEG, False, (32, 32, 32), None),
     "prostate_mri_anatomy": (SEG, False, (32, 32, 32), None),
@@ -204,6 +205,35 @@ def test_hovernet_card_reads_the_config_without_running_it() -> None:
     assert card.extra["bundle_transforms_ignored"] == []
 
 
+def test_nuclick_card_reads_the_config_without_running_it() -> None:
+    """NuClick loads untrusted: its click patches and post-processing are plain values."""
+    from napari_medseg.models.loaders.bundle import bundle_takes_clicks
+
+    path = BUNDLES / "pathology_nuclick_annotation"
+    card = load_bundle(path, weights="random").card
+    assert card.extra["trusted"] is False
+    assert card.dims == 2 and card.in_channels == 5
+    assert card.extra["nuclick"] == {
+        "bb_size": 128,
+        "gaussian": False,
+        "sigma": 1.0,
+        "truncated": 2.0,
+        "add_exclusion_map": True,
+        "signal_channels": 2,
+        "sigmoid": True,
+        "threshold": 0.5,
+        "keep_largest": {"connectivity": None, "num_components": 1},
+    }
+    assert [c["name"] for c in card.classes] == ["background", "Nuclei"]
+    assert card.normalization["window"] == [0.0, 255.0] and card.normalization["clip"] is False
+    assert card.normalization["b_min"] == -1.0 and card.normalization["raster_axes"] == "xy"
+    assert card.extra["bundle_transforms_ignored"] == []
+    assert "bundle_postprocessing_ignored" not in card.extra
+    assert bundle_takes_clicks(path)
+    assert not bundle_takes_clicks(BUNDLES / "spleen_deepedit_annotation")
+    assert not bundle_takes_clicks(BUNDLES / "pathology_nuclei_segmentation_classification")
+
+
 def test_spleen_card_matches_config(tmp_path: Path) -> None:
     card = load_bundle(BUNDLES / "spleen_ct_segmentation", weights="random").card
     assert card.name == "spleen_ct_segmentation"
@@ -297,7 +327,12 @@ def test_card_translates_other_transforms() -> None:
     assert renal.orientation == "LPS" and renal.spacing == [0.8, 0.8, 0.8]
     assert renal.normalization["scheme"] == "ct"
     assert renal.normalization["window"] == [-1000.0, 1000.0]
-    assert renal.overlap == 0.25 and "ConcatImages" in renal.extra["bundle_transforms_ignored"]
+    assert renal.overlap == 0.25 and renal.extra["bundle_transforms_ignored"] == []
+    # its own scripts' ConcatImages (channel files, in order) and MergeClassesd (lowest wins)
+    assert renal.extra["channel_inputs"] == ["artery", "vein", "excret"]
+    assert renal.postprocessing["channel_labels"] == [[k, k] for k in range(1, 6)]
+    assert renal.postprocessing["activation"] == "sigmoid"
+    assert "bundle_postprocessing_ignored" not in renal.extra
 
     heart = load_bundle(BUNDLES / "ventricular_short_axis_3label", weights="random").card
     assert heart.extra["bundle_slice_inferer"] == {"spatial_dim": 2} and heart.dims == 2

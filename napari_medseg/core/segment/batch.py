@@ -36,14 +36,16 @@ _MODEL_CACHE: dict[tuple, Any] = {}
 
 
 def companion_paths(dest: str | Path, card: Any) -> list[Path]:
-    """Files written beside ``dest`` by a model that separates objects (HoVerNet's nuclei).
+    """Files written beside ``dest`` by a model that separates objects (HoVerNet's nuclei,
+    NuClick's clicked nuclei).
 
     ``<name>_instances<ext>`` (one id per object, same format and geometry as ``dest``) and
     ``<name>_objects.csv`` (one row per object); nothing for other models.
     """
     from napari_medseg._files import split_ext
 
-    if not (getattr(card, "extra", None) or {}).get("hovernet"):
+    extra = getattr(card, "extra", None) or {}
+    if not (extra.get("hovernet") or extra.get("nuclick")):
         return []
     dest = Path(dest)
     stem, ext = split_ext(dest)
@@ -75,6 +77,7 @@ def segment_file(
     probabilities: str | Path | None = None,
     precision: str = "auto",
     compile: bool = False,
+    clicks: Any = None,
 ) -> Generator[Progress, None, dict]:
     """Segment one image file into ``dest``; yields progress, returns the provenance dict.
 
@@ -98,6 +101,9 @@ def segment_file(
         Also write the class probabilities there (float32, classes on the last axis).
     precision, compile
         Network precision and ``torch.compile``, as
+        :func:`napari_medseg.core.segment.segment.segment`.
+    clicks : array-like, optional
+        ``(N, 2)`` clicks ``(row, col)`` in pixels, for a click model (NuClick); see
         :func:`napari_medseg.core.segment.segment.segment`.
 
     Returns
@@ -136,6 +142,7 @@ def segment_file(
         return_probabilities=probabilities is not None,
         precision=precision,
         compile=compile,
+        clicks=clicks,
     )
     labels = ImageRecord(
         data=result.labels,
@@ -195,13 +202,16 @@ def segment_file(
 
 
 def write_objects(path: str | Path, rows: list[dict]) -> Path:
-    """One row per object as CSV (atomic): id, centroid ``row``/``col`` (pixels), area, type."""
+    """One row per object as CSV (atomic): id, ``row``/``col`` (pixels: HoVerNet's centroid,
+    NuClick's click), area, type (the columns the rows have)."""
     import csv
     import io
 
     from napari_medseg._files import write_text
 
     cols = ["id", "row", "col", "area_px", "type", "type_name", "type_fraction"]
+    if rows:
+        cols = [c for c in cols if any(c in r for r in rows)]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
     w.writeheader()

@@ -63,10 +63,10 @@ class SegmentationResult:
     instances : numpy.ndarray or None
         int32 instance ids (0 background, one id per object), shape
         ``record.spatial_shape``, for models that separate objects (HoVerNet's nuclei; then
-        ``labels`` holds each object's class).
+        ``labels`` holds each object's class; NuClick's clicked nuclei, id = click order + 1).
     objects : list of dict or None
-        One row per instance (id, centroid ``row``/``col`` in pixels, ``area_px``, class),
-        with ``instances``.
+        One row per instance (id, ``row``/``col`` in pixels: HoVerNet's centroid or NuClick's
+        click, ``area_px``, HoVerNet's class), with ``instances``.
     affine : numpy.ndarray
         The source record's affine, unchanged.
     class_names, class_colors : dict
@@ -144,13 +144,20 @@ def check_channels(record: ImageRecord, card: Any) -> None:
 
     A card with ``extra["guidance_channels"] = n`` (an interactive bundle in automatic mode)
     takes ``in_channels - n`` image channels; the engine adds the ``n`` empty guidance ones.
+    A NuClick card (``extra["nuclick"]``) takes ``in_channels - signal_channels``; the click
+    maps make the rest.
     """
     shape, nsp = record.shape, record.spatial_ndim
     n_ch = int(np.prod(shape[nsp:])) if len(shape) > nsp else 1
-    n_guide = int((getattr(card, "extra", None) or {}).get("guidance_channels") or 0)
-    if n_ch + n_guide != card.in_channels:
+    extra = getattr(card, "extra", None) or {}
+    n_guide = int(extra.get("guidance_channels") or 0)
+    n_click = int((extra.get("nuclick") or {}).get("signal_channels") or 0)
+    if n_ch + n_guide + n_click != card.in_channels:
         what = "RGB channels" if record.rgb else "channels (or time points)"
         guide = f" (plus {n_guide} empty click-guidance channels)" if n_guide else ""
+        if n_click:
+            guide = f" (plus {n_click} channels made from the clicks)"
+            n_guide = n_click
         raise MedsegError(
             f"model {card.name!r} expects {card.in_channels - n_guide} input channel(s){guide} "
             f"but the image {record.name!r} has {n_ch} {what}"
@@ -179,6 +186,7 @@ def segment(
     precision: str = "auto",
     compile: bool = False,
     fast_path: bool = True,
+    clicks: Any = None,
 ) -> Generator[Progress, None, SegmentationResult]:
     """Segment one image; a generator that yields :class:`Progress` and returns the result.
 
@@ -217,6 +225,11 @@ def segment(
         ``torch.compile`` the network (pays only for long runs or with a warm compile cache).
     fast_path : bool
         ``False`` runs the network as loaded (fp32, no folding, contiguous): the reference.
+    clicks : array-like, optional
+        ``(N, 2)`` click positions ``(row, col)`` in pixels on ``record``, for models that
+        outline the object under each click (NuClick bundles,
+        :func:`napari_medseg.core.segment.nuclick.segment_clicks`); required for them and
+        refused for every other model.
 
     Returns
     -------
@@ -234,7 +247,26 @@ def segment(
         slicewise,
         sliding_window,
     )
+    from napari_medseg.core.segment.nuclick import no_clicks_message, takes_clicks
 
+    if takes_clicks(model.card) != (clicks is not None):
+        if clicks is None:
+            raise MedsegError(no_clicks_message(model.card.name))
+        raise MedsegError(f"model {model.card.name!r} takes no clicks; leave the clicks out")
+    if clicks is not None:  # NuClick: one nucleus outlined per click
+        from napari_medseg.core.segment.nuclick import segment_clicks
+
+        check_inputs(record, model)
+        fields = yield from segment_clicks(
+            record,
+            model,
+            clicks,
+            device=device,
+            batch_size=batch_size,
+            precision=_precision_of(precision, amp),
+            fast_path=fast_path,
+        )
+        return SegmentationResult(**fields)
     if getattr(model, "kind", "") == "nnunet":  # nnUNetPredictor's own pipeline, reproduced
         from napari_medseg.core.segment.nnunet import segment_nnunet
 

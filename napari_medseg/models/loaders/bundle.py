@@ -61,6 +61,7 @@ __all__ = [
     "CONFIG_NAMES",
     "TRUST_HINT",
     "BundleTrustError",
+    "bundle_takes_clicks",
     "bundle_task",
     "checkpoint_paths",
     "is_bundle",
@@ -90,6 +91,26 @@ def is_bundle(path: str | Path) -> bool:
         and (cfg / "metadata.json").is_file()
         and any((cfg / n).is_file() for n in CONFIG_NAMES)
     )
+
+
+def bundle_takes_clicks(path: str | Path) -> bool:
+    """True if the bundle at ``path`` outlines objects from the user's clicks (NuClick:
+    ``AddClickSignalsd`` in its preprocessing), read from its config without building or
+    evaluating anything; False for anything else (other bundles, model folders, files).
+    """
+    root = Path(path)
+    if not is_bundle(root):
+        return False
+    cfg = next(root / "configs" / n for n in CONFIG_NAMES if (root / "configs" / n).is_file())
+    try:
+        from monai.bundle import ConfigParser
+
+        config = ConfigParser.load_config_file(cfg)
+    except Exception:  # noqa: BLE001 - an unreadable config is refused when it is loaded
+        return False
+    if not isinstance(config, dict):
+        return False
+    return "AddClickSignalsd" in all_targets(config.get("preprocessing"), config)
 
 
 def bundle_task(path: str | Path) -> str:
@@ -299,6 +320,10 @@ def _check_supported(name: str, meta: dict, config: dict) -> None:
     guidance = [t for t in targets if ("Guidance" in t or "Click" in t) and t not in deepedit]
     if not guidance and (deepedit & set(targets)) and "AddGuidanceSignalDeepEditd" not in targets:
         guidance = sorted(deepedit & set(targets))  # clicks read but no channels made of them
+    if guidance == ["AddClickSignalsd"]:
+        # NuClick: one patch per user click, reproduced (core/segment/nuclick.py); the user
+        # gives the clicks (card extra["nuclick"])
+        guidance = []
     if guidance:
         raise ModelLoadError(
             f"bundle '{name}' is not supported: it is an interactive annotation model whose input "

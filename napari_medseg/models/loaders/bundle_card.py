@@ -62,6 +62,13 @@ _DEEPEDIT_CLICKS = {
     "AddGuidanceSignalDeepEdit",
 }
 
+#: Two transforms of the renal CECT bundle's own ``scripts/my_transforms.py`` (Model Zoo), whose
+#: effect the engine reproduces: ``ConcatImages`` stacks the three contrast phases as channels
+#: (the engine takes them as channel files, in ``keys_merge`` order) and ``MergeClassesd`` turns
+#: the thresholded sigmoid channels into labels (see ``_translate_postprocessing``).
+_RENAL_CONCAT = "scripts.my_transforms.ConcatImages"
+_RENAL_MERGE = "scripts.my_transforms.MergeClassesd"
+
 #: ``lambda x: x[1:]``: the foreground channel of a one-hot label map of two classes.
 _FOREGROUND_CHANNEL = re.compile(r"^\$?\s*lambda\s+(\w+)\s*:\s*\1\s*\[\s*1\s*:\s*\]\s*$")
 
@@ -141,12 +148,27 @@ def build_card(res: ConfigResolver, root: Path, meta: dict, network: Any) -> Mod
         # how MONAI's LoadImage lays out a 2D raster (the engine transposes PNG/JPEG/TIFF so)
         pre["normalization"]["raster_axes"] = pre["raster_axes"]
     post = _translate_postprocessing(res)
+    if post["card"].pop("merge_classes", None):
+        post["card"]["channel_labels"] = [[k, k] for k in range(1, int(out_channels))]
     classes = _classes(res, pred, out_channels, post)
     hovernet = None
     if inferer_name == "SlidingWindowHoVerNetInferer":
         hovernet = _hovernet_spec(res, meta)
         classes = _hovernet_classes(meta, out_channels)
         post["ignored"] = [t for t in post["ignored"] if t not in _HOVERNET_POST]
+        post["card"] = {}
+    nuclick = _nuclick_spec(res)
+    if nuclick is not None:
+        # NuClick: patches around clicks (core/segment/nuclick.py), one nucleus per click
+        n_image = int(in_channels) - int(nuclick["signal_channels"])
+        if n_image < 1:
+            raise ModelLoadError(
+                f"bundle '{name}': its network takes {in_channels} channel(s), not enough for "
+                f"the image and its {nuclick['signal_channels']} click channels"
+            )
+        classes = _nuclick_classes(pred)
+        pre["ignored"] = [t for t in pre["ignored"] if t not in _NUCLICK_PRE]
+        post["ignored"] = [t for t in post["ignored"] if t not in _NUCLICK_POST]
         post["card"] = {}
 
     modality = str(img.get("modality") or "")
@@ -196,9 +218,13 @@ def build_card(res: ConfigResolver, root: Path, meta: dict, network: Any) -> Mod
             f"({', '.join(pre['guidance'])}) are left empty, as MONAI fills them when no clicks "
             "are given; interactive correction with clicks is not supported"
         )
+    if pre["channel_inputs"]:
+        extra["channel_inputs"] = pre["channel_inputs"]  # one file per channel, this order
     if hovernet is not None:
         extra["hovernet"] = hovernet
         extra["blend_mode"] = str(blend)
+    if nuclick is not None:
+        extra["nuclick"] = nuclick
     if post["ignored"]:
         extra["bundle_postprocessing_ignored"] = post["ignored"]
     if res.dropped:
@@ -264,6 +290,7 @@ def _transforms(res: ConfigResolver, id: str) -> list[tuple[str, dict | None, st
 
 def _translate_preprocessing(res: ConfigResolver) -> dict:
     spacing, orientation, steps, ignored = None, "RAS", [], []
+    channel_inputs: list[str] = []  # names of the channel files a ConcatImages stacks
     guidance: dict = {}  # DeepEdit's click guidance: label names, whether channels are added
     crop: dict | None = None
     resize: dict | None = None
@@ -383,6 +410,11 @@ def _translate_preprocessing(res: ConfigResolver) -> dict:
                 "k_divisible": arg(args, tid, "k_divisible", 1),
                 "allow_smaller": truthy(arg(args, tid, "allow_smaller", True)),
             }
+        elif tname == "ConcatImages" and str(args.get("_target_")) == _RENAL_CONCAT:
+            # the contrast phases, each read, reoriented and resampled alike, stacked as
+            # channels: the engine's channel files in this order
+            keys = arg(args, tid, "keys_merge", [])
+            channel_inputs = [str(k) for k in keys] if isinstance(keys, (list, tuple)) else []
         elif tname not in _IMPLICIT:
             ignored.append(tname)
     if not steps:
@@ -405,6 +437,7 @@ def _translate_preprocessing(res: ConfigResolver) -> dict:
         "normalization": norm,
         "ignored": ignored,
         "raster_axes": raster_axes,
+        "channel_inputs": channel_inputs,
         # label names whose (empty) click-guidance channels the network takes after the image
         "guidance": guidance.get("labels", []) if guidance.get("signal") else [],
     }
@@ -542,6 +575,18 @@ def _translate_postprocessing(res: ConfigResolver) -> dict:
                     ignored.append(tname)
                 else:
                     card["channel_labels"] = [list(r) for r in rules]
+            elif (
+                tname == "MergeClassesd"
+                and args is not None
+                and str(args.get("_target_")) == _RENAL_MERGE
+                and card.get("activation") == "sigmoid"
+                and "threshold" in card
+            ):
+                # the renal CECT bundle's scripts/my_transforms.py: each thresholded channel k
+                # times k, summed where nothing is set yet, so the lowest channel k >= 1 that
+                # is set gives label k (channel 0 never paints); read from the Model Zoo's
+                # source, reproduced as the engine's channel-to-label rules (build_card)
+                card["merge_classes"] = "lowest channel wins"
             elif base == "Invert":
                 # labels taken before going back (AsDiscrete argmax first) come back by nearest
                 # neighbour; scores going back first are interpolated, then argmax
@@ -644,6 +689,78 @@ def _hovernet_classes(meta: dict, n: int) -> list[dict]:
         name = names[i - 1] if names else f"type {i}"
         out.append({"id": i, "name": name, "color": PALETTE[i % len(PALETTE)]})
     return out
+
+
+#: Steps of a NuClick bundle that :mod:`napari_medseg.core.segment.nuclick` runs itself: the
+#: click patches (``AddClickSignalsd``), dropping the batch axis of one click's patches
+#: (``SqueezeDimd``) and the per-patch clean-up after the threshold.
+_NUCLICK_PRE = {"AddClickSignalsd", "SqueezeDimd"}
+_NUCLICK_POST = {"KeepLargestConnectedComponentd"}
+
+#: ``AddClickSignalsd``'s arguments that shape the patches (MONAI's defaults fill the rest).
+_NUCLICK_ARGS = ("bb_size", "gaussian", "sigma", "truncated", "add_exclusion_map")
+
+
+def _nuclick_spec(res: ConfigResolver) -> dict | None:
+    """How a NuClick bundle turns clicks into patches and patches into masks, or None.
+
+    Returns ``{"bb_size", "gaussian", "sigma", "truncated", "add_exclusion_map"}`` (the
+    config's ``AddClickSignalsd`` arguments, MONAI's defaults for those it leaves out), plus
+    ``signal_channels`` (1, or 2 with the other clicks' map), ``sigmoid`` (``Activationsd``),
+    ``threshold`` (``AsDiscreted``) and ``keep_largest`` (``{"connectivity",
+    "num_components"}`` of ``KeepLargestConnectedComponentd``, or None). Plain values only,
+    read without evaluating anything.
+    """
+    found = [(a, tid) for t, a, tid in _transforms(res, "preprocessing") if t == "AddClickSignalsd"]
+    if not found:
+        return None
+    args, tid = found[0]
+    if args is None:
+        raise ModelLoadError(f"bundle '{res.name}': its AddClickSignalsd cannot be read")
+    from monai.apps.nuclick.transforms import AddClickSignalsd
+
+    params = inspect.signature(AddClickSignalsd).parameters
+    spec: dict[str, Any] = {}
+    for k in _NUCLICK_ARGS:
+        v = res.value(args[k], f"{tid}#{k}", instantiate=False) if k in args else params[k].default
+        if not isinstance(v, (int, float, bool)):
+            raise ModelLoadError(
+                f"bundle '{res.name}': AddClickSignalsd's '{k}' is not a plain value, which "
+                "napari-medseg does not run"
+            )
+        spec[k] = v
+    spec["bb_size"] = int(spec["bb_size"])
+    spec["gaussian"] = truthy(spec["gaussian"])
+    spec["add_exclusion_map"] = truthy(spec["add_exclusion_map"])
+    spec["sigma"], spec["truncated"] = float(spec["sigma"]), float(spec["truncated"])
+    spec["signal_channels"] = 2 if spec["add_exclusion_map"] else 1
+    spec.update(sigmoid=False, threshold=None, keep_largest=None)
+    for tname, a, ptid in _transforms(res, "postprocessing"):
+        if a is None:
+            continue
+        if tname == "Activationsd":
+            spec["sigmoid"] = truthy(res.value(a.get("sigmoid", False), f"{ptid}#sigmoid"))
+        elif tname == "AsDiscreted":
+            thr = res.value(a.get("threshold"), f"{ptid}#threshold")
+            if isinstance(thr, (int, float)) and not isinstance(thr, bool):
+                spec["threshold"] = float(thr)
+        elif tname == "KeepLargestConnectedComponentd":
+            conn = res.value(a.get("connectivity"), f"{ptid}#connectivity")
+            num = res.value(a.get("num_components", 1), f"{ptid}#num_components")
+            spec["keep_largest"] = {"connectivity": conn, "num_components": int(num)}
+    if spec["threshold"] is None:
+        raise ModelLoadError(
+            f"bundle '{res.name}' is not supported: its click model's outputs are not "
+            "thresholded (AsDiscreted threshold) in its post-processing"
+        )
+    return spec
+
+
+def _nuclick_classes(pred: dict) -> list[dict]:
+    """Background and the nucleus class (the output channel's name in the metadata)."""
+    cdef = pred.get("channel_def")
+    name = str(cdef.get("0", "nucleus")) if isinstance(cdef, dict) else "nucleus"
+    return [{"id": 0, "name": "background"}, {"id": 1, "name": name, "color": PALETTE[1]}]
 
 
 def _license(root: Path, meta: dict) -> str:

@@ -216,6 +216,7 @@ def test_deepedit_without_clicks_equals_monais_own_run(tmp_path: Path) -> None:
     np.testing.assert_allclose(ours_img.affine, ref_img.affine, atol=1e-3)
     prov = json.loads((tmp_path / "ours.nii.gz.provenance.json").read_text())
     assert any("no clicks" in n for n in prov["notes"])
+    assert prov["parameters"]["label_resampling"] == "area"  # as MONAI's Resize inverse runs
     scored = [int(c) for c in (0, 1) if (ref == c).sum() >= MIN_VOXELS]
     assert scored == [0, 1], f"random weights painted one class only: {np.bincount(ref.ravel())}"
     for c in scored:

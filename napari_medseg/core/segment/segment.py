@@ -89,19 +89,24 @@ class SegmentationResult:
 def estimate_memory(record: ImageRecord, model: LoadedModel, probabilities: bool = False) -> int:
     """Rough peak bytes of :func:`segment` on the CPU.
 
-    float32 input on the source grid and on the model grid, the accumulated class
-    probabilities and the blending weights on the model grid, and the labels (and, if asked,
-    the probabilities) on the source grid.
+    float32 input on the source grid and on the model grid (with an interactive bundle's empty
+    click-guidance channels), the accumulated class probabilities (HoVerNet: its nucleus and
+    horizontal/vertical maps too) and the blending weights on the model grid, and the labels
+    (HoVerNet: and the instance ids; if asked, the probabilities) on the source grid.
     """
     card = model.card
+    extra = card.extra or {}
     n_src = float(np.prod(record.spatial_shape))
     channels = max(1, int(np.prod(record.shape[record.spatial_ndim :])))
     n_model = n_src
     if card.spacing is not None and record.space == "RAS" and card.dims == 3:
         src_vox = float(np.prod(record.spacing))
         n_model = n_src * src_vox / float(np.prod(card.spacing[:3]))
-    K = card.out_channels
-    total = 4 * (channels * n_src + channels * n_model + (K + 1) * n_model) + 2 * n_src
+    K = card.out_channels + (4 if extra.get("hovernet") else 0)
+    n_guide = int(extra.get("guidance_channels") or 0)
+    total = 4 * (channels * n_src + (channels + n_guide) * n_model + (K + 1) * n_model) + 2 * n_src
+    if extra.get("hovernet") or extra.get("nuclick"):
+        total += 4 * n_src  # the int32 instance map
     if probabilities:
         total += 4 * K * n_src
     return int(total)
@@ -286,6 +291,7 @@ def segment(
         from napari_medseg.core.segment.hovernet import segment_hovernet
 
         check_inputs(record, model)
+        check_memory(record, model)
         fields = yield from segment_hovernet(
             record,
             model,
@@ -534,7 +540,12 @@ def segment(
             "amp": {"fp32": "none", "bf16": "bfloat16", "fp16": "float16"}[fast.precision],
             "precision": fast.precision,
             "postprocessing": pp_cfg or {},
-            "label_resampling": method if grid.resampled else "none (exact)",
+            # an area resize (DeepEdit) goes back by area averaging, as MONAI's inverse does
+            "label_resampling": (
+                ("area" if grid.align == "area" and method == "linear" else method)
+                if grid.resampled
+                else "none (exact)"
+            ),
             "model_spacing": list(grid.model_spacing),
             "model_grid_shape": list(grid.model_shape),
             "orientation": card.orientation if card.dims == 3 else None,

@@ -333,6 +333,13 @@ def test_card_translates_other_transforms() -> None:
     assert renal.postprocessing["channel_labels"] == [[k, k] for k in range(1, 6)]
     assert renal.postprocessing["activation"] == "sigmoid"
     assert "bundle_postprocessing_ignored" not in renal.extra
+    from napari_medseg.core.segment.segment import check_channels
+    from napari_medseg.errors import MedsegError
+    from napari_medseg.io.record import ImageRecord
+
+    one = ImageRecord(data=np.zeros((8, 8, 8), np.int16), affine=np.eye(4), space="RAS")
+    with pytest.raises(MedsegError, match=r"3 input channel\(s\) \(artery, vein, excret: one file"):
+        check_channels(one, renal)
 
     heart = load_bundle(BUNDLES / "ventricular_short_axis_3label", weights="random").card
     assert heart.extra["bundle_slice_inferer"] == {"spatial_dim": 2} and heart.dims == 2

@@ -163,6 +163,9 @@ def check_channels(record: ImageRecord, card: Any) -> None:
         if n_click:
             guide = f" (plus {n_click} channels made from the clicks)"
             n_guide = n_click
+        names = extra.get("channel_inputs") or []
+        if names and not guide:  # e.g. the renal bundle's contrast phases, one file each
+            guide = f" ({', '.join(map(str, names))}: one file each, in this order)"
         raise MedsegError(
             f"model {card.name!r} expects {card.in_channels - n_guide} input channel(s){guide} "
             f"but the image {record.name!r} has {n_ch} {what}"

@@ -28,7 +28,6 @@ fraction).
 
 from __future__ import annotations
 
-import datetime as _dt
 import inspect
 import time
 from collections.abc import Generator
@@ -272,10 +271,10 @@ def segment_hovernet(
         ``objects`` (one dict per nucleus, :func:`nucleus_table`), ``affine``,
         ``class_names``, ``class_colors``, ``provenance``.
     """
-    from napari_medseg.core.correct.mask_store import software_versions
     from napari_medseg.core.engine.fastpath import prepare_network
     from napari_medseg.core.engine.preprocess import to_model_grid
     from napari_medseg.core.engine.windows import resolve_device
+    from napari_medseg.core.segment.provenance import run_provenance
 
     t0 = time.perf_counter()
     card = model.card
@@ -334,10 +333,10 @@ def segment_hovernet(
     timings["resample_back"] = time.perf_counter() - t
     elapsed = time.perf_counter() - t0
     timings["total"] = elapsed
-    provenance = {
-        "task": "segmentation",
-        "model": model.provenance(),
-        "parameters": {
+    provenance = run_provenance(
+        model,
+        record,
+        {
             "pipeline": "HoVerNet (MONAI SlidingWindowHoVerNetInferer reproduced; MONAI's "
             "HoVerNet post-processing)",
             "roi_size": [int(v) for v in card.patch_size],
@@ -348,17 +347,14 @@ def segment_hovernet(
             "precision": fast.precision,
             "normalization": card.normalization,
         },
-        "input": record.describe(),
-        "versions": software_versions(),
-        "device": str(dev),
-        "device_requested": str(device),
-        "elapsed_s": round(elapsed, 3),
-        "fast_path": fast.as_dict(),
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "nuclei": len(objects),
-        "notes": list(fast.as_dict().get("notes", [])),
-    }
+        device=dev,
+        device_requested=device,
+        elapsed=elapsed,
+        timings=timings,
+        fast_path=fast.as_dict(),
+        notes=fast.as_dict().get("notes", []),
+    )
+    provenance["nuclei"] = len(objects)
     yield Progress(total, total, f"{len(objects)} nuclei in {elapsed:.1f} s")
     return dict(
         labels=labels,

@@ -32,7 +32,6 @@ would start at negative positions). The bundle's own config runs one click per i
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import time
 from collections.abc import Generator
@@ -360,10 +359,10 @@ def segment_clicks(
         0 where nothing was found or a later click covered it), ``affine``, ``class_names``,
         ``class_colors``, ``provenance``.
     """
-    from napari_medseg.core.correct.mask_store import software_versions
     from napari_medseg.core.engine.fastpath import prepare_network
     from napari_medseg.core.engine.preprocess import to_model_grid
     from napari_medseg.core.engine.windows import resolve_device
+    from napari_medseg.core.segment.provenance import run_provenance
 
     t0 = time.perf_counter()
     card = model.card
@@ -428,10 +427,10 @@ def segment_clicks(
     timings["total"] = elapsed
     found = int((area[1:] > 0).sum())
     class_names = {int(c["id"]): c["name"] for c in card.classes}
-    provenance = {
-        "task": "segmentation",
-        "model": model.provenance(),
-        "parameters": {
+    provenance = run_provenance(
+        model,
+        record,
+        {
             "pipeline": "NuClick (MONAI AddClickSignalsd patches reproduced; sigmoid, threshold, "
             "largest component per patch; patches pasted in click order)",
             "clicks_row_col": pts.tolist(),
@@ -440,18 +439,15 @@ def segment_clicks(
             "precision": fast.precision,
             "normalization": card.normalization,
         },
-        "input": record.describe(),
-        "versions": software_versions(),
-        "device": str(dev),
-        "device_requested": str(device),
-        "elapsed_s": round(elapsed, 3),
-        "fast_path": fast.as_dict(),
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "clicks": n,
-        "nuclei": found,
-        "notes": list(fast.as_dict().get("notes", [])),
-    }
+        device=dev,
+        device_requested=device,
+        elapsed=elapsed,
+        timings=timings,
+        fast_path=fast.as_dict(),
+        notes=fast.as_dict().get("notes", []),
+    )
+    provenance["clicks"] = n
+    provenance["nuclei"] = found
     yield Progress(total, total, f"{found} of {n} clicked nuclei outlined in {elapsed:.1f} s")
     return dict(
         labels=labels,

@@ -24,7 +24,6 @@ probabilities and back: Dice vs the original 0.998 (linear) vs 0.986 (nearest); 
 
 from __future__ import annotations
 
-import datetime as _dt
 import time
 import warnings
 from collections.abc import Generator
@@ -33,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from napari_medseg.core.correct.mask_store import software_versions
+from napari_medseg.core.segment.provenance import run_provenance
 from napari_medseg.errors import MedsegError
 from napari_medseg.io.limits import available_memory
 from napari_medseg.progress import Progress
@@ -530,10 +529,10 @@ def segment(
 
     elapsed = time.perf_counter() - t0
     timings["total"] = elapsed
-    provenance = {
-        "task": "segmentation",
-        "model": model.provenance(),
-        "parameters": {
+    provenance = run_provenance(
+        model,
+        record,
+        {
             "overlap": overlap,
             "batch_size": batch_size,
             "tta": bool(tta),
@@ -554,18 +553,13 @@ def segment(
             "orientation": card.orientation if card.dims == 3 else None,
             "normalization": card.normalization,
         },
-        "input": record.describe(),
-        "versions": software_versions(),
-        "device": str(final_dev),
-        "device_requested": str(device),
-        "elapsed_s": round(elapsed, 3),
-        "fast_path": fast.as_dict(),
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "notes": notes,
-    }
-    if final_dev.type == "cuda":
-        provenance["device_name"] = torch.cuda.get_device_name(final_dev)
+        device=final_dev,
+        device_requested=device,
+        elapsed=elapsed,
+        timings=timings,
+        fast_path=fast.as_dict(),
+        notes=notes,
+    )
     yield Progress(total, total, f"done in {elapsed:.1f} s")
     return SegmentationResult(
         labels=labels,

@@ -152,6 +152,8 @@ def _segment(args: argparse.Namespace) -> int:
     prob = user_path(args.probabilities) if args.probabilities else None
     if prob is not None and len(jobs) > 1:
         raise MedsegError("--probabilities writes one file: it needs a single input image")
+    from napari_medseg.core.segment.nuclick import check_clicks
+
     clicks = None
     if args.clicks:
         if batch:
@@ -195,7 +197,7 @@ def _segment(args: argparse.Namespace) -> int:
         if args.folds:
             raise MedsegError("--folds needs a single process: leave out --scheduler")
         early = load_model(args.model, device="cpu", trust_bundle=args.trust_bundle)
-        _check_clicks(early.card, clicks)
+        check_clicks(early.card, clicks, "--clicks")  # before any image is read
         _check_companions(jobs, early.card, args.overwrite)  # fail early
         provs = run_sync(
             segment_batch(jobs, args.model, scheduler=args.scheduler, **opts),
@@ -211,7 +213,7 @@ def _segment(args: argparse.Namespace) -> int:
         )
         if args.verbose:
             print(f"model loaded in {time.perf_counter() - t_load:.2f} s", file=sys.stderr)
-        _check_clicks(model.card, clicks)
+        check_clicks(model.card, clicks, "--clicks")  # before any image is read
         _check_companions(jobs, model.card, args.overwrite)
         provs = []
         for image_path, dest in jobs:
@@ -250,18 +252,6 @@ def _segment(args: argparse.Namespace) -> int:
         if args.verbose:
             print(verbose_summary(prov), file=sys.stderr)
     return 0
-
-
-def _check_clicks(card: Any, clicks: Any) -> None:
-    """A click model (NuClick) needs ``--clicks``; every other model refuses them. Checked
-    once the model is known, before any image is read."""
-    from napari_medseg.core.segment.nuclick import no_clicks_message, takes_clicks
-    from napari_medseg.errors import MedsegError
-
-    if takes_clicks(card) and clicks is None:
-        raise MedsegError(no_clicks_message(card.name))
-    if clicks is not None and not takes_clicks(card):
-        raise MedsegError(f"model {card.name!r} takes no clicks; leave out --clicks")
 
 
 def _check_companions(jobs: list, card: Any, overwrite: bool) -> None:

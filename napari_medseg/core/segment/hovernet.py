@@ -120,19 +120,20 @@ def blend_hovernet(
         out = net(batch)
         if not isinstance(out, dict):
             raise MedsegError("a HoVerNet network must return a dictionary of output maps")
+        # each output sits at its window's centre (MONAI's process_output pads it back)
+        size = out[HOVERNET_KEYS[0]].shape[2:]
+        lo = [(r - o) // 2 for r, o in zip(roi, size)]
+        centres = [
+            tuple(slice(s.start + a, s.start + a + o) for s, a, o in zip(w, lo, size)) for w in wins
+        ]
+        for centre in centres:
+            count[centre] += 1.0
         for key in HOVERNET_KEYS:
             y = out[key].float().cpu()
             if key not in sums:
                 sums[key] = torch.zeros((y.shape[1], *shape), dtype=torch.float32)
-            for i, w in enumerate(wins):
-                # the output sits at the window's centre (MONAI's process_output pads it back)
-                lo = [(r - o) // 2 for r, o in zip(roi, y.shape[2:])]
-                centre = tuple(
-                    slice(s.start + a, s.start + a + o) for s, a, o in zip(w, lo, y.shape[2:])
-                )
+            for i, centre in enumerate(centres):
                 sums[key][(slice(None), *centre)] += y[i]
-                if key == HOVERNET_KEYS[0]:
-                    count[centre] += 1.0
         done += len(wins)
         yield Progress(done, total, f"window {done}/{total}")
     keep = tuple(slice(f[0] + p[0], f[0] + p[0] + s) for f, p, s in zip(fit, pads, image.shape[1:]))

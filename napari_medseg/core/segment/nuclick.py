@@ -48,6 +48,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from napari_medseg.models.networks import LoadedModel
 
 __all__ = [
+    "check_clicks",
     "click_boxes",
     "click_patches",
     "clicks_to_model",
@@ -69,6 +70,19 @@ def no_clicks_message(name: str) -> str:
         f"model {name!r} outlines the nuclei you click: give clicks (--clicks FILE on the "
         "command line, a Points layer under Clicks in the Segment dock)"
     )
+
+
+def check_clicks(card: Any, clicks: Any, given_as: str = "the clicks") -> None:
+    """Raise :class:`MedsegError` unless clicks come exactly with a click model.
+
+    A click model (NuClick) without clicks, or clicks for any other model, is refused with
+    one sentence; ``given_as`` names how the user gave them (``"--clicks"`` on the command
+    line).
+    """
+    if takes_clicks(card) and clicks is None:
+        raise MedsegError(no_clicks_message(card.name))
+    if clicks is not None and not takes_clicks(card):
+        raise MedsegError(f"model {card.name!r} takes no clicks; leave out {given_as}")
 
 
 def read_clicks(path: str | Path) -> np.ndarray:

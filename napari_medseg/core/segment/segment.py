@@ -156,17 +156,20 @@ def check_channels(record: ImageRecord, card: Any) -> None:
     extra = getattr(card, "extra", None) or {}
     n_guide = int(extra.get("guidance_channels") or 0)
     n_click = int((extra.get("nuclick") or {}).get("signal_channels") or 0)
-    if n_ch + n_guide + n_click != card.in_channels:
+    made = n_guide + n_click  # channels the engine adds to the image's own
+    if n_ch + made != card.in_channels:
         what = "RGB channels" if record.rgb else "channels (or time points)"
-        guide = f" (plus {n_guide} empty click-guidance channels)" if n_guide else ""
-        if n_click:
-            guide = f" (plus {n_click} channels made from the clicks)"
-            n_guide = n_click
         names = extra.get("channel_inputs") or []
-        if names and not guide:  # e.g. the renal bundle's contrast phases, one file each
-            guide = f" ({', '.join(map(str, names))}: one file each, in this order)"
+        if n_click:
+            note = f" (plus {n_click} channels made from the clicks)"
+        elif n_guide:
+            note = f" (plus {n_guide} empty click-guidance channels)"
+        elif names:  # e.g. the renal bundle's contrast phases, one file each
+            note = f" ({', '.join(map(str, names))}: one file each, in this order)"
+        else:
+            note = ""
         raise MedsegError(
-            f"model {card.name!r} expects {card.in_channels - n_guide} input channel(s){guide} "
+            f"model {card.name!r} expects {card.in_channels - made} input channel(s){note} "
             f"but the image {record.name!r} has {n_ch} {what}"
         )
 
@@ -254,12 +257,9 @@ def segment(
         slicewise,
         sliding_window,
     )
-    from napari_medseg.core.segment.nuclick import no_clicks_message, takes_clicks
+    from napari_medseg.core.segment.nuclick import check_clicks
 
-    if takes_clicks(model.card) != (clicks is not None):
-        if clicks is None:
-            raise MedsegError(no_clicks_message(model.card.name))
-        raise MedsegError(f"model {model.card.name!r} takes no clicks; leave the clicks out")
+    check_clicks(model.card, clicks)
     if clicks is not None:  # NuClick: one nucleus outlined per click
         from napari_medseg.core.segment.nuclick import segment_clicks
 

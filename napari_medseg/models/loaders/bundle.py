@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     pass
 
 from napari_medseg.models.card import sha256_file
-from napari_medseg.models.loaders.bundle_card import build_card
+from napari_medseg.models.loaders.bundle_card import DEEPEDIT_CLICKS, build_card
 from napari_medseg.models.loaders.bundle_config import (
     TRUST_HINT,
     BundleTrustError,
@@ -310,16 +310,11 @@ def _check_supported(name: str, meta: dict, config: dict) -> None:
         )
     # DeepEdit runs in automatic mode: without clicks its click transforms only add empty
     # guidance channels (reproduced by the card's extra["guidance_channels"])
-    deepedit = {
-        "OrientationGuidanceMultipleLabelDeepEditd",
-        "AddGuidanceFromPointsDeepEditd",
-        "ResizeGuidanceMultipleLabelDeepEditd",
-        "AddGuidanceSignalDeepEditd",
-    }
     targets = all_targets(config.get("preprocessing"), config)
+    deepedit = sorted(DEEPEDIT_CLICKS & set(targets))
     guidance = [t for t in targets if ("Guidance" in t or "Click" in t) and t not in deepedit]
-    if not guidance and (deepedit & set(targets)) and "AddGuidanceSignalDeepEditd" not in targets:
-        guidance = sorted(deepedit & set(targets))  # clicks read but no channels made of them
+    if not guidance and deepedit and "AddGuidanceSignalDeepEditd" not in targets:
+        guidance = deepedit  # clicks read but no channels made of them
     if guidance == ["AddClickSignalsd"]:
         # NuClick: one patch per user click, reproduced (core/segment/nuclick.py); the user
         # gives the clicks (card extra["nuclick"])

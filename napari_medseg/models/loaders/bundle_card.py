@@ -53,13 +53,13 @@ _IMPLICIT = {
 
 
 #: DeepEdit's click transforms (the MONAI ones and the bundle's own click reorientation in
-#: ``scripts/``), minus the trailing ``d``. With no clicks they pass the image through; only
-#: AddGuidanceSignal adds one channel of zeros per label name after the image's channels.
-_DEEPEDIT_CLICKS = {
-    "OrientationGuidanceMultipleLabelDeepEdit",
-    "AddGuidanceFromPointsDeepEdit",
-    "ResizeGuidanceMultipleLabelDeepEdit",
-    "AddGuidanceSignalDeepEdit",
+#: ``scripts/``). With no clicks they pass the image through; only AddGuidanceSignalDeepEditd
+#: adds one channel of zeros per label name after the image's channels.
+DEEPEDIT_CLICKS = {
+    "OrientationGuidanceMultipleLabelDeepEditd",
+    "AddGuidanceFromPointsDeepEditd",
+    "ResizeGuidanceMultipleLabelDeepEditd",
+    "AddGuidanceSignalDeepEditd",
 }
 
 #: Two transforms of the renal CECT bundle's own ``scripts/my_transforms.py`` (Model Zoo), whose
@@ -394,13 +394,13 @@ def _translate_preprocessing(res: ConfigResolver) -> dict:
                 ignored.append(tname)
             elif exact:
                 resize["intensity_steps_before"] = len(exact)
-        elif base in _DEEPEDIT_CLICKS:
+        elif tname in DEEPEDIT_CLICKS:
             # DeepEdit's click handling: without clicks the points are empty lists and only
             # AddGuidanceSignal leaves a mark, one channel of zeros per label name
-            if base == "AddGuidanceFromPointsDeepEdit":
+            if tname == "AddGuidanceFromPointsDeepEditd":
                 names = arg(args, tid, "label_names", {})
                 guidance["labels"] = [str(n) for n in names] if isinstance(names, dict) else []
-            elif base == "AddGuidanceSignalDeepEdit":
+            elif tname == "AddGuidanceSignalDeepEditd":
                 guidance["signal"] = True
         elif base == "CropForeground" and steps and crop is None and _default_select(args):
             # reproduced on the model grid after the intensity steps (where it stands in every

@@ -27,7 +27,10 @@ Reported: median wall time and CPU time (user + sys, a steadier figure on a shar
 per process, peak RSS per process (``wait4``), the stage timings
 from our provenance, Dice agreement of the label files, the CPU model and the load average.
 ``--micro`` instead times the network alone on batches of four 96^3 windows (as loaded, BN
-folded, folded + channels_last_3d, and ``torch.compile`` with ``--compile``), alternating.
+folded, folded + channels_last_3d, and ``torch.compile`` with ``--compile``), alternating, with
+the network's floating-point operations (``torch.utils.flop_counter``) per second against this
+CPU's fp32 matrix-multiply throughput (a 4096^2 ``sgemm`` on the same threads): how far the
+network pass is from what the CPU can do in fp32 at all.
 
 Run: ``python benchmarks/bench_fastpath.py [--repeats 2] [--micro] [--compile]``.
 """
@@ -267,13 +270,48 @@ def micro(compile_too: bool, rounds: int) -> None:
                 t, c = time.perf_counter(), time.process_time()
                 m(x)
                 res[k].append((time.perf_counter() - t, time.process_time() - c))
+    gflop, sgemm = _flops(net, x), _sgemm_gflops()
     print(f"{cpu_name()}, {torch.get_num_threads()} threads, load {os.getloadavg()}")
-    print("| network variant | wall s per batch (min / median) | CPU s per batch (median) |")
-    print("|---|---|---|")
+    print(f"network: {gflop:.1f} GFLOP per batch; fp32 sgemm 4096^2: {sgemm:.1f} GFLOP/s")
+    print(
+        "| network variant | wall s per batch (min / median) | CPU s per batch (median) "
+        "| GFLOP/s (best) | % of sgemm |"
+    )
+    print("|---|---|---|---|---|")
     for k, v in res.items():
         w = sorted(a for a, _ in v)
         c = sorted(b for _, b in v)
-        print(f"| {k} | {w[0]:.3f} / {w[len(w) // 2]:.3f} | {c[len(c) // 2]:.3f} |")
+        rate = gflop / w[0]
+        print(
+            f"| {k} | {w[0]:.3f} / {w[len(w) // 2]:.3f} | {c[len(c) // 2]:.3f} "
+            f"| {rate:.1f} | {rate / sgemm:.0%} |"
+        )
+
+
+def _flops(net, x) -> float:
+    """Floating-point operations (GFLOP, multiply-add = 2) of one forward pass."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        net(x)
+    return fc.get_total_flops() / 1e9
+
+
+def _sgemm_gflops(n: int = 4096, rounds: int = 5) -> float:
+    """Best fp32 matrix-multiply throughput (GFLOP/s) on torch's current threads."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(rounds))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 def main() -> int:

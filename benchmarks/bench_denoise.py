@@ -52,7 +52,7 @@ PEAK = 10.0  # photons at the brightest pixel
 READ = 0.05  # Gaussian read noise, fraction of the peak
 
 
-def _fitted(ref: np.ndarray, img: np.ndarray) -> np.ndarray:
+def fit_affine(ref: np.ndarray, img: np.ndarray) -> np.ndarray:
     a = np.stack([img.ravel(), np.ones(img.size)], axis=1)
     (s, o), *_ = np.linalg.lstsq(a, ref.ravel(), rcond=None)
     return (s * img + o).reshape(img.shape)
@@ -68,7 +68,7 @@ def _scores(ref, img, mask=None, data_range=None) -> tuple:
     rng = float(ref.max() - ref.min()) if data_range is None else float(data_range)
     r, i = (ref[mask], img[mask]) if mask is not None else (ref, img)
     p = psnr(r, i, data_range=rng)
-    pf = psnr(r, _fitted(r, i), data_range=rng)
+    pf = psnr(r, fit_affine(r, i), data_range=rng)
     if ref.ndim == 3:
         s = float(
             np.mean(

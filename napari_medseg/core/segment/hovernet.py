@@ -353,7 +353,7 @@ def segment_hovernet(
         elapsed=elapsed,
         timings=timings,
         fast_path=fast.as_dict(),
-        notes=fast.as_dict().get("notes", []),
+        notes=fast.notes,
     )
     provenance["nuclei"] = len(objects)
     yield Progress(total, total, f"{len(objects)} nuclei in {elapsed:.1f} s")

@@ -458,7 +458,7 @@ def segment_clicks(
         elapsed=elapsed,
         timings=timings,
         fast_path=fast.as_dict(),
-        notes=fast.as_dict().get("notes", []),
+        notes=fast.notes,
     )
     provenance["clicks"] = n
     provenance["nuclei"] = found

@@ -58,6 +58,33 @@ def fit_affine(ref: np.ndarray, img: np.ndarray) -> np.ndarray:
     return (s * img + o).reshape(img.shape)
 
 
+def load_case(case: str) -> tuple[np.ndarray, np.ndarray, float | None]:
+    """The noisy image (float32), its reference (float64) and the PSNR range of a 2D case.
+
+    ``"w2s"``/``"fmd"``: the real pair, range 255. ``"dsb"``: the DSB nuclei as the clean
+    reference with simulated Poisson-Gaussian noise (``PEAK``, ``READ``, seed 0), range None
+    (the reference's max - min).
+    """
+    from napari_medseg.io import read_image
+
+    if case in ("w2s", "fmd"):
+        noisy_f, mean_f = {
+            "w2s": ("w2s_010_0_noisy.tif", "w2s_010_0_mean400.tif"),
+            "fmd": ("fmd_R1_noisy.png", "fmd_R1_mean50.png"),
+        }[case]
+        pairs = DATA / "denoising/real_pairs"
+        noisy = np.asarray(read_image(pairs / noisy_f)[0].data, dtype=np.float32)
+        ref = np.asarray(read_image(pairs / mean_f)[0].data, dtype=np.float64)
+        return noisy, ref, 255.0
+    clean = np.asarray(
+        read_image(DATA / "microscopy/dsb2018_nuclei/image.tif")[0].data, dtype=np.float64
+    )
+    top = clean.max()
+    rs = np.random.default_rng(0)
+    noisy = rs.poisson(clean / top * PEAK) / PEAK + rs.normal(0.0, READ, clean.shape)
+    return (noisy * top).astype(np.float32), clean, None
+
+
 def _scores(ref, img, mask=None, data_range=None) -> tuple:
     from skimage.metrics import structural_similarity
 
@@ -209,7 +236,6 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    pairs = DATA / "denoising/real_pairs"
     if not (DATA / "denoising").is_dir():
         print(f"data not found under {DATA} (set MEDSEG_DATA)", file=sys.stderr)
         return 1
@@ -221,20 +247,11 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     for case in args.cases:
         if case in ("w2s", "fmd"):
-            noisy_f, mean_f = {
-                "w2s": ("w2s_010_0_noisy.tif", "w2s_010_0_mean400.tif"),
-                "fmd": ("fmd_R1_noisy.png", "fmd_R1_mean50.png"),
-            }[case]
-            noisy = read_image(pairs / noisy_f)[0]
-            ref = np.asarray(read_image(pairs / mean_f)[0].data, dtype=np.float64)
+            x, ref, data_range = load_case(case)
             rec = ImageRecord(
-                data=np.asarray(noisy.data, dtype=np.float32),
-                affine=np.eye(3),
-                space="pixel",
-                modality="microscopy",
-                name=case,
+                data=x, affine=np.eye(3), space="pixel", modality="microscopy", name=case
             )
-            rows += _case(case, rec, ref, None, args, data_range=255.0)
+            rows += _case(case, rec, ref, None, args, data_range=data_range)
         elif case == "fmri":
             rec4 = read_image(DATA / "denoising/fmri_30frames.nii.gz")[0]
             vol = np.asarray(rec4.data)
@@ -271,13 +288,7 @@ def main(argv=None) -> int:
                 ],
             )
         elif case == "dsb":
-            clean = np.asarray(
-                read_image(DATA / "microscopy/dsb2018_nuclei/image.tif")[0].data, dtype=np.float64
-            )
-            top = clean.max()
-            rs = np.random.default_rng(0)
-            noisy = rs.poisson(clean / top * PEAK) / PEAK + rs.normal(0.0, READ, clean.shape)
-            noisy = (noisy * top).astype(np.float32)
+            noisy, clean, _ = load_case("dsb")
             rec = ImageRecord(
                 data=noisy,
                 affine=np.eye(3),

@@ -36,24 +36,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_denoise import DATA, PEAK, READ, fit_affine
-
-# the 8 rotations/flips of a 2D image and their inverses (dims 2, 3 of N, C, H, W tensors)
-VIEWS = [(k, f) for f in (False, True) for k in range(4)]
-
-
-def _view(t, k: int, flip: bool):
-    import torch
-
-    t = torch.flip(t, (3,)) if flip else t
-    return torch.rot90(t, k, (2, 3))
-
-
-def _unview(t, k: int, flip: bool):
-    import torch
-
-    t = torch.rot90(t, -k, (2, 3))
-    return torch.flip(t, (3,)) if flip else t
+from bench_denoise import DATA, fit_affine, load_case
 
 
 def train_supervised(
@@ -65,59 +48,37 @@ def train_supervised(
     """
     import torch
 
-    from napari_medseg.core.denoise.n2v import build_n2v_network
+    from napari_medseg.core.denoise.n2v import build_n2v_network, tta_views
 
+    views = tta_views(2)  # the shipped denoiser's 8 rotations/flips of (C, row, col) arrays
     torch.manual_seed(seed)
     rs = np.random.default_rng(seed)
     net = build_n2v_network(2, 1, features=features, depth=2, n2v2=False)
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-    xi = torch.from_numpy(np.ascontiguousarray(zin[:, :cols]))
-    xt = torch.from_numpy(np.ascontiguousarray(zt[:, :cols]))
     patch, batch, lr0 = 64, 16, 2e-3
     t0, steps = time.perf_counter(), 0
     while (elapsed := time.perf_counter() - t0) < budget:
         for g in opt.param_groups:  # cosine decay over the budget
             g["lr"] = 1e-5 + 0.5 * (lr0 - 1e-5) * (1 + np.cos(np.pi * elapsed / budget))
-        ys = rs.integers(0, xi.shape[0] - patch, batch)
+        ys = rs.integers(0, zin.shape[0] - patch, batch)
         xs = rs.integers(0, cols - patch, batch)
-        k, f = VIEWS[rs.integers(len(VIEWS))]
-        inp = _view(
-            torch.stack([xi[y : y + patch, x : x + patch] for y, x in zip(ys, xs)])[:, None], k, f
-        )
-        tgt = _view(
-            torch.stack([xt[y : y + patch, x : x + patch] for y, x in zip(ys, xs)])[:, None], k, f
-        )
-        loss = torch.mean((net(inp) - tgt) ** 2)
+        fwd, _ = views[rs.integers(len(views))]
+        pair = []
+        for a in (zin, zt):  # the same patches of input and target, the same view of both
+            stack = np.stack([a[y : y + patch, x : x + patch] for y, x in zip(ys, xs)])
+            pair.append(torch.from_numpy(np.ascontiguousarray(fwd(stack)))[:, None])
+        loss = torch.mean((net(pair[0]) - pair[1]) ** 2)
         opt.zero_grad()
         loss.backward()
         opt.step()
         steps += 1
     net.eval()
-    z = torch.from_numpy(np.ascontiguousarray(zin))[None, None]
+    outs = []
     with torch.inference_mode():
-        out = torch.stack([_unview(net(_view(z, k, f)), k, f) for k, f in VIEWS]).mean(0)
-    return out[0, 0].numpy(), steps
-
-
-def _load(case: str) -> tuple[np.ndarray, np.ndarray, float | None]:
-    from napari_medseg.io import read_image
-
-    if case in ("w2s", "fmd"):
-        pairs = DATA / "denoising/real_pairs"
-        noisy_f, mean_f = {
-            "w2s": ("w2s_010_0_noisy.tif", "w2s_010_0_mean400.tif"),
-            "fmd": ("fmd_R1_noisy.png", "fmd_R1_mean50.png"),
-        }[case]
-        x = np.asarray(read_image(pairs / noisy_f)[0].data, dtype=np.float32)
-        ref = np.asarray(read_image(pairs / mean_f)[0].data, dtype=np.float64)
-        return x, ref, 255.0
-    clean = np.asarray(
-        read_image(DATA / "microscopy/dsb2018_nuclei/image.tif")[0].data, dtype=np.float64
-    )
-    top = clean.max()
-    rs = np.random.default_rng(0)
-    noisy = rs.poisson(clean / top * PEAK) / PEAK + rs.normal(0.0, READ, clean.shape)
-    return (noisy * top).astype(np.float32), clean, None
+        for fwd, back in views:
+            z = torch.from_numpy(np.ascontiguousarray(fwd(zin[None])))[None]
+            outs.append(back(net(z)[0].numpy()))
+    return np.mean(outs, axis=0)[0], steps
 
 
 def run_case(case: str, args) -> list[dict]:
@@ -127,7 +88,7 @@ def run_case(case: str, args) -> list[dict]:
     from napari_medseg.io.record import ImageRecord
     from napari_medseg.progress import run_sync
 
-    x, ref, rng = _load(case)
+    x, ref, rng = load_case(case)
     half = x.shape[1] // 2
     r = ref[:, half:]
     data_range = float(r.max() - r.min()) if rng is None else rng

@@ -651,7 +651,7 @@ def predict_n2v(
     orig_threads = torch.get_num_threads()
     if dev.type == "cpu" and threads and threads < orig_threads:
         torch.set_num_threads(int(threads))  # what training measured faster on this CPU
-    views = _tta_views(model.dims) if tta else [(lambda a: a, lambda a: a)]
+    views = tta_views(model.dims) if tta else [(lambda a: a, lambda a: a)]
     out = None
     try:
         for k, (fwd, back) in enumerate(views):
@@ -687,7 +687,7 @@ def predict_n2v(
     return out[0] if channel_axis is None else np.moveaxis(out, 0, channel_axis)
 
 
-def _tta_views(dims: int) -> list[tuple[Any, Any]]:
+def tta_views(dims: int) -> list[tuple[Any, Any]]:
     """(forward, backward) pairs on ``(C, *spatial)`` arrays: the test-time augmentations.
 
     2D networks: the 8 rotations/flips of axes 1-2 (the plane; a trailing slice axis rides

@@ -58,6 +58,24 @@ def fit_affine(ref: np.ndarray, img: np.ndarray) -> np.ndarray:
     return (s * img + o).reshape(img.shape)
 
 
+def start(threads: int | None) -> bool:
+    """Set torch's threads, check the data is there, print the machine; False without data."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    if not (DATA / "denoising").is_dir():
+        print(f"data not found under {DATA} (set MEDSEG_DATA)", file=sys.stderr)
+        return False
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, "
+        f"torch {torch.__version__} with {torch.get_num_threads()} thread(s), "
+        f"load {os.getloadavg()}",
+        flush=True,
+    )
+    return True
+
+
 def load_case(case: str) -> tuple[np.ndarray, np.ndarray, float | None]:
     """The noisy image (float32), its reference (float64) and the PSNR range of a 2D case.
 
@@ -229,21 +247,11 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", nargs="+", default=["w2s", "fmd", "fmri", "dsb"])
     args = ap.parse_args(argv)
 
-    import torch
-
     from napari_medseg.io import read_image
     from napari_medseg.io.record import ImageRecord
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if not (DATA / "denoising").is_dir():
-        print(f"data not found under {DATA} (set MEDSEG_DATA)", file=sys.stderr)
+    if not start(args.threads):
         return 1
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, "
-        f"torch {torch.__version__} with {torch.get_num_threads()} thread(s)",
-        flush=True,
-    )
     rows: list[dict] = []
     for case in args.cases:
         if case in ("w2s", "fmd"):

@@ -29,14 +29,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from bench_denoise import DATA, fit_affine, load_case
+from bench_denoise import fit_affine, load_case, start
 
 
 def train_supervised(
@@ -175,19 +173,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if not (DATA / "denoising").is_dir():
-        print(f"data not found under {DATA} (set MEDSEG_DATA)", file=sys.stderr)
+    if not start(args.threads):
         return 1
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"torch {torch.__version__} with {torch.get_num_threads()} thread(s), "
-        f"load {os.getloadavg()}",
-        flush=True,
-    )
     rows = [row for case in args.cases for row in run_case(case, args)]
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
